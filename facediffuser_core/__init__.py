@@ -1,0 +1,36 @@
+"""Headless core of the Face-diffuser node pack (no ComfyUI imports anywhere in this package).
+
+Modules: ``snf`` (Saliency-adaptive Noise Fusion), ``schedule`` (stages), ``guidance``
+(per-stage noise prediction), ``sampler`` (reference DDIM sampler), ``prompt`` (``<|image|>``
+parsing), ``postfuse`` / ``preprocess`` / ``subject_encoder`` (subject conditioning),
+``checkpoints`` / ``convert`` (model files).
+"""
+
+from .errors import (
+    CheckpointError,
+    FaceDiffuserError,
+    PromptError,
+    ReferenceImageError,
+    SamplingCancelled,
+    StageError,
+)
+from .schedule import Stage, StageBounds, bounds_from_fractions, stage_at, step_index
+from .snf import fuse_noise, saliency_map
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "FaceDiffuserError",
+    "PromptError",
+    "ReferenceImageError",
+    "SamplingCancelled",
+    "StageError",
+    "Stage",
+    "StageBounds",
+    "bounds_from_fractions",
+    "stage_at",
+    "step_index",
+    "fuse_noise",
+    "saliency_map",
+]

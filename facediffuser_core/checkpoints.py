@@ -1,0 +1,221 @@
+"""Reading Face-diffuser SDM / TDM checkpoints and splitting them into components.
+
+The official files (``SDM/pytorch_model.bin``, ``TDM/pytorch_model.bin``) are pickled state
+dicts mixing float32 and bfloat16, with the keys
+``unet.*`` (diffusers UNet2DConditionModel), ``text_encoder.*`` (CLIP text model without
+the ``text_model.`` level), ``vae.*`` (diffusers AutoencoderKL) and, in the SDM only,
+``image_encoder.vision_model.*``, ``image_encoder.visual_projection.*``, ``postfuse_module.*``.
+Converted ``.safetensors`` files keep the same keys. Pickles are read with
+``torch.load(weights_only=True)`` only: one that needs code execution is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = [
+    "ModelKind",
+    "FaceDiffuserCheckpoint",
+    "resolve_checkpoint_path",
+    "read_state_dict",
+    "classify",
+    "split_checkpoint",
+    "load_checkpoint",
+]
+
+PathLike = Union[str, Path]
+StateDict = dict[str, torch.Tensor]
+
+OFFICIAL_FILENAME = "pytorch_model.bin"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+
+UNET, TEXT_ENCODER, VAE = "unet.", "text_encoder.", "vae."
+IMAGE_ENCODER, POSTFUSE = "image_encoder.", "postfuse_module."
+_SUBJECT_PREFIXES = (IMAGE_ENCODER, POSTFUSE)
+_DERIVED_BUFFERS = ("embeddings.position_ids",)  # saved by old transformers, rebuilt on load
+
+
+class ModelKind(str, Enum):
+    SDM = "SDM"  # subject-augmented model: UNet + text encoder + VAE + image encoder + postfuse
+    TDM = "TDM"  # text-driven model: UNet + text encoder + VAE
+
+    @property
+    def description(self) -> str:
+        return "subject-augmented model (SDM)" if self is ModelKind.SDM else "text-driven model (TDM)"
+
+
+@dataclass
+class FaceDiffuserCheckpoint:
+    """One SDM or TDM split into components, each a state dict with its own key layout.
+
+    ``unet``: diffusers UNet2DConditionModel keys; ``text_encoder``: transformers
+    CLIPTextModel keys (``text_model.*``); ``vae``: diffusers AutoencoderKL keys;
+    ``subject_encoder`` (SDM only): :class:`~facediffuser_core.subject_encoder.SubjectEncoder`
+    keys (``image_encoder.*``, ``postfuse_module.*``).
+    """
+
+    path: Path
+    kind: ModelKind
+    unet: StateDict
+    text_encoder: StateDict
+    vae: StateDict
+    subject_encoder: Optional[StateDict] = None
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return _cross_attention_dim(self.unet, "")
+
+
+def resolve_checkpoint_path(path: PathLike) -> Path:
+    """A checkpoint file, or a folder holding the official ``pytorch_model.bin``."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / OFFICIAL_FILENAME
+        if candidate.is_file():
+            return candidate
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise CheckpointError(f"{path} is a folder without {OFFICIAL_FILENAME}; it holds {found or 'nothing'}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def read_state_dict(path: PathLike) -> StateDict:
+    """All tensors of a ``.safetensors`` or weights-only pickle file (``state_dict`` wrappers unwrapped)."""
+    path = resolve_checkpoint_path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unsupported file type '{suffix}'; expected .safetensors or the official .bin"
+        )
+    try:
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+
+            data: object = load_file(str(path), device="cpu")
+        else:
+            data = _torch_load(path)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was refused: it is a pickle that needs code execution to load, which is never done "
+            f"(weights-only loading said: {str(error).splitlines()[0]}). Face-diffuser checkpoints are plain "
+            "tensor dicts; get the file from its official source"
+        ) from None
+    except Exception as error:  # truncated or corrupt archives raise many different types
+        raise CheckpointError(
+            f"{path} could not be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "the file is probably truncated or corrupt: download it again"
+        ) from None
+    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors (found {type(data).__name__})")
+    return dict(data)
+
+
+def _top_prefixes(keys, limit: int = 6) -> list[str]:
+    seen: dict[str, None] = {}
+    for key in keys:
+        seen.setdefault(key.split(".")[0] + ".*", None)
+    return list(seen)[:limit]
+
+
+def _cross_attention_dim(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith("attn2.to_k.weight"):
+            return value.shape[1]
+    raise CheckpointError("the UNet has no cross-attention (attn2) layers: not a text-conditioned SD UNet")
+
+
+def classify(state_dict: Mapping[str, torch.Tensor], source: PathLike = "checkpoint") -> ModelKind:
+    """Tell an SDM from a TDM by its components; raise :class:`CheckpointError` for anything else."""
+    keys = list(state_dict)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        if any(k.startswith(("conditioner.embedders.1", "model.diffusion_model.label_emb")) for k in keys):
+            found = "an SDXL checkpoint"
+        else:
+            found = "a single-file Stable Diffusion checkpoint (model.diffusion_model.*)"
+        raise CheckpointError(
+            f"{source} is {found}, not a Face-diffuser SDM or TDM; use the official SDM/TDM "
+            "pytorch_model.bin (or its converted .safetensors)"
+        )
+    present = {p for p in (UNET, TEXT_ENCODER, VAE, IMAGE_ENCODER, POSTFUSE) if any(k.startswith(p) for k in keys)}
+    if UNET not in present:
+        raise CheckpointError(
+            f"{source} has no Face-diffuser components (no unet.* keys); found {_top_prefixes(keys)}"
+        )
+    missing = [p + "*" for p in (TEXT_ENCODER, VAE) if p not in present]
+    if (IMAGE_ENCODER in present) != (POSTFUSE in present):
+        missing += [p + "*" for p in _SUBJECT_PREFIXES if p not in present]
+    if missing:
+        raise CheckpointError(f"{source} is incomplete: it lacks {', '.join(missing)} (found {_top_prefixes(keys)})")
+    if UNET + "conv_in.weight" not in state_dict:
+        raise CheckpointError(
+            f"{source}: the UNet is not in diffusers layout (no unet.conv_in.weight); found {_top_prefixes(keys)}"
+        )
+    in_channels = state_dict[UNET + "conv_in.weight"].shape[1]
+    if in_channels != 4:
+        raise CheckpointError(f"{source}: the UNet takes {in_channels} latent channels; SD1.5 UNets take 4")
+    context = _cross_attention_dim(state_dict, UNET)
+    text_width_key = TEXT_ENCODER + "embeddings.token_embedding.weight"
+    alt_key = TEXT_ENCODER + "text_model.embeddings.token_embedding.weight"
+    token_embedding = state_dict.get(text_width_key, state_dict.get(alt_key))
+    if token_embedding is None:
+        raise CheckpointError(f"{source}: the text encoder has no token embedding ({text_width_key})")
+    if context != token_embedding.shape[1]:
+        shape = " (SDXL-shaped)" if context == 2048 else ""
+        raise CheckpointError(
+            f"{source}: the UNet's cross-attention width is {context}{shape} but the text encoder's is "
+            f"{token_embedding.shape[1]}; Face-diffuser models are SD1.5 (768)"
+        )
+    return ModelKind.SDM if IMAGE_ENCODER in present else ModelKind.TDM
+
+
+def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str, new_prefix: str = "") -> StateDict:
+    return {
+        new_prefix + k[len(prefix) :]: v
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and not k.endswith(_DERIVED_BUFFERS)
+    }
+
+
+def split_checkpoint(state_dict: Mapping[str, torch.Tensor], path: PathLike = "checkpoint") -> FaceDiffuserCheckpoint:
+    """Split an official-layout state dict into components (tensors are shared, not copied)."""
+    kind = classify(state_dict, path)
+    text = _strip(state_dict, TEXT_ENCODER)
+    if not any(k.startswith("text_model.") for k in text):
+        text = {"text_model." + k: v for k, v in text.items()}
+    subject = None
+    if kind is ModelKind.SDM:
+        subject = {k: v for k, v in state_dict.items() if k.startswith(_SUBJECT_PREFIXES) and not k.endswith(_DERIVED_BUFFERS)}
+    return FaceDiffuserCheckpoint(Path(path), kind, _strip(state_dict, UNET), text, _strip(state_dict, VAE), subject)
+
+
+def load_checkpoint(path: PathLike, expect: Optional[ModelKind] = None) -> FaceDiffuserCheckpoint:
+    """Read and split a checkpoint; with ``expect``, an SDM given for a TDM (or back) is an error."""
+    resolved = resolve_checkpoint_path(path)
+    checkpoint = split_checkpoint(read_state_dict(resolved), resolved)
+    if expect is not None and checkpoint.kind is not expect:
+        raise CheckpointError(
+            f"{resolved} is a {checkpoint.kind.description}, but a {ModelKind(expect).description} was expected "
+            f"here; check that the SDM and TDM files are not swapped"
+        )
+    return checkpoint

@@ -1,0 +1,30 @@
+"""Exceptions raised by the headless core.
+
+Every error is a ``ValueError`` subclass (or ``RuntimeError`` for cancellation) whose
+message says what was wrong and what to change, so a ComfyUI node can re-raise it
+with its own name in front and the user knows which input to fix.
+"""
+
+
+class FaceDiffuserError(ValueError):
+    """Base class for user-facing input errors."""
+
+
+class PromptError(FaceDiffuserError):
+    """A prompt with ``<|image|>`` markers that cannot be parsed."""
+
+
+class StageError(FaceDiffuserError):
+    """Invalid stage boundaries (start_merge_step / final_step)."""
+
+
+class CheckpointError(FaceDiffuserError):
+    """A model file that is not a usable Face-diffuser SDM or TDM checkpoint."""
+
+
+class ReferenceImageError(FaceDiffuserError):
+    """Reference images of the wrong shape, channel count or value range."""
+
+
+class SamplingCancelled(RuntimeError):
+    """Raised by the sampler when its cancel callback asks it to stop."""

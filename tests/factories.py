@@ -1,0 +1,103 @@
+"""Random-weight models in the official Face-diffuser layout, built by the tests themselves.
+
+``tiny`` models have the real architectures at small widths (fast on a CPU);
+``sd15`` models have SD1.5's real shapes (for running inside a real ComfyUI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from facediffuser_core.subject_encoder import SubjectEncoder, vision_config
+
+Size = Literal["tiny", "sd15"]
+
+TINY_WIDTH = 64  # text width == cross-attention width == image projection width
+
+
+def unet(size: Size = "tiny", seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    if size == "sd15":
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def text_config(size: Size = "tiny") -> CLIPTextConfig:
+    if size == "sd15":
+        return CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
+    return CLIPTextConfig(hidden_size=TINY_WIDTH, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2, projection_dim=TINY_WIDTH)
+
+
+def text_encoder(size: Size = "tiny", seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(text_config(size))
+
+
+def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    if size == "sd15":
+        return AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+    return AutoencoderKL(
+        block_out_channels=(32,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+
+
+def subject_encoder(size: Size = "tiny", seed: int = 0) -> SubjectEncoder:
+    torch.manual_seed(seed)
+    if size == "sd15":
+        return SubjectEncoder(vision_config())
+    config = vision_config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2, patch_size=32, projection_dim=TINY_WIDTH
+    )
+    return SubjectEncoder(config)
+
+
+def official_state_dict(kind: Literal["SDM", "TDM"], size: Size = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with the official keys and dtype mix: float32 UNet and VAE, bfloat16 encoders,
+    int64 ``position_ids`` buffers as old transformers saved them."""
+    sd: dict[str, torch.Tensor] = {}
+    sd.update({"unet." + k: v for k, v in unet(size, seed).state_dict().items()})
+    text = text_encoder(size, seed + 1)
+    sd.update({"text_encoder." + k[len("text_model.") :]: v.to(torch.bfloat16) for k, v in text.state_dict().items()})
+    sd["text_encoder.embeddings.position_ids"] = torch.arange(text.config.max_position_embeddings).unsqueeze(0)
+    sd.update({"vae." + k: v for k, v in vae(size, seed + 2).state_dict().items()})
+    if kind == "SDM":
+        encoder = subject_encoder(size, seed + 3)
+        sd.update({k: v.to(torch.bfloat16) if k.startswith("image_encoder.") else v for k, v in encoder.state_dict().items()})
+        patches = encoder.image_encoder.config.image_size // encoder.image_encoder.config.patch_size
+        sd["image_encoder.vision_model.embeddings.position_ids"] = torch.arange(patches**2 + 1).unsqueeze(0)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def write_official(folder: Path, kind: Literal["SDM", "TDM"], size: Size = "tiny", seed: int = 0) -> Path:
+    """Save ``folder/<kind>/pytorch_model.bin`` as the official release lays it out; returns the file."""
+    path = Path(folder) / kind / "pytorch_model.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(official_state_dict(kind, size, seed), path)
+    return path
