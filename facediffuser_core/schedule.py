@@ -20,6 +20,7 @@ __all__ = [
     "StageBounds",
     "stage_at",
     "bounds_from_fractions",
+    "validate_fractions",
     "step_index",
     "OFFICIAL_STEPS",
     "OFFICIAL_GUIDANCE",
@@ -93,6 +94,15 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
+def validate_fractions(start_fraction: float, final_fraction: float) -> None:
+    """Stage fractions must satisfy ``0 <= start <= final <= 1``."""
+    if not 0.0 <= start_fraction <= final_fraction <= 1.0:
+        raise StageError(
+            f"stage fractions must satisfy 0 <= start ({start_fraction}) <= final ({final_fraction}) <= 1; "
+            "the fusion stage cannot end before it starts"
+        )
+
+
 def bounds_from_fractions(
     steps: int, start_fraction: float = START_MERGE_FRACTION, final_fraction: float = FINAL_FRACTION
 ) -> StageBounds:
@@ -103,10 +113,7 @@ def bounds_from_fractions(
     """
     if steps < 1:
         raise StageError(f"steps must be >= 1, got {steps}")
-    if not 0.0 <= start_fraction <= final_fraction <= 1.0:
-        raise StageError(
-            f"stage fractions must satisfy 0 <= start ({start_fraction}) <= final ({final_fraction}) <= 1"
-        )
+    validate_fractions(start_fraction, final_fraction)
     start = -1 if start_fraction == 0 else _round_half_up(start_fraction * steps)
     final = start if final_fraction == start_fraction else max(start, _round_half_up(final_fraction * steps))
     return StageBounds(start, final)

@@ -1,0 +1,108 @@
+"""Face-diffuser Subject Encode: prompt with <|image|> markers + reference images -> text and subject conditionings."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from comfy_api.latest import io
+
+from ..facediffuser_core.errors import PromptError, ReferenceImageError
+from ..facediffuser_core.preprocess import DEFAULT_OBJECT_RESOLUTION
+from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from .common import CATEGORY, errors_named
+from .loader import SubjectEncoderModel, SubjectEncoderType
+
+NAME = "Face-diffuser Subject Encode"
+
+
+def _sd1_chunks(clip, text: str) -> list:
+    tokens = clip.tokenize(text)
+    if list(tokens) != ["l"]:
+        raise PromptError(f"the CLIP input must be an SD1.5 CLIP (the Face-diffuser Loader's), got one with encoders {list(tokens)}")
+    return tokens["l"]
+
+
+def comfy_tokenizer(clip) -> Callable[[str], list[int]]:
+    """``tokenize(text) -> ids`` through ComfyUI's own SD1 tokenizer (weights syntax and embeddings
+    included), without BOS, EOS and padding; an embedding vector counts as one token (-1)."""
+    start = clip.tokenizer.clip_l.start_token
+    end = clip.tokenizer.clip_l.end_token
+
+    def tokenize(text: str) -> list[int]:
+        ids: list[int] = []
+        for chunk in _sd1_chunks(clip, text):
+            for token, *_ in chunk[1:]:
+                if isinstance(token, int) and token in (start, end):
+                    break
+                ids.append(token if isinstance(token, int) else -1)
+        return ids
+
+    return tokenize
+
+
+def encode_subjects(clip, subject_encoder: SubjectEncoderModel, images: torch.Tensor, prompt: str, object_resolution: int):
+    """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
+    reference images fused in at the marked words."""
+    parsed = parse_prompt(prompt, comfy_tokenizer(clip), max_subjects=MAX_SUBJECTS)
+    count = images.shape[0] if images.ndim == 4 else 1
+    if parsed.num_subjects != count:
+        raise ReferenceImageError(
+            f"the prompt marks {parsed.num_subjects} subject(s) with {MARKER} but {count} reference image(s) "
+            f"were given; image i is the subject of the i-th {MARKER}, so give one image per marker"
+        )
+    tokens = {"l": _sd1_chunks(clip, parsed.text)}
+    first_chunk = tokens["l"][0]
+    for position, word in zip(parsed.positions, parsed.words):
+        if first_chunk[position][0] != parsed.token_ids[position - 1]:
+            raise PromptError(
+                f"the marked word '{word}' is pushed past the first 75-token chunk by the tokenizer; move it earlier"
+            )
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    subject = subject_encoder.augment(cond, images, parsed.positions, object_resolution)
+    return [[cond, {"pooled_output": pooled}]], [[subject, {"pooled_output": pooled}]]
+
+
+class FaceDiffuserSubjectEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserSubjectEncode",
+            display_name=NAME,
+            category=CATEGORY,
+            description=f"Encodes a prompt that marks each person with {MARKER} after its class word "
+            f"(\"a man {MARKER} and a woman {MARKER} at a cafe\"). Image i of the batch is the subject of the "
+            "i-th marker. Outputs the text conditioning (markers removed) and the subject conditioning "
+            "(each reference face fused into its word).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP from the Face-diffuser Loader."),
+                SubjectEncoderType.Input("subject_encoder", tooltip="The subject encoder from the Face-diffuser Loader."),
+                io.Image.Input("images", tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). Crops centred on the face work best."),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    default=f"a photo of a man {MARKER} walking in a park, autumn",
+                    tooltip=f"The prompt; put {MARKER} right after each subject's class word (man, woman, person ...), at most {MAX_SUBJECTS} subjects, within the first 75 tokens.",
+                ),
+                io.Int.Input(
+                    "object_resolution",
+                    default=DEFAULT_OBJECT_RESOLUTION,
+                    min=64,
+                    max=2048,
+                    step=8,
+                    tooltip="Size the padded-square reference is resized to before the 224 px encoder resize (the official default is 512; match it to your photos' face size).",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output("text", display_name="text", tooltip="The prompt with the markers removed: positive for the TDM and negative for the SDM."),
+                io.Conditioning.Output("subject", display_name="subject", tooltip="The subject-augmented prompt: positive for the SDM."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, subject_encoder: SubjectEncoderModel, images: torch.Tensor, prompt: str, object_resolution: int) -> io.NodeOutput:
+        with errors_named(NAME):
+            text, subject = encode_subjects(clip, subject_encoder, images, prompt, object_resolution)
+        return io.NodeOutput(text, subject)

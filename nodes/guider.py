@@ -1,0 +1,170 @@
+"""Face-diffuser Guider: a GUIDER running the three stages, usable with any ComfyUI sampler."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..facediffuser_core.errors import FaceDiffuserError
+from ..facediffuser_core.guidance import combine
+from ..facediffuser_core.schedule import (
+    FINAL_FRACTION,
+    OFFICIAL_GUIDANCE,
+    START_MERGE_FRACTION,
+    bounds_from_fractions,
+    stage_at,
+    step_index,
+    validate_fractions,
+)
+from .common import CATEGORY, errors_named
+
+NAME = "Face-diffuser Guider"
+TDM_KEY = "facediffuser_tdm"
+
+
+def check_model_pair(tdm, sdm) -> None:
+    """The two UNets must be distinct models sampled on one noise schedule."""
+    if tdm.model is sdm.model:
+        raise FaceDiffuserError(
+            "tdm and sdm are the same model; connect the Face-diffuser Loader's tdm and sdm outputs to them"
+        )
+    tdm_sampling, sdm_sampling = tdm.get_model_object("model_sampling"), sdm.get_model_object("model_sampling")
+    # ComfyUI builds a new ModelSampling class per model; what it samples with are its base classes
+    tdm_kind, sdm_kind = type(tdm_sampling).__bases__, type(sdm_sampling).__bases__
+    same_sigmas = tdm_sampling.sigmas.shape == sdm_sampling.sigmas.shape and torch.allclose(
+        tdm_sampling.sigmas.cpu(), sdm_sampling.sigmas.cpu()
+    )
+    if tdm_kind != sdm_kind or not same_sigmas:
+        names = lambda kind: "+".join(base.__name__ for base in kind)  # noqa: E731
+        raise FaceDiffuserError(
+            f"tdm and sdm use different model sampling (tdm: {names(tdm_kind)}, sdm: {names(sdm_kind)}"
+            f"{'' if same_sigmas else ', different sigmas'}); patch both models the same way "
+            "(e.g. the same ModelSamplingDiscrete node on both) or neither"
+        )
+    if type(tdm.get_model_object("latent_format")) is not type(sdm.get_model_object("latent_format")):
+        raise FaceDiffuserError("tdm and sdm use different latent formats; both must be SD1.5 models")
+
+
+class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
+    """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
+    text prompt as negative. The SDM is the primary model; the TDM is registered as an additional
+    model so ComfyUI loads both in one model-management call. Stages follow the step index of each
+    evaluation in the sigma schedule, so every sampler and scheduler works."""
+
+    def __init__(self, tdm, sdm, cfg: float, start_fraction: float, final_fraction: float) -> None:
+        check_model_pair(tdm, sdm)
+        validate_fractions(start_fraction, final_fraction)
+        primary = sdm.clone()
+        primary.set_additional_models(TDM_KEY, [tdm])
+        super().__init__(primary)
+        self.set_cfg(cfg)
+        self.start_fraction, self.final_fraction = start_fraction, final_fraction
+        self.last_subject_mask: Optional[torch.Tensor] = None  # bool [B,1,h,w] of the latest fusion step
+
+    def set_conds(self, negative, text, subject) -> None:
+        self.inner_set_conds({"negative": negative, "text": text, "subject": subject})
+
+    @property
+    def tdm(self):
+        return self.model_patcher.get_additional_models_with_key(TDM_KEY)[0]
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        tdm = self.tdm
+        options = comfy.model_patcher.create_model_options_clone(tdm.model_options)
+        transformer_options = options.setdefault("transformer_options", {})
+        for name, registry in (("wrappers", tdm.wrappers), ("callbacks", tdm.callbacks)):
+            comfy.patcher_extension.merge_nested_dicts(transformer_options.setdefault(name, {}), registry, copy_dict1=False)
+        transformer_options["sample_sigmas"] = sigmas
+        self.tdm_model_options = options
+        self.last_subject_mask = None
+        tdm.pre_run()
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        finally:
+            tdm.cleanup()
+            del self.tdm_model_options
+
+    def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
+        sigmas = model_options["transformer_options"]["sample_sigmas"]
+        bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
+        stage = stage_at(step_index(float(timestep[0]), sigmas), bounds)
+        sigma = timestep.reshape(-1, *([1] * (x.ndim - 1)))
+
+        def eps(denoised: torch.Tensor) -> torch.Tensor:  # ComfyUI models return x0
+            return (x - denoised) / sigma
+
+        scene_pair = subject_pair = None
+        if stage.uses_scene_model:  # [cond, uncond] order, as CFGGuider passes them
+            text, empty = comfy.samplers.calc_cond_batch(
+                self.tdm.model, [self.conds["text"], self.conds["negative"]], x, timestep, self.tdm_model_options
+            )
+            scene_pair = (eps(empty), eps(text))
+        if stage.uses_subject_model:
+            subject, text = comfy.samplers.calc_cond_batch(
+                self.inner_model, [self.conds["subject"], self.conds["text"]], x, timestep, model_options
+            )
+            subject_pair = (eps(text), eps(subject))
+        guided = combine(stage, scene_pair, subject_pair, self.cfg)
+        if guided.subject_mask is not None:
+            self.last_subject_mask = guided.subject_mask
+        return x - guided.eps * sigma
+
+
+MODEL_INPUTS = [
+    io.Model.Input("tdm", tooltip="Text-driven model (Face-diffuser Loader: tdm)."),
+    io.Model.Input("sdm", tooltip="Subject-augmented model (Face-diffuser Loader: sdm)."),
+    io.Conditioning.Input("text", tooltip="Subject Encode: text. Positive for the TDM, negative for the SDM."),
+    io.Conditioning.Input("subject", tooltip="Subject Encode: subject. Positive for the SDM."),
+    io.Conditioning.Input("negative", tooltip="The TDM's negative: the official method uses an empty prompt (CLIP Text Encode with no text)."),
+]
+CFG_INPUT = io.Float.Input("cfg", default=OFFICIAL_GUIDANCE, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale of both models (official: 5).")
+STAGE_INPUTS = [
+    io.Float.Input(
+        "start_merge",
+        default=START_MERGE_FRACTION,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="End of the scene stage (TDM alone), as a fraction of the steps: 0.30 of 50 steps is the official step 15. 0 = no scene stage.",
+    ),
+    io.Float.Input(
+        "final",
+        default=FINAL_FRACTION,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="End of the fusion stage (both models, saliency-adaptive noise fusion), as a fraction of the steps: 0.60 of 50 is the official step 30. Equal to start_merge = no fusion; 1 = no subject-only stage.",
+    ),
+]
+
+
+def build_guider(tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float) -> FaceDiffuserCFGGuider:
+    guider = FaceDiffuserCFGGuider(tdm, sdm, cfg, start_merge, final)
+    guider.set_conds(negative, text, subject)
+    return guider
+
+
+class FaceDiffuserGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserGuider",
+            display_name=NAME,
+            category=CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced that runs Face-diffuser's three stages: the TDM builds "
+            "the scene, then both models are fused per pixel by saliency, then the SDM refines the people. "
+            "Works with every sampler and scheduler; stage boundaries are fractions of the steps.",
+            inputs=[*MODEL_INPUTS, CFG_INPUT, *STAGE_INPUTS],
+            outputs=[io.Guider.Output("guider", display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float) -> io.NodeOutput:
+        with errors_named(NAME):
+            return io.NodeOutput(build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final))

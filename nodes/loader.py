@@ -1,0 +1,118 @@
+"""Face-diffuser Loader: SDM + TDM files -> two MODELs, CLIP, VAE and the subject encoder."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_detection
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models
+import folder_paths
+from comfy_api.latest import io
+
+from ..facediffuser_core.checkpoints import FaceDiffuserCheckpoint, ModelKind, load_checkpoint
+from ..facediffuser_core.errors import CheckpointError
+from ..facediffuser_core.subject_encoder import SubjectEncoder
+from .common import CATEGORY, MODEL_FOLDER, errors_named
+
+NAME = "Face-diffuser Loader"
+WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+SubjectEncoderType = io.Custom("FACEDIFFUSER_SUBJECT_ENCODER")
+
+
+class SubjectEncoderModel:
+    """The SDM's subject encoder (CLIP image tower + postfuse) under ComfyUI model management:
+    kept on the offload device and moved to the text-encoder device only while it runs."""
+
+    def __init__(self, encoder: SubjectEncoder, dtype: Optional[torch.dtype] = None) -> None:
+        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        if dtype is None:
+            dtype = torch.float32 if mm.is_device_cpu(load_device) else mm.text_encoder_dtype(load_device)
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                dtype = torch.float16
+        encoder = encoder.to(device=offload_device, dtype=dtype).eval()
+        self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+
+    @property
+    def encoder(self) -> SubjectEncoder:
+        return self.patcher.model
+
+    def augment(self, text_cond: torch.Tensor, images: torch.Tensor, positions: Sequence[int], object_resolution: int) -> torch.Tensor:
+        """[1, L, 768] text conditioning -> subject-augmented copy (see :meth:`SubjectEncoder.forward`)."""
+        mm.load_model_gpu(self.patcher)
+        device = self.patcher.load_device
+        fused = self.encoder(text_cond.to(device), images.to(device), positions, object_resolution)
+        return fused.to(device=mm.intermediate_device(), dtype=text_cond.dtype)
+
+
+def _load_unet(checkpoint: FaceDiffuserCheckpoint, dtype: Optional[torch.dtype]) -> comfy.model_patcher.ModelPatcher:
+    """diffusers-layout UNet -> ComfyUI MODEL; refuses anything but a complete SD1.5 UNet."""
+    unet = dict(checkpoint.unet)
+    given = len(unet)
+    config = comfy.model_detection.model_config_from_diffusers_unet(unet)
+    if not isinstance(config, comfy.supported_models.SD15):
+        found = type(config).__name__ if config is not None else "an unrecognised UNet"
+        raise CheckpointError(f"{checkpoint.path}: the UNet is {found}, not SD1.5")
+    patcher = comfy.sd.load_diffusion_model_state_dict(unet, model_options={} if dtype is None else {"dtype": dtype})
+    if unet:  # the loader pops every tensor it used
+        raise CheckpointError(f"{checkpoint.path}: the UNet has {len(unet)} unexpected tensors, e.g. unet.{next(iter(unet))}")
+    expected = len(patcher.model.diffusion_model.state_dict())
+    if given < expected:
+        raise CheckpointError(f"{checkpoint.path}: the UNet has {given} tensors where SD1.5 has {expected}; the file is incomplete")
+    return patcher
+
+
+def load_models(sdm_path: str, tdm_path: str, weight_dtype: str = "auto"):
+    """Load the SDM and TDM files; returns ``(tdm, sdm, clip, vae, subject_encoder)``.
+
+    CLIP and VAE come from the SDM, whose text encoder the official pipeline uses for every prompt.
+    """
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    sdm = load_checkpoint(sdm_path, expect=ModelKind.SDM)
+    tdm = load_checkpoint(tdm_path, expect=ModelKind.TDM)
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        [dict(sdm.text_encoder)],
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+    )
+    vae = comfy.sd.VAE(sd=dict(sdm.vae))
+    encoder = SubjectEncoderModel(SubjectEncoder.from_state_dict(sdm.subject_encoder), dtype)
+    return _load_unet(tdm, dtype), _load_unet(sdm, dtype), clip, vae, encoder
+
+
+class FaceDiffuserLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = folder_paths.get_filename_list(MODEL_FOLDER)
+        return io.Schema(
+            node_id="FaceDiffuserLoader",
+            display_name=NAME,
+            category=CATEGORY,
+            description="Loads the two Face-diffuser models from models/facediffuser: the subject-augmented "
+            "model (SDM) and the text-driven model (TDM), official pytorch_model.bin or converted .safetensors. "
+            "CLIP and VAE come from the SDM file, so no separate SD1.5 checkpoint is needed.",
+            inputs=[
+                io.Combo.Input("sdm_name", options=files, tooltip="The SDM file (e.g. facediffuser_sdm.safetensors or SDM/pytorch_model.bin) in models/facediffuser."),
+                io.Combo.Input("tdm_name", options=files, tooltip="The TDM file (e.g. facediffuser_tdm.safetensors or TDM/pytorch_model.bin) in models/facediffuser."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto", tooltip="Dtype of both UNets and the subject encoder. auto lets ComfyUI choose (fp16 on most GPUs, fp32 on CPU)."),
+            ],
+            outputs=[
+                io.Model.Output("tdm", display_name="tdm", tooltip="Text-driven model: builds the scene."),
+                io.Model.Output("sdm", display_name="sdm", tooltip="Subject-augmented model: renders the reference people."),
+                io.Clip.Output("clip", display_name="clip", tooltip="The SDM's CLIP text encoder (SD1.5 CLIP-L)."),
+                io.Vae.Output("vae", display_name="vae", tooltip="The SDM's VAE."),
+                SubjectEncoderType.Output("subject_encoder", display_name="subject_encoder", tooltip="CLIP image encoder + postfuse MLP that fuse each reference face into its word of the prompt."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, sdm_name: str, tdm_name: str, weight_dtype: str) -> io.NodeOutput:
+        with errors_named(NAME):
+            sdm_path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, sdm_name)
+            tdm_path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, tdm_name)
+            return io.NodeOutput(*load_models(sdm_path, tdm_path, weight_dtype))
