@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except FaceDiffuserError as error:
+    except (FaceDiffuserError, OSError) as error:  # OSError: unreadable input, unwritable output, full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
 

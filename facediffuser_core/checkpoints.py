@@ -12,10 +12,11 @@ Converted ``.safetensors`` files keep the same keys. Pickles are read with
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -41,6 +42,8 @@ SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 UNET, TEXT_ENCODER, VAE = "unet.", "text_encoder.", "vae."
 IMAGE_ENCODER, POSTFUSE = "image_encoder.", "postfuse_module."
 _SUBJECT_PREFIXES = (IMAGE_ENCODER, POSTFUSE)
+_SUBJECT_PARTS = (IMAGE_ENCODER + "vision_model.", IMAGE_ENCODER + "visual_projection.", POSTFUSE)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6; older files are a bare pickle
 _DERIVED_BUFFERS = ("embeddings.position_ids",)  # saved by old transformers, rebuilt on load
 
 
@@ -72,7 +75,7 @@ class FaceDiffuserCheckpoint:
 
     @property
     def cross_attention_dim(self) -> int:
-        return _cross_attention_dim(self.unet, "")
+        return _cross_attention_dim(self.unet, "", self.path)
 
 
 def resolve_checkpoint_path(path: PathLike) -> Path:
@@ -90,12 +93,28 @@ def resolve_checkpoint_path(path: PathLike) -> Path:
 
 
 def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    """Weights-only load; zip archives are memory-mapped (tensors are paged in as they are used)."""
+    with open(path, "rb") as file:
+        zipped = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+
+
+def _refused(path: Path, message: str) -> CheckpointError:
+    """The error for a pickle that weights-only loading will not read, naming the code it would run."""
+    culprit = re.search(r"GLOBAL (\S+)", message)
+    if culprit:
+        found = f"loading it would run code ({culprit.group(1)}), which is never done"
+    else:
+        detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", message)
+        reason = f" ({detail.group(1)})" if detail else ""
+        found = (
+            f"weights-only loading cannot read it{reason}: it is corrupt, or a pickle that needs code "
+            "execution to load, which is never done"
+        )
+    return CheckpointError(
+        f"{path} was refused: {found}. Face-diffuser checkpoints are plain tensor dicts; "
+        "get the file from its official source"
+    )
 
 
 def read_state_dict(path: PathLike) -> StateDict:
@@ -114,35 +133,35 @@ def read_state_dict(path: PathLike) -> StateDict:
         else:
             data = _torch_load(path)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} was refused: it is a pickle that needs code execution to load, which is never done "
-            f"(weights-only loading said: {str(error).splitlines()[0]}). Face-diffuser checkpoints are plain "
-            "tensor dicts; get the file from its official source"
-        ) from None
+        raise _refused(path, str(error)) from None
     except Exception as error:  # truncated or corrupt archives raise many different types
+        detail = ": " + str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{path} could not be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "the file is probably truncated or corrupt: download it again"
+            f"{path} could not be read ({type(error).__name__}{detail}); the file ({path.stat().st_size} bytes) "
+            "is probably truncated or corrupt: download it again"
         ) from None
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path} does not hold a dict of tensors (found {type(data).__name__})")
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path} does not hold a dict of tensors (found a {type(data).__name__})")
+    odd = next((k for k, v in data.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path} does not hold a dict of tensors (found {odd!r}: a {type(data[odd]).__name__})")
     return dict(data)
 
 
-def _top_prefixes(keys, limit: int = 6) -> list[str]:
+def _top_prefixes(keys: Iterable[str], limit: int = 6) -> list[str]:
     seen: dict[str, None] = {}
     for key in keys:
         seen.setdefault(key.split(".")[0] + ".*", None)
     return list(seen)[:limit]
 
 
-def _cross_attention_dim(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+def _cross_attention_dim(state_dict: Mapping[str, torch.Tensor], prefix: str, source: PathLike) -> int:
     for key, value in state_dict.items():
         if key.startswith(prefix) and key.endswith("attn2.to_k.weight"):
             return value.shape[1]
-    raise CheckpointError("the UNet has no cross-attention (attn2) layers: not a text-conditioned SD UNet")
+    raise CheckpointError(f"{source}: the UNet has no cross-attention (attn2) layers: not a text-conditioned SD UNet")
 
 
 def classify(state_dict: Mapping[str, torch.Tensor], source: PathLike = "checkpoint") -> ModelKind:
@@ -157,14 +176,14 @@ def classify(state_dict: Mapping[str, torch.Tensor], source: PathLike = "checkpo
             f"{source} is {found}, not a Face-diffuser SDM or TDM; use the official SDM/TDM "
             "pytorch_model.bin (or its converted .safetensors)"
         )
-    present = {p for p in (UNET, TEXT_ENCODER, VAE, IMAGE_ENCODER, POSTFUSE) if any(k.startswith(p) for k in keys)}
+    present = {p for p in (UNET, TEXT_ENCODER, VAE, *_SUBJECT_PARTS) if any(k.startswith(p) for k in keys)}
     if UNET not in present:
         raise CheckpointError(
             f"{source} has no Face-diffuser components (no unet.* keys); found {_top_prefixes(keys)}"
         )
     missing = [p + "*" for p in (TEXT_ENCODER, VAE) if p not in present]
-    if (IMAGE_ENCODER in present) != (POSTFUSE in present):
-        missing += [p + "*" for p in _SUBJECT_PREFIXES if p not in present]
+    if present.intersection(_SUBJECT_PARTS):  # an SDM needs its whole subject encoder
+        missing += [p + "*" for p in _SUBJECT_PARTS if p not in present]
     if missing:
         raise CheckpointError(f"{source} is incomplete: it lacks {', '.join(missing)} (found {_top_prefixes(keys)})")
     if UNET + "conv_in.weight" not in state_dict:
@@ -174,7 +193,7 @@ def classify(state_dict: Mapping[str, torch.Tensor], source: PathLike = "checkpo
     in_channels = state_dict[UNET + "conv_in.weight"].shape[1]
     if in_channels != 4:
         raise CheckpointError(f"{source}: the UNet takes {in_channels} latent channels; SD1.5 UNets take 4")
-    context = _cross_attention_dim(state_dict, UNET)
+    context = _cross_attention_dim(state_dict, UNET, source)
     text_width_key = TEXT_ENCODER + "embeddings.token_embedding.weight"
     alt_key = TEXT_ENCODER + "text_model.embeddings.token_embedding.weight"
     token_embedding = state_dict.get(text_width_key, state_dict.get(alt_key))
@@ -186,7 +205,7 @@ def classify(state_dict: Mapping[str, torch.Tensor], source: PathLike = "checkpo
             f"{source}: the UNet's cross-attention width is {context}{shape} but the text encoder's is "
             f"{token_embedding.shape[1]}; Face-diffuser models are SD1.5 (768)"
         )
-    return ModelKind.SDM if IMAGE_ENCODER in present else ModelKind.TDM
+    return ModelKind.SDM if POSTFUSE in present else ModelKind.TDM
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str, new_prefix: str = "") -> StateDict:

@@ -1,23 +1,25 @@
 """Convert an official Face-diffuser ``pytorch_model.bin`` to ``.safetensors``.
 
-The output keeps the official keys, so it loads exactly like the original. Tensors are
-written one at a time straight into the safetensors layout, so peak memory stays near the
-input size (the input is memory-mapped when its format allows), and the written file is read
-back and compared tensor by tensor before it replaces ``dst``.
+The output keeps the official keys, so it loads exactly like the original. Tensors are cast
+and written a chunk at a time straight into the safetensors layout, so peak memory stays near
+the input size (the input is memory-mapped when its format allows). The written file is then
+read back with the safetensors library and checked, tensor by tensor, against the SHA-256 of
+the bytes written (the cast tensors) before it replaces ``dst``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from .checkpoints import ModelKind, PathLike, classify, read_state_dict, resolve_checkpoint_path
+from .checkpoints import ModelKind, PathLike, StateDict, classify, read_state_dict, resolve_checkpoint_path
 from .errors import CheckpointError
 
 __all__ = ["DTYPES", "ConversionReport", "convert_checkpoint"]
@@ -36,6 +38,8 @@ _SAFETENSORS_DTYPE = {
     torch.bool: "BOOL",
 }
 _ALIGN = 8
+_CHUNK = 2**22  # elements cast at a time, into one reused buffer (repeated large allocations bloat the heap)
+_VERIFY_WINDOW = 64 * 2**20  # bytes read back through one mapping of the output before it is reopened
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,114 @@ class ConversionReport:
     dst: Path
 
 
-def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point():
-        return tensor.contiguous()
-    return tensor.to(dtype).contiguous()
+def _output_dtype(tensor: torch.Tensor, target: Optional[torch.dtype]) -> torch.dtype:
+    return target if target is not None and tensor.is_floating_point() else tensor.dtype
 
 
-def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _header(layout: StateDict, metadata: dict[str, str], source: Path) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": _SAFETENSORS_DTYPE[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    for name, tensor in layout.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPE:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPE[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + _nbytes(tensor)],
+        }
+        offset += _nbytes(tensor)
     raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     return raw + b" " * (-len(raw) % _ALIGN)
+
+
+def _check_range(name: str, values: torch.Tensor, cast: torch.Tensor, source: Path) -> None:
+    """Refuse a cast of non-empty ``values`` that turned finite values into infinities (one min/max
+    reduction when the cast is all finite)."""
+    if all(bool(v.isfinite()) for v in torch.aminmax(cast)):
+        return
+    overflowed = cast.isinf() & values.isfinite()
+    if bool(overflowed.any()):
+        label = next(k for k, v in DTYPES.items() if v == cast.dtype)
+        raise CheckpointError(
+            f"{source}: tensor {name} overflows {label} (it holds {values[overflowed].abs().max().item():.4g}); "
+            "convert with --dtype bf16 or fp32"
+        )
+
+
+def _write(path: Path, header: bytes, state: StateDict, layout: StateDict, source: Path, progress: bool) -> dict[str, bytes]:
+    """Stream ``state`` cast to the dtypes of ``layout`` into ``path`` after ``header``; each tensor's SHA-256."""
+    from tqdm import tqdm
+
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    digests: dict[str, bytes] = {}
+    total = sum(map(_nbytes, layout.values()))
+    with open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        for name, tensor in state.items():
+            digest = hashlib.sha256()
+            flat = tensor.reshape(-1)
+            out_dtype = layout[name].dtype
+            for start in range(0, flat.numel(), _CHUNK):
+                piece = flat[start : start + _CHUNK]
+                cast = piece
+                if out_dtype != piece.dtype:
+                    if out_dtype not in buffers:
+                        buffers[out_dtype] = torch.empty(_CHUNK, dtype=out_dtype)
+                    cast = buffers[out_dtype][: piece.numel()].copy_(piece)
+                    _check_range(name, piece, cast, source)
+                data = _raw(cast)
+                out.write(data)
+                digest.update(data)
+                bar.update(len(data))
+            digests[name] = digest.digest()
+    return digests
+
+
+def _windows(layout: StateDict, budget: int) -> Iterator[list[str]]:
+    """Tensor names in order, grouped so that each group holds at most ``budget`` bytes (or one tensor)."""
+    group: list[str] = []
+    size = 0
+    for name, tensor in layout.items():
+        if group and size + _nbytes(tensor) > budget:
+            yield group
+            group, size = [], 0
+        group.append(name)
+        size += _nbytes(tensor)
+    if group:
+        yield group
+
+
+def _verify(path: Path, layout: StateDict, digests: dict[str, bytes], metadata: dict[str, str], progress: bool) -> None:
+    """Read ``path`` back with the safetensors library: the same names, metadata, dtypes, shapes and bytes.
+
+    The file is reopened every ``_VERIFY_WINDOW`` bytes: the pages of a mapping stay resident
+    (and count as this process's memory) until it is closed.
+    """
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    with safe_open(str(path), framework="pt", device="cpu") as written:
+        if set(written.keys()) != set(layout) or written.metadata() != metadata:
+            raise CheckpointError(f"{path}: read-back found other tensor names or metadata than were written")
+    with tqdm(total=len(layout), desc="verify", disable=not progress) as bar:
+        for group in _windows(layout, _VERIFY_WINDOW):
+            with safe_open(str(path), framework="pt", device="cpu") as written:
+                for name in group:
+                    tensor = written.get_tensor(name).contiguous()
+                    same_layout = (tensor.dtype, tensor.shape) == (layout[name].dtype, layout[name].shape)
+                    if not same_layout or hashlib.sha256(_raw(tensor)).digest() != digests[name]:
+                        raise CheckpointError(f"{path}: tensor {name} reads back different from what was written")
+                    bar.update()
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp16", progress: bool = True) -> ConversionReport:
@@ -69,11 +166,8 @@ def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp1
 
     ``dtype`` (fp16 | bf16 | fp32 | None to keep) applies to floating-point tensors only.
     Raises :class:`CheckpointError` for files that are not an SDM/TDM, for values that
-    overflow the target dtype, and when the read-back check fails.
+    overflow the target dtype, and when the read-back check fails; ``dst`` is then left as it was.
     """
-    from safetensors import safe_open
-    from tqdm import tqdm
-
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else None
@@ -85,30 +179,16 @@ def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp1
         raise CheckpointError(f"{dst_path}: the output must not overwrite the input")
     state = read_state_dict(src_path)
     kind = classify(state, src_path)
-    meta_tensors = {name: _cast(t.to("meta"), target) for name, t in state.items()}
-    header = _header(meta_tensors, {"format": "pt", "facediffuser_kind": kind.value, "source": src_path.name})
-    total = sum(t.numel() * t.element_size() for t in meta_tensors.values())
+    metadata = {"format": "pt", "facediffuser_kind": kind.value, "source": src_path.name}
+    layout = {name: torch.empty(t.shape, dtype=_output_dtype(t, target), device="meta") for name, t in state.items()}
+    header = _header(layout, metadata, src_path)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     partial = dst_path.with_name(dst_path.name + ".partial")
     try:
-        with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            for name, tensor in state.items():
-                cast = _cast(tensor, target)
-                if cast.is_floating_point() and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
-                    raise CheckpointError(
-                        f"{src_path}: tensor {name} overflows {dtype}; convert with --dtype bf16 or fp32"
-                    )
-                out.write(memoryview(cast.reshape(-1).view(torch.uint8).numpy()))
-                bar.update(cast.numel() * cast.element_size())
-        with safe_open(str(partial), framework="pt", device="cpu") as written:
-            if set(written.keys()) != set(state):
-                raise CheckpointError(f"{partial}: read-back found other tensor names than were written")
-            for name, tensor in tqdm(state.items(), desc="verify", disable=not progress):
-                if not torch.equal(written.get_tensor(name), _cast(tensor, target)):
-                    raise CheckpointError(f"{partial}: tensor {name} reads back different from what was written")
+        digests = _write(partial, header, state, layout, src_path, progress)
+        del state  # unmaps the input: its pages leave this process's memory before the output is read
+        _verify(partial, layout, digests, metadata, progress)
         os.replace(partial, dst_path)
     finally:
         partial.unlink(missing_ok=True)
-    return ConversionReport(kind, len(state), src_path.stat().st_size, dst_path.stat().st_size, dst_path)
+    return ConversionReport(kind, len(layout), src_path.stat().st_size, dst_path.stat().st_size, dst_path)

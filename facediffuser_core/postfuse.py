@@ -68,6 +68,8 @@ class PostfuseModule(nn.Module):
         length = text_cond.shape[1]
         if any(not 0 <= p < length for p in positions):
             raise ValueError(f"marked positions {list(positions)} fall outside a sequence of {length} tokens")
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"marked positions {list(positions)} repeat a token; each subject needs its own token")
         param = next(self.parameters())
         index = torch.as_tensor(list(positions), dtype=torch.long, device=text_cond.device)
         selected = text_cond.index_select(1, index).to(device=param.device, dtype=param.dtype)  # [B, S, D]

@@ -33,14 +33,20 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
         )
     if images.shape[0] == 0:
         raise ReferenceImageError("no reference images were given")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise ReferenceImageError(f"reference images must be at least 1x1 pixels, got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     elif not images.is_floating_point():
         raise ReferenceImageError(f"reference images must be float 0..1 or uint8, got {images.dtype}")
     images = images.float()
+    if not torch.isfinite(images).all():
+        raise ReferenceImageError("reference images contain NaN or infinite values; give images with values in 0..1")
     low, high = float(images.min()), float(images.max())
     if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
-        raise ReferenceImageError(f"reference image values must lie in 0..1, got {low:.3g}..{high:.3g}")
+        raise ReferenceImageError(
+            f"reference image values must lie in 0..1, got {low:.3g}..{high:.3g}; scale 0..255 images by 1/255"
+        )
     channels = images.shape[-1]
     color = images[..., :1].expand(*images.shape[:-1], 3) if channels <= 2 else images[..., :3]
     return color.clamp(0.0, 1.0).permute(0, 3, 1, 2).contiguous()

@@ -8,6 +8,7 @@ position is the index of the last token before each marker, with BOS at index 0.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,6 +46,18 @@ class ParsedPrompt:
         return len(self.positions)
 
 
+def _token_ids(tokenize: Tokenize, text: str) -> list[int]:
+    """``tokenize(text)`` as plain ints; a tokenizer returning anything else is a wiring error."""
+    ids = tokenize(text)
+    try:
+        return [operator.index(token) for token in ids]
+    except TypeError:
+        raise TypeError(
+            f"tokenize must return a sequence of int token ids without BOS/EOS, got {type(ids).__name__}; wrap a "
+            "transformers tokenizer as `lambda text: tokenizer(text, add_special_tokens=False)['input_ids']`"
+        ) from None
+
+
 def _marked_word(before: str) -> str:
     return before.rstrip().split()[-1] if before.strip() else ""
 
@@ -74,7 +87,7 @@ def parse_prompt(
     positions: list[int] = []
     words: list[str] = []
     for index, piece in enumerate(pieces):
-        token_ids.extend(tokenize(piece))
+        token_ids.extend(_token_ids(tokenize, piece))
         if index == count:
             break
         number = index + 1
@@ -106,7 +119,7 @@ def parse_prompt(
         positions.append(position)
         words.append(word)
     text = "".join(pieces)
-    if count and tuple(tokenize(text)) != tuple(token_ids):
+    if count and _token_ids(tokenize, text) != token_ids:
         raise PromptError(
             f"the prompt tokenizes differently once {marker} is removed (a marker glued to the next word, "
             f"or inside weight brackets); put a space after each {marker} and keep it outside brackets, "

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ReferenceImageError
 from .postfuse import PostfuseModule
 from .preprocess import DEFAULT_OBJECT_RESOLUTION, preprocess_references
+from .prompt import MARKER
 
 __all__ = ["VIT_L14", "vision_config", "vision_config_from_state_dict", "SubjectEncoder"]
 
@@ -50,6 +51,8 @@ def vision_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], prefix
     hidden, patch_size = patch.shape[0], patch.shape[-1]
     layers = 1 + max(int(k[len(vm + "encoder.layers.") :].split(".")[0]) for k in state_dict if k.startswith(vm + "encoder.layers."))
     grid = round((positions - 1) ** 0.5)
+    if grid * grid + 1 != positions:
+        raise CheckpointError(f"the image encoder has {positions} position embeddings, not 1 + a square patch grid")
     if hidden % _HEAD_DIM:
         raise CheckpointError(f"image encoder width {hidden} is not a multiple of {_HEAD_DIM}: not a CLIP ViT")
     return vision_config(
@@ -82,7 +85,13 @@ class SubjectEncoder(nn.Module):
         """Build and strictly load from ``image_encoder.*`` + ``postfuse_module.*`` tensors."""
         config = config if config is not None else vision_config_from_state_dict(state_dict)
         encoder = cls(config)
-        encoder.load_state_dict(dict(state_dict), strict=True)
+        try:
+            encoder.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"the SDM's subject encoder tensors do not fit a CLIP ViT + postfuse module: {error}; "
+                "use an unmodified official SDM checkpoint"
+            ) from None
         return encoder
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -105,5 +114,10 @@ class SubjectEncoder(nn.Module):
             images: ComfyUI IMAGE [S,H,W,C] in 0..1, image i is the subject of marker i.
             positions: S marked token indices (from :func:`facediffuser_core.prompt.parse_prompt`).
         """
+        if images.ndim == 4 and images.shape[0] != len(positions):
+            raise ReferenceImageError(
+                f"the prompt marks {len(positions)} subject(s) with {MARKER} but {images.shape[0]} reference "
+                "image(s) were given; give one reference image per marker, in marker order"
+            )
         embeds = self.embed(preprocess_references(images, object_resolution))
         return self.postfuse_module(text_cond, embeds, positions)

@@ -8,7 +8,7 @@ import torch
 
 from comfy_api.latest import io
 
-from ..facediffuser_core.errors import PromptError, ReferenceImageError
+from ..facediffuser_core.errors import PromptError
 from ..facediffuser_core.preprocess import DEFAULT_OBJECT_RESOLUTION
 from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS, parse_prompt
 from .common import CATEGORY, errors_named
@@ -46,12 +46,6 @@ def encode_subjects(clip, subject_encoder: SubjectEncoderModel, images: torch.Te
     """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
     reference images fused in at the marked words."""
     parsed = parse_prompt(prompt, comfy_tokenizer(clip), max_subjects=MAX_SUBJECTS)
-    count = images.shape[0] if images.ndim == 4 else 1
-    if parsed.num_subjects != count:
-        raise ReferenceImageError(
-            f"the prompt marks {parsed.num_subjects} subject(s) with {MARKER} but {count} reference image(s) "
-            f"were given; image i is the subject of the i-th {MARKER}, so give one image per marker"
-        )
     tokens = {"l": _sd1_chunks(clip, parsed.text)}
     first_chunk = tokens["l"][0]
     for position, word in zip(parsed.positions, parsed.words):

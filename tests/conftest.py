@@ -5,12 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-for path in (ROOT, TESTS):
+for path in (ROOT, TESTS):  # facediffuser_core, and the tests' helper modules
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-
-SHARED = ROOT.parent / "shared"
-FACES = SHARED / "testdata" / "faces"
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +17,12 @@ def official_files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("official")
     return {kind: factories.write_official(root, kind, "tiny", seed) for seed, kind in enumerate(("SDM", "TDM"))}
+
+
+@pytest.fixture(scope="session")
+def clip_tokenize():
+    """The real CLIP BPE tokenizer (open-clip-torch ships its vocabulary): text -> ids, no BOS/EOS."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer().encode
+
