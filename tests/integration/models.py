@@ -1,0 +1,71 @@
+"""SD1.5-sized random-weight SDM / TDM files for the real-ComfyUI suite, generated once and cached
+outside the repo (``$FACEDIFFUSER_TEST_CACHE`` or ``~/.cache/facediffuser-tests``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import factories
+from facediffuser_core.convert import convert_checkpoint
+
+CACHE_VERSION = "sd15-v1"  # bump when the generated files change
+SDM_FILE = "facediffuser_sdm.safetensors"  # the names the README tells users to create
+TDM_FILE = "facediffuser_tdm.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path
+    sdm_official: Path  # SDM/pytorch_model.bin, official layout and dtype mix
+    tdm_official: Path
+    sdm: Path  # converted fp16 safetensors
+    tdm: Path
+    sdxl_shaped: Path  # official layout but a 2048-wide (SDXL) cross-attention UNet
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FACEDIFFUSER_TEST_CACHE", Path.home() / ".cache" / "facediffuser-tests")) / CACHE_VERSION
+
+
+def _sdxl_shaped(path: Path) -> None:
+    sd = factories.official_state_dict("SDM", "tiny")
+    torch.manual_seed(0)
+    unet = factories.UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    sd = {k: v for k, v in sd.items() if not k.startswith("unet.")}
+    sd.update({"unet." + k: v for k, v in unet.state_dict().items()})
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+
+
+def ensure_model_files() -> ModelFiles:
+    """Create the files if missing (minutes, once); a ``complete`` marker guards half-written caches."""
+    root = cache_root()
+    files = ModelFiles(root, root / "SDM" / "pytorch_model.bin", root / "TDM" / "pytorch_model.bin", root / SDM_FILE, root / TDM_FILE, root / "sdxl_shaped.safetensors")
+    marker = root / "complete"
+    if marker.exists():
+        return files
+    root.mkdir(parents=True, exist_ok=True)
+    for seed, kind in enumerate(("SDM", "TDM")):
+        official = factories.write_official(root, kind, "sd15", seed=10 * seed)
+        convert_checkpoint(official, files.sdm if kind == "SDM" else files.tdm, dtype="fp16", progress=False)
+    _sdxl_shaped(files.sdxl_shaped)
+    marker.write_text("ok\n")
+    return files
+
+
+if __name__ == "__main__":
+    print(ensure_model_files())

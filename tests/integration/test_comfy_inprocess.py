@@ -1,0 +1,233 @@
+"""The nodes' code inside an imported ComfyUI: parity with the headless sampler, stage mapping for
+every kind of sampler, model loading and ComfyUI's real SD1 tokenizer."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facediffuser_core.guidance import Conditionings
+from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
+from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
+
+SD15_SCALE = 0.18215
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui_path):
+    from comfy_inprocess import import_comfy, import_pack
+
+    import_comfy(comfyui_path)
+    import_pack()
+    modules = {name: importlib.import_module(name) for name in ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers")}
+    pack = {name: importlib.import_module(f"facediffuser_pack.nodes.{name}") for name in ("loader", "encode", "guider", "sampler")}
+    return type("Comfy", (), {**{k.split(".")[-1]: v for k, v in modules.items()}, **pack})
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, model_files):
+    """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
+    return comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
+
+
+@pytest.fixture(scope="module")
+def face() -> torch.Tensor:
+    from paths import FACES
+
+    array = np.asarray(Image.open(FACES / "man1.jpeg").convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
+
+
+def empty_conditioning(clip):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.fixture(scope="module")
+def conditionings(comfy, loaded, face):
+    _, _, clip, _, encoder = loaded
+    text, subject = comfy.encode.encode_subjects(clip, encoder, face, "a photo of a man <|image|> in a garden", 512)
+    return text, subject, empty_conditioning(clip)
+
+
+def run_guider(comfy, guider, steps, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, size=16, seed=3):
+    latent = torch.zeros(1, 4, size, size)
+    sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, "cpu", sampler, scheduler, denoise).sigmas
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed, disable_pbar=True)
+    return out, noise, sigmas
+
+
+def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, conditionings):
+    """Same UNets, noise and conditionings; 10 steps cover all three stages (bounds 3 / 6).
+
+    Step mapping: ComfyUI's "ddim" is Euler on the ddim_uniform sigmas (t = 981, 961, ... 1), which
+    is DDIM written in sigma space, with two differences handled here: it starts from
+    sigma(981) * noise, i.e. sqrt(1 - alphabar_981) * noise in DDIM's space, and its last step goes
+    to sigma 0 (the predicted x0) where DDIM with set_alpha_to_one=False stops at alphabar_0.
+    So the headless sampler starts from the scaled noise and its final predicted x0 is compared."""
+    tdm, sdm, *_ = loaded
+    text, subject, negative = conditionings
+    steps = 10
+    guider = comfy.guider.build_guider(tdm, sdm, text, subject, negative, 5.0, 0.3, 0.6)
+    comfy_latent, noise, _ = run_guider(comfy, guider, steps)
+
+    comfy.model_management.load_models_gpu([tdm, sdm])
+
+    def eps_model(patcher):
+        unet = patcher.model.diffusion_model
+        return lambda x, t, context: unet(x, timesteps=t.float(), context=context, transformer_options={})
+
+    conds = Conditionings(negative[0][0], text[0][0], subject[0][0])
+    start = noise * math.sqrt(1 - float(sd15_alphas_cumprod()[ddim_timesteps(steps)[0]]))
+
+    def headless(bounds):
+        x0 = []
+        sample(eps_model(tdm), eps_model(sdm), conds, start, steps, 5.0, bounds, callback=lambda i, n, x, pred: x0.append(pred))
+        return x0[-1] / SD15_SCALE
+
+    bounds = bounds_from_fractions(steps, 0.3, 0.6)
+    assert (bounds.start_merge_step, bounds.final_step) == (3, 6)
+    reference = headless(bounds)
+    scale = reference.abs().max().item()
+    difference = (comfy_latent - reference).abs().max().item()
+    assert difference <= 2e-3 * scale, f"max |difference| {difference:.3g} vs max |latent| {scale:.3g}"
+    shifted = headless(type(bounds)(bounds.start_merge_step + 1, bounds.final_step))  # stage mapping off by one
+    assert (comfy_latent - shifted).abs().max().item() > 10 * max(difference, 1e-6 * scale)
+
+
+@pytest.fixture
+def recorded_calls(comfy, loaded, monkeypatch):
+    """Replace UNet evaluations by x0 = x / 2 and record (model, sigma) of each."""
+    tdm, sdm, *_ = loaded
+    calls = []
+    names = {id(tdm.model): "tdm", id(sdm.model): "sdm"}
+
+    def fake_calc_cond_batch(model, conds, x, timestep, model_options):
+        calls.append((names[id(model)], float(timestep[0]), len(conds)))
+        return [x / 2 for _ in conds]
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", fake_calc_cond_batch)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "sampler, scheduler, denoise",
+    [
+        ("euler", "normal", 1.0),
+        ("ddim", "ddim_uniform", 1.0),
+        ("euler_ancestral", "karras", 1.0),
+        ("heun", "normal", 1.0),
+        ("dpm_2", "karras", 1.0),
+        ("dpmpp_2m", "karras", 1.0),
+        ("dpmpp_sde", "normal", 1.0),
+        ("uni_pc", "simple", 1.0),
+        ("lcm", "sgm_uniform", 1.0),
+        ("euler", "normal", 0.5),
+    ],
+)
+def test_stages_follow_the_sigma_schedule_for_every_sampler(comfy, loaded, conditionings, recorded_calls, sampler, scheduler, denoise):
+    tdm, sdm, *_ = loaded
+    steps = 20
+    guider = comfy.guider.build_guider(tdm, sdm, *conditionings, 5.0, 0.3, 0.6)
+    _, _, sigmas = run_guider(comfy, guider, steps, sampler, scheduler, denoise, size=8)
+    bounds = bounds_from_fractions(steps)
+    assert (bounds.start_merge_step, bounds.final_step) == (6, 12)
+    grid = sigmas.tolist()
+    by_sigma = {}
+    for model, sigma, count in recorded_calls:
+        assert count == 2  # each model: one batched call with its two conditionings
+        by_sigma.setdefault(sigma, set()).add(model)
+    for sigma, models in by_sigma.items():
+        stage = stage_at(step_index(sigma, sigmas), bounds)
+        assert models == {"scene": {"tdm"}, "fusion": {"tdm", "sdm"}, "subject": {"sdm"}}[stage.value]
+    tdm_sigmas = [s for m, s, _ in recorded_calls if m == "tdm"]
+    sdm_sigmas = [s for m, s, _ in recorded_calls if m == "sdm"]
+    # the TDM never runs past step 12's interval, the SDM never before step 7's noise level
+    assert min(tdm_sigmas) > grid[13] * (1 + 1e-4) and max(sdm_sigmas) <= grid[7] * (1 + 1e-4)
+    if sampler in ("euler", "ddim", "euler_ancestral", "lcm"):  # one evaluation per step, on the grid
+        assert tdm_sigmas == pytest.approx(grid[:13]) and sdm_sigmas == pytest.approx(grid[7:20])
+
+
+def test_both_unets_load_in_one_model_management_call(comfy, loaded, conditionings, recorded_calls, monkeypatch):
+    tdm, sdm, *_ = loaded
+    loads = []
+    original = comfy.model_management.load_models_gpu
+
+    def recording(models, *args, **kwargs):
+        loads.append({id(m.model) for m in models})
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording)
+    guider = comfy.guider.build_guider(tdm, sdm, *conditionings, 5.0, 0.3, 0.6)
+    run_guider(comfy, guider, 4, size=8)
+    assert any({id(tdm.model), id(sdm.model)} <= ids for ids in loads)
+    assert tdm.model.current_patcher is None and sdm.model.current_patcher is None  # both cleaned up
+    assert guider.last_subject_mask is not None and guider.last_subject_mask.shape == (1, 1, 8, 8)
+
+
+def test_guider_refuses_one_model_on_both_inputs(comfy, loaded, conditionings):
+    tdm, sdm, *_ = loaded
+    with pytest.raises(ValueError, match="tdm and sdm are the same model"):
+        comfy.guider.build_guider(sdm, sdm.clone(), *conditionings, 5.0, 0.3, 0.6)
+
+
+def test_guider_refuses_mismatched_model_sampling(comfy, loaded, conditionings):
+    import comfy_extras.nodes_model_advanced as advanced
+
+    tdm, sdm, *_ = loaded
+    (v_prediction,) = advanced.ModelSamplingDiscrete().patch(tdm, "v_prediction", False)
+    with pytest.raises(ValueError, match="different model sampling"):
+        comfy.guider.build_guider(v_prediction, sdm, *conditionings, 5.0, 0.3, 0.6)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a photo of a man <|image|> in a garden",
+        "A Man <|image|>, smiling, and a woman <|image|> at a café!",
+        "an astronaut <|image|> riding a horse, photorealistic, 8k",
+        "(a man:1.2) <|image|> in a park",
+    ],
+)
+def test_comfy_tokenizer_positions_match_the_clip_bpe(comfy, loaded, clip_tokenize, prompt):
+    from facediffuser_core.prompt import parse_prompt
+
+    clip = loaded[2]
+    ours = parse_prompt(prompt, comfy.encode.comfy_tokenizer(clip))
+    plain = parse_prompt(prompt.replace("(a man:1.2)", "a man"), clip_tokenize)
+    assert ours.positions == plain.positions
+    first_chunk = clip.tokenize(ours.text)["l"][0]
+    assert [first_chunk[p][0] for p in ours.positions] == [plain.token_ids[p - 1] for p in plain.positions]
+
+
+def test_subject_conditioning_changes_only_marked_tokens_even_past_77_tokens(comfy, loaded, face):
+    _, _, clip, _, encoder = loaded
+    filler = ", ".join(["highly detailed photograph"] * 20)
+    text, subject = comfy.encode.encode_subjects(clip, encoder, face, f"a man <|image|> in a garden, {filler}", 512)
+    text_cond, subject_cond = text[0][0], subject[0][0]
+    assert text_cond.shape == subject_cond.shape and text_cond.shape[1] >= 154
+    changed = (text_cond - subject_cond).abs().amax(dim=-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [2]  # BOS, "a", "man"
+
+
+def test_subject_encoder_runs_under_model_management(comfy, loaded, face, monkeypatch):
+    _, _, clip, _, encoder = loaded
+    loads = []
+    original = comfy.model_management.load_model_gpu
+    monkeypatch.setattr(comfy.model_management, "load_model_gpu", lambda m: (loads.append(m), original(m))[1])
+    comfy.encode.encode_subjects(clip, encoder, face, "a man <|image|>", 512)
+    assert encoder.patcher in loads and clip.patcher in loads  # each loaded through ComfyUI
+    assert next(encoder.encoder.parameters()).device == encoder.patcher.load_device
+
+
+def test_marked_word_past_the_first_chunk_is_an_error(comfy, loaded, face):
+    _, _, clip, _, encoder = loaded
+    filler = " ".join(["red"] * 80)
+    with pytest.raises(ValueError, match="within the first 75 tokens"):
+        comfy.encode.encode_subjects(clip, encoder, face, f"{filler} a man <|image|>", 512)

@@ -1,0 +1,205 @@
+"""The pack inside a real ComfyUI server (--cpu, 127.0.0.1): registration, workflows, errors, interrupt."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+import uuid
+
+import pytest
+from PIL import Image
+
+from harness import ComfyServer, PromptRejected, make_base_directory, status_message
+from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
+
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
+SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy-base")
+    make_base_directory(
+        base,
+        {
+            "facediffuser_sdm.safetensors": model_files.sdm,
+            "facediffuser_tdm.safetensors": model_files.tdm,
+            "SDM": model_files.sdm_official.parent,
+            "TDM": model_files.tdm_official.parent,
+        },
+        face_pngs,
+    )
+    extra = tmp_path_factory.mktemp("extra-models")
+    (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
+    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml)])
+    comfy.start()
+    yield comfy
+    comfy.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def small(workflow: dict, seed: int = 1, steps: int = STEPS) -> dict:
+    """A shipped API workflow at test size: 64x64 pixels, few steps."""
+    graph = copy.deepcopy(workflow)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=SIZE, height=SIZE)
+        elif node["class_type"] == "FaceDiffuserSampler":
+            inputs.update(steps=steps, seed=seed)
+        elif node["class_type"] == "BasicScheduler":
+            inputs["steps"] = steps
+        elif node["class_type"] == "RandomNoise":
+            inputs["noise_seed"] = seed
+    return graph
+
+
+def node_of(graph: dict, class_type: str) -> dict:
+    return next(node for node in graph.values() if node["class_type"] == class_type)
+
+
+def test_nodes_register_without_import_errors(server, object_info):
+    assert "IMPORT FAILED" not in server.log()
+    for name in NODES:
+        info = object_info[name]
+        assert info["category"] == "Face-diffuser" and info["description"]
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"])
+
+
+def test_model_folder_lists_converted_official_and_yaml_files(object_info):
+    options = object_info["FaceDiffuserLoader"]["input"]["required"]["sdm_name"][1]["options"]
+    assert {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors", "sdxl_shaped.safetensors"} <= set(options)
+    assert {"SDM/pytorch_model.bin", "TDM/pytorch_model.bin"} <= {o.replace("\\", "/") for o in options}
+
+
+def test_widget_table_matches_the_live_node_definitions(object_info):
+    for node_type, widgets in WIDGETS.items():
+        assert widget_names_from_object_info(object_info[node_type]) == widgets, node_type
+
+
+@pytest.mark.parametrize("path", sorted(API_WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_api_workflow_runs_to_an_image(server, path):
+    entry = server.run(small(load(path)))
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
+    assert len(saved) == 1
+    image = Image.open(io.BytesIO(server.view(saved[0])))
+    assert image.size == (SIZE, SIZE)
+    pixels = list(image.convert("L").getdata())
+    assert max(pixels) > min(pixels)  # not a blank (NaN or constant) image
+    previews = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "temp"]
+    for preview in previews:  # the subject mask: pure black / white
+        assert set(Image.open(io.BytesIO(server.view(preview))).convert("L").getdata()) <= {0, 255}
+
+
+def test_official_bin_files_load(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), steps=2)
+    node_of(graph, "FaceDiffuserLoader")["inputs"].update(sdm_name="SDM/pytorch_model.bin", tdm_name="TDM/pytorch_model.bin")
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+
+
+def expect_error(server, graph: dict, node_type: str, *fragments: str) -> str:
+    entry = server.run(graph)
+    error = status_message(entry, "execution_error")
+    assert entry["status"]["status_str"] == "error" and error is not None
+    assert error["node_type"] == node_type
+    message = error["exception_message"]
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_marker_image_count_mismatch(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode:", "marks 2 subject(s)", "1 reference image(s)")
+
+
+def test_swapped_models(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserLoader")["inputs"].update(sdm_name="facediffuser_tdm.safetensors", tdm_name="facediffuser_sdm.safetensors")
+    expect_error(server, graph, "FaceDiffuserLoader", "Face-diffuser Loader:", "facediffuser_tdm.safetensors", "text-driven model (TDM)", "swapped")
+
+
+def test_stage_boundaries_out_of_order(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_guider_custom_sampler.json"))
+    node_of(graph, "FaceDiffuserGuider")["inputs"].update(start_merge=0.7, final=0.5)
+    expect_error(server, graph, "FaceDiffuserGuider", "Face-diffuser Guider:", "start (0.7) <= final (0.5)")
+
+
+def test_sdxl_shaped_model(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserLoader")["inputs"]["sdm_name"] = "sdxl_shaped.safetensors"
+    expect_error(server, graph, "FaceDiffuserLoader", "sdxl_shaped.safetensors", "2048 (SDXL-shaped)")
+
+
+def test_widget_values_out_of_range_are_rejected_at_queue_time(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserSampler")["inputs"]["final"] = 1.5
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue(graph)
+    errors = rejected.value.body["node_errors"]
+    assert any(e["type"] == "value_bigger_than_max" for node in errors.values() for e in node["errors"])
+
+
+def listen(server: ComfyServer, graph: dict, on_progress=None, timeout: float = 900) -> dict:
+    """Queue ``graph`` and collect its websocket events until it ends: progress values of the
+    sampler node, binary preview frames, and the final event."""
+    client_id = uuid.uuid4().hex
+    ws = server.connect(client_id)
+    try:
+        prompt_id = server.queue(graph, client_id=client_id)
+        progress, previews, deadline = [], 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                previews += int.from_bytes(message[:4], "big") in (1, 4)
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if event["type"] == "progress" and data.get("node") == "6":
+                progress.append((data["value"], data["max"]))
+                if on_progress:
+                    on_progress(progress)
+            if event["type"] in ("execution_error", "execution_interrupted", "execution_success"):
+                return {"end": event["type"], "progress": progress, "previews": previews}
+        raise TimeoutError(f"prompt did not end:\n{server.log_tail()}")
+    finally:
+        ws.close()
+
+
+def test_progress_bar_and_live_previews(server):
+    result = listen(server, small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=7, steps=4))
+    assert result["end"] == "execution_success"
+    assert result["progress"] == [(i, 4) for i in range(1, 5)]
+    assert result["previews"] >= 4
+
+
+def test_interrupt_stops_within_one_step(server):
+    interrupted_at = []
+
+    def interrupt_after_two_steps(progress):
+        if len(progress) == 2 and not interrupted_at:
+            interrupted_at.append(progress[-1][0])
+            assert server.post("/interrupt", {}).ok
+
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=11, steps=200)
+    result = listen(server, graph, on_progress=interrupt_after_two_steps)
+    assert result["end"] == "execution_interrupted"
+    assert interrupted_at == [2]
+    assert result["progress"][-1][0] <= 3  # at most the step in flight finishes

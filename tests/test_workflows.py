@@ -1,0 +1,69 @@
+"""The shipped workflows: UI and API formats agree, graphs are well-formed, prompts match images."""
+
+import pytest
+
+from facediffuser_core.prompt import parse_prompt
+from workflow_format import API_WORKFLOWS, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
+
+PAIRS = workflow_pairs()
+MODEL_FILES = {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"}
+
+
+def test_every_workflow_has_both_formats():
+    assert len(PAIRS) >= 3
+    assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
+    names = {p.stem for p, _ in PAIRS}
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler"} <= names
+
+
+@pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
+def test_ui_and_api_formats_agree(ui_path, api_path):
+    api = {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in load(api_path).items()}
+    assert ui_to_api(load(ui_path)) == api
+
+
+@pytest.mark.parametrize("ui_path", [p for p, _ in PAIRS], ids=[p.stem for p, _ in PAIRS])
+def test_ui_graph_is_well_formed(ui_path):
+    ui = load(ui_path)
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    assert ui["last_link_id"] >= max(link[0] for link in ui["links"])
+    for link_id, origin, slot, target, target_slot, kind in ui["links"]:
+        output = nodes[origin]["outputs"][slot]
+        assert link_id in output["links"] and output["type"] == kind
+        socket = nodes[target]["inputs"][target_slot]
+        assert socket["link"] == link_id and socket["type"] == kind
+    linked = {link[0] for link in ui["links"]}
+    for node in nodes.values():
+        assert node["type"] in WIDGETS
+        assert all(s["link"] in linked for s in node["inputs"]), f"node {node['id']} has a dangling input"
+        assert all(set(o["links"]) <= linked for o in node["outputs"])
+
+
+@pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
+def test_models_are_the_converted_files_the_readme_names(ui_path, api_path):
+    loaders = [n for n in load(api_path).values() if n["class_type"] == "FaceDiffuserLoader"]
+    assert len(loaders) == 1
+    assert {loaders[0]["inputs"]["sdm_name"], loaders[0]["inputs"]["tdm_name"]} == MODEL_FILES
+    assert loaders[0]["inputs"]["sdm_name"] == "facediffuser_sdm.safetensors"
+    readme = (REPO / "README.md").read_text()
+    assert all(name in readme for name in MODEL_FILES)
+
+
+def count_images(api: dict, source: list) -> int:
+    node = api[source[0]]
+    if node["class_type"] == "LoadImage":
+        return 1
+    if node["class_type"] == "ImageBatch":
+        return count_images(api, node["inputs"]["image1"]) + count_images(api, node["inputs"]["image2"])
+    raise AssertionError(f"unexpected image source {node['class_type']}")
+
+
+@pytest.mark.parametrize("api_path", [a for _, a in PAIRS], ids=[p.stem for p, _ in PAIRS])
+def test_prompts_mark_one_subject_per_reference_image(api_path, clip_tokenize):
+    api = load(api_path)
+    encoders = [n for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    assert encoders
+    for encoder in encoders:
+        parsed = parse_prompt(encoder["inputs"]["prompt"], clip_tokenize)
+        assert parsed.num_subjects == count_images(api, encoder["inputs"]["images"]) >= 1

@@ -1,0 +1,75 @@
+"""The frontend's UI-format -> API-format conversion (graphToPrompt), for the node types our
+shipped workflows use. ``WIDGETS`` lists each type's widgets in the order the frontend saves
+``widgets_values``; entries starting with ``$`` are frontend-only values (the seed's
+control_after_generate, LoadImage's upload button) that the API format does not carry. The
+integration suite checks this table against a live ComfyUI's /object_info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
+
+WIDGETS: dict[str, list[str]] = {
+    "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
+    "FaceDiffuserSubjectEncode": ["prompt", "object_resolution"],
+    "FaceDiffuserGuider": ["cfg", "start_merge", "final"],
+    "FaceDiffuserSampler": ["seed", "$control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "start_merge", "final", "denoise"],
+    "LoadImage": ["image", "$upload"],
+    "CLIPTextEncode": ["text"],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "SaveImage": ["filename_prefix"],
+    "PreviewImage": [],
+    "VAEDecode": [],
+    "ImageBatch": [],
+    "MaskToImage": [],
+    "KSamplerSelect": ["sampler_name"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "RandomNoise": ["noise_seed", "$control_after_generate"],
+    "SamplerCustomAdvanced": [],
+}
+
+
+def widget_names_from_object_info(node_info: dict) -> list[str]:
+    """What ``WIDGETS`` should say for one node type, derived from its /object_info entry."""
+    names = []
+    for section in ("required", "optional"):
+        for name in node_info.get("input_order", {}).get(section, []):
+            kind, *rest = node_info["input"][section][name]
+            options = rest[0] if rest else {}
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                if options.get("control_after_generate"):
+                    names.append("$control_after_generate")
+                if options.get("image_upload"):
+                    names.append("$upload")
+    return names
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def ui_to_api(ui: dict) -> dict:
+    """API-format graph (``class_type`` and ``inputs`` per node id) of a UI-format workflow."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        names = WIDGETS[node["type"]]
+        values = node.get("widgets_values", [])
+        if len(values) != len(names):
+            raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values, expected {len(names)}: {names}")
+        inputs = {name: value for name, value in zip(names, values) if not name.startswith("$")}
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                _, origin, slot, *_ = links[socket["link"]]
+                inputs[socket["name"]] = [str(origin), slot]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def workflow_pairs() -> list[tuple[Path, Path]]:
+    return [(path, API_WORKFLOWS / path.name) for path in sorted(WORKFLOWS.glob("*.json"))]
