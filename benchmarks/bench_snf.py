@@ -1,7 +1,7 @@
 """Time of one Saliency-adaptive Noise Fusion vs one forward of a small conv net (and, with
 ``--sd15-unet``, of a random-weight SD1.5 UNet) at the same latent size.
 
-    python benchmarks/bench_snf.py [--device cpu|cuda] [--repeats 20] [--sd15-unet]
+    python benchmarks/bench_snf.py [--device cpu|cuda] [--repeats 20] [--sd15-unet] [--sizes 64x64 ...] [--batches 1 4]
 
 Target: fusion costs well under 1% of an SD1.5 UNet step.
 """
@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facediffuser_core.snf import fuse_noise  # noqa: E402
 
-SIZES = [(64, 64), (96, 64), (128, 128)]
+SIZES = ["64x64", "96x64", "128x128"]  # latent H x W: 512x512, 768x512, 1024x1024 images
 BATCHES = [1, 4]
 
 
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sd15-unet", action="store_true", help="also time a random-weight SD1.5 UNet step (2B batch)")
+    parser.add_argument("--sizes", nargs="+", default=SIZES, help="latent sizes HxW (default: %(default)s)")
+    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -66,8 +68,8 @@ def main() -> None:
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(header)
     print("-" * len(header))
-    for h, w in SIZES:
-        for batch in BATCHES:
+    for h, w in (map(int, size.split("x")) for size in args.sizes):
+        for batch in args.batches:
             inputs = [torch.randn(batch, 4, h, w, device=device) for _ in range(4)]
             fuse_ms = median_ms(lambda: fuse_noise(*inputs), device, args.repeats)
             conv_ms = median_ms(lambda: net(inputs[0]), device, args.repeats)
@@ -77,7 +79,7 @@ def main() -> None:
                 context = torch.randn(2 * batch, 77, 768, device=device)
                 t = torch.full((2 * batch,), 500, device=device)
                 unet_ms = median_ms(lambda: unet(x, t, context), device, max(3, args.repeats // 5))
-                row += f" {unet_ms:>14.1f} {fuse_ms / unet_ms:>9.2%}"
+                row += f" {unet_ms:>14.1f} {fuse_ms / unet_ms:>9.3%}"
             print(row)
 
 

@@ -50,7 +50,7 @@ class SubjectEncoderModel:
         return fused.to(device=mm.intermediate_device(), dtype=text_cond.dtype)
 
 
-def _load_unet(checkpoint: FaceDiffuserCheckpoint, dtype: Optional[torch.dtype]) -> comfy.model_patcher.ModelPatcher:
+def load_unet(checkpoint: FaceDiffuserCheckpoint, dtype: Optional[torch.dtype]) -> comfy.model_patcher.ModelPatcher:
     """diffusers-layout UNet -> ComfyUI MODEL; refuses anything but a complete SD1.5 UNet."""
     unet = dict(checkpoint.unet)
     given = len(unet)
@@ -67,6 +67,22 @@ def _load_unet(checkpoint: FaceDiffuserCheckpoint, dtype: Optional[torch.dtype])
     return patcher
 
 
+def load_clip(checkpoint: FaceDiffuserCheckpoint):
+    """The checkpoint's CLIP text encoder as a ComfyUI CLIP (SD1 tokenizer, embeddings folder).
+
+    Face-diffuser saves a CLIPTextModel, which has no text projection; SD1.5 never uses it (only the
+    pooled output passes through it), so an identity stands in rather than uninitialised weights.
+    """
+    text = dict(checkpoint.text_encoder)
+    norm = text["text_model.final_layer_norm.weight"]
+    text.setdefault("text_projection.weight", torch.eye(norm.shape[0], dtype=norm.dtype))
+    return comfy.sd.load_text_encoder_state_dicts(
+        [text],
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+    )
+
+
 def load_models(sdm_path: str, tdm_path: str, weight_dtype: str = "auto"):
     """Load the SDM and TDM files; returns ``(tdm, sdm, clip, vae, subject_encoder)``.
 
@@ -75,14 +91,8 @@ def load_models(sdm_path: str, tdm_path: str, weight_dtype: str = "auto"):
     dtype = WEIGHT_DTYPES[weight_dtype]
     sdm = load_checkpoint(sdm_path, expect=ModelKind.SDM)
     tdm = load_checkpoint(tdm_path, expect=ModelKind.TDM)
-    clip = comfy.sd.load_text_encoder_state_dicts(
-        [dict(sdm.text_encoder)],
-        embedding_directory=folder_paths.get_folder_paths("embeddings"),
-        clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-    )
-    vae = comfy.sd.VAE(sd=dict(sdm.vae))
     encoder = SubjectEncoderModel(SubjectEncoder.from_state_dict(sdm.subject_encoder), dtype)
-    return _load_unet(tdm, dtype), _load_unet(sdm, dtype), clip, vae, encoder
+    return load_unet(tdm, dtype), load_unet(sdm, dtype), load_clip(sdm), comfy.sd.VAE(sd=dict(sdm.vae)), encoder
 
 
 class FaceDiffuserLoader(io.ComfyNode):
