@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -42,9 +43,19 @@ def text_config(size: Size = "tiny") -> CLIPTextConfig:
     return CLIPTextConfig(hidden_size=TINY_WIDTH, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2, projection_dim=TINY_WIDTH)
 
 
-def text_encoder(size: Size = "tiny", seed: int = 0) -> CLIPTextModel:
+class TextEncoder(nn.Module):
+    """A CLIP text model whose state dict has the ``text_model.*`` layout ComfyUI reads: that of
+    transformers 4's CLIPTextModel (transformers 5 dropped the ``text_model`` level)."""
+
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        model = CLIPTextModel(config)
+        self.text_model = getattr(model, "text_model", model)
+
+
+def text_encoder(size: Size = "tiny", seed: int = 0) -> TextEncoder:
     torch.manual_seed(seed)
-    return CLIPTextModel(text_config(size))
+    return TextEncoder(text_config(size))
 
 
 def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
@@ -84,8 +95,8 @@ def official_state_dict(kind: Literal["SDM", "TDM"], size: Size = "tiny", seed: 
     sd: dict[str, torch.Tensor] = {}
     sd.update({"unet." + k: v for k, v in unet(size, seed).state_dict().items()})
     text = text_encoder(size, seed + 1)
-    sd.update({"text_encoder." + k[len("text_model.") :]: v.to(torch.bfloat16) for k, v in text.state_dict().items()})
-    sd["text_encoder.embeddings.position_ids"] = torch.arange(text.config.max_position_embeddings).unsqueeze(0)
+    sd.update({"text_encoder." + k.removeprefix("text_model."): v.to(torch.bfloat16) for k, v in text.state_dict().items()})
+    sd["text_encoder.embeddings.position_ids"] = torch.arange(text_config(size).max_position_embeddings).unsqueeze(0)
     sd.update({"vae." + k: v for k, v in vae(size, seed + 2).state_dict().items()})
     if kind == "SDM":
         encoder = subject_encoder(size, seed + 3)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
 
 import factories
 from facediffuser_core import convert
@@ -105,7 +104,7 @@ def test_components_load_strictly_into_the_real_architectures(conversion):
     # another seed than the file's, so that equal weights afterwards prove they were loaded
     models = {
         "unet": factories.unet("tiny", seed=99),
-        "text_encoder": CLIPTextModel(factories.text_config("tiny")),
+        "text_encoder": factories.text_encoder("tiny", seed=99),
         "vae": factories.vae("tiny", seed=99),
     }
     for name, model in models.items():
