@@ -27,6 +27,7 @@ def _sd1_chunks(clip, text: str) -> list:
 def comfy_tokenizer(clip) -> Callable[[str], list[int]]:
     """``tokenize(text) -> ids`` through ComfyUI's own SD1 tokenizer (weights syntax and embeddings
     included), without BOS, EOS and padding; an embedding vector counts as one token (-1)."""
+    _sd1_chunks(clip, "")  # refuse other CLIP types before touching the SD1 tokenizer
     start = clip.tokenizer.clip_l.start_token
     end = clip.tokenizer.clip_l.end_token
 
@@ -45,13 +46,15 @@ def comfy_tokenizer(clip) -> Callable[[str], list[int]]:
 def encode_subjects(clip, subject_encoder: SubjectEncoderModel, images: torch.Tensor, prompt: str, object_resolution: int):
     """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
     reference images fused in at the marked words."""
-    parsed = parse_prompt(prompt, comfy_tokenizer(clip), max_subjects=MAX_SUBJECTS)
+    parsed = parse_prompt(prompt, comfy_tokenizer(clip))
     tokens = {"l": _sd1_chunks(clip, parsed.text)}
     first_chunk = tokens["l"][0]
     for position, word in zip(parsed.positions, parsed.words):
-        if first_chunk[position][0] != parsed.token_ids[position - 1]:
+        token = first_chunk[position][0]
+        if not isinstance(token, int) or token != parsed.token_ids[position - 1]:
             raise PromptError(
-                f"the marked word '{word}' is pushed past the first 75-token chunk by the tokenizer; move it earlier"
+                f"the marked word '{word}' does not land on token {position} of the first 75-token chunk "
+                "(the tokenizer moved it to the next chunk, or it is an embedding); mark a plain word earlier in the prompt"
             )
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     subject = subject_encoder.augment(cond, images, parsed.positions, object_resolution)
