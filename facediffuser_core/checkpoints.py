@@ -112,7 +112,7 @@ def _refused(path: Path, message: str) -> CheckpointError:
             "execution to load, which is never done"
         )
     return CheckpointError(
-        f"{path} was refused: {found}. Face-diffuser checkpoints are plain tensor dicts; "
+        f"{path} was refused: {found}. Model files are plain tensor dicts; "
         "get the file from its official source"
     )
 

@@ -19,11 +19,24 @@ class StageError(FaceDiffuserError):
 
 
 class CheckpointError(FaceDiffuserError):
-    """A model file that is not a usable Face-diffuser SDM or TDM checkpoint."""
+    """A model file that cannot be used: a Face-diffuser SDM or TDM checkpoint, or an evaluation
+    model (FaceNet, CLIP)."""
 
 
 class ReferenceImageError(FaceDiffuserError):
     """Reference images of the wrong shape, channel count or value range."""
+
+
+class FaceNotFoundError(FaceDiffuserError):
+    """An image in which the face detector found no face (or not the requested one)."""
+
+
+class MissingDependencyError(FaceDiffuserError):
+    """An optional package a feature needs (facenet-pytorch, matplotlib) is not installed."""
+
+
+class EvaluationError(FaceDiffuserError):
+    """Evaluation-command input that cannot be used (subjects folder, prompt list, workflow, output folder)."""
 
 
 class SamplingCancelled(RuntimeError):

@@ -20,32 +20,33 @@ DEFAULT_OBJECT_RESOLUTION = 512
 _RANGE_TOLERANCE = 1e-3
 
 
-def to_rgb(images: torch.Tensor) -> torch.Tensor:
+def to_rgb(images: torch.Tensor, name: str = "reference images") -> torch.Tensor:
     """[N,H,W,C] or [H,W,C] images with C in 1..4 (gray, gray+alpha, RGB, RGBA) -> float32 [N,3,H,W].
 
-    uint8 input is scaled by 1/255; alpha is dropped, as ComfyUI does for IMAGE inputs.
+    uint8 input is scaled by 1/255; alpha is dropped, as ComfyUI does for IMAGE inputs. ``name``
+    says in error messages which images were wrong.
     """
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or not 1 <= images.shape[-1] <= 4:
         raise ReferenceImageError(
-            f"reference images must be [N,H,W,C] with 1 to 4 channels (ComfyUI IMAGE layout), got {tuple(images.shape)}"
+            f"{name} must be [N,H,W,C] with 1 to 4 channels (ComfyUI IMAGE layout), got {tuple(images.shape)}"
         )
     if images.shape[0] == 0:
-        raise ReferenceImageError("no reference images were given")
+        raise ReferenceImageError(f"no {name} were given")
     if images.shape[1] == 0 or images.shape[2] == 0:
-        raise ReferenceImageError(f"reference images must be at least 1x1 pixels, got {tuple(images.shape)}")
+        raise ReferenceImageError(f"{name} must be at least 1x1 pixels, got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     elif not images.is_floating_point():
-        raise ReferenceImageError(f"reference images must be float 0..1 or uint8, got {images.dtype}")
+        raise ReferenceImageError(f"{name} must be float 0..1 or uint8, got {images.dtype}")
     images = images.float()
     if not torch.isfinite(images).all():
-        raise ReferenceImageError("reference images contain NaN or infinite values; give images with values in 0..1")
+        raise ReferenceImageError(f"{name} contain NaN or infinite values; give images with values in 0..1")
     low, high = float(images.min()), float(images.max())
     if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
         raise ReferenceImageError(
-            f"reference image values must lie in 0..1, got {low:.3g}..{high:.3g}; scale 0..255 images by 1/255"
+            f"the values of the {name} must lie in 0..1, got {low:.3g}..{high:.3g}; scale 0..255 images by 1/255"
         )
     channels = images.shape[-1]
     color = images[..., :1].expand(*images.shape[:-1], 3) if channels <= 2 else images[..., :3]

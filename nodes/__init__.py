@@ -8,17 +8,29 @@ from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folder
 from .encode import FaceDiffuserSubjectEncode
+from .faces import FaceDiffuserFaceCrop
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
 from .sampler import FaceDiffuserSampler
+from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
 
 register_model_folder()
+register_model_folder(FACENET_FOLDER)
+register_model_folder(CLIP_EVAL_FOLDER, CLIP_EVAL_EXTENSIONS)
 
 
 class FaceDiffuserExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FaceDiffuserLoader, FaceDiffuserSubjectEncode, FaceDiffuserGuider, FaceDiffuserSampler]
+        return [
+            FaceDiffuserLoader,
+            FaceDiffuserSubjectEncode,
+            FaceDiffuserGuider,
+            FaceDiffuserSampler,
+            FaceDiffuserFaceCrop,
+            FaceDiffuserIdentityScore,
+            FaceDiffuserPromptConsistency,
+        ]
 
 
 async def comfy_entrypoint() -> FaceDiffuserExtension:

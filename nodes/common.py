@@ -1,30 +1,38 @@
-"""Pieces shared by the Face-diffuser nodes: the model folder, the category, error wording."""
+"""Pieces shared by the Face-diffuser nodes: model folders, the category, error wording, progress,
+and small models kept under ComfyUI's model management."""
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
 import folder_paths
 
 from ..facediffuser_core.errors import FaceDiffuserError
 
 CATEGORY = "Face-diffuser"
 MODEL_FOLDER = "facediffuser"
+T = TypeVar("T")
 
 
-def register_model_folder() -> None:
-    """Register ``models/facediffuser`` for model files, keeping any extra_model_paths.yaml entries.
+def register_model_folder(name: str = MODEL_FOLDER, extensions: Iterable[str] = folder_paths.supported_pt_extensions) -> None:
+    """Register ``models/<name>`` for model files with ``extensions``, keeping any
+    extra_model_paths.yaml entries for that name.
 
     The yaml is applied before packs import; ``add_model_folder_path`` would then leave an empty
     extension set (which lists every file), so the set is filled in explicitly.
     """
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    folder_paths.add_model_folder_path(MODEL_FOLDER, default)
-    paths, extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER]
-    if not extensions:
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+    paths, known = folder_paths.folder_names_and_paths[name]
+    if not known:
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
 
 
 @contextmanager
@@ -34,3 +42,52 @@ def errors_named(node: str) -> Iterator[None]:
         yield
     except FaceDiffuserError as error:
         raise type(error)(f"{node}: {error}") from None
+
+
+def progress(total: int) -> Callable[[int, int], None]:
+    """A core ``progress(done, total)`` callback: ComfyUI's progress bar, and Cancel between images."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, count: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, count)
+
+    return update
+
+
+def cached_by_file(load: Callable[[str], T]) -> Callable[[str], T]:
+    """``load(path)`` memoised for the latest path; a file changed on disk is loaded again."""
+
+    @functools.lru_cache(maxsize=1)
+    def cached(path: str, stamp: int) -> T:
+        return load(path)
+
+    return lambda path: cached(path, os.stat(path).st_mtime_ns)
+
+
+class _Holder(torch.nn.Module):
+    """A plain module around the model: ModelPatcher sets ``.device`` on what it manages, which
+    transformers models do not allow."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+def auxiliary_model(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> comfy.model_patcher.ModelPatcher:
+    """A model under ComfyUI's model management, as the text encoders are: kept on the offload device
+    and moved to the text-encoder device only while it runs (see :func:`loaded`). ``dtype`` defaults
+    to the text encoders' 16-bit dtype on a GPU and float32 on a CPU."""
+    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    if dtype is None:
+        dtype = torch.float32 if mm.is_device_cpu(load_device) else mm.text_encoder_dtype(load_device)
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):  # fp8 text encoders
+            dtype = torch.float16
+    holder = _Holder(module.to(device=offload_device, dtype=dtype).eval())
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+
+
+def loaded(patcher: comfy.model_patcher.ModelPatcher) -> torch.nn.Module:
+    """The model of an :func:`auxiliary_model`, moved to its load device (freeing memory as ComfyUI does)."""
+    mm.load_model_gpu(patcher)
+    return patcher.model.inner

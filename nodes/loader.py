@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..facediffuser_core.checkpoints import FaceDiffuserCheckpoint, ModelKind, load_checkpoint
 from ..facediffuser_core.errors import CheckpointError
 from ..facediffuser_core.subject_encoder import SubjectEncoder
-from .common import CATEGORY, MODEL_FOLDER, errors_named
+from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded
 
 NAME = "Face-diffuser Loader"
 WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -30,23 +30,16 @@ class SubjectEncoderModel:
     kept on the offload device and moved to the text-encoder device only while it runs."""
 
     def __init__(self, encoder: SubjectEncoder, dtype: Optional[torch.dtype] = None) -> None:
-        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        if dtype is None:
-            dtype = torch.float32 if mm.is_device_cpu(load_device) else mm.text_encoder_dtype(load_device)
-            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                dtype = torch.float16
-        encoder = encoder.to(device=offload_device, dtype=dtype).eval()
-        self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+        self.patcher = auxiliary_model(encoder, dtype)
 
     @property
     def encoder(self) -> SubjectEncoder:
-        return self.patcher.model
+        return self.patcher.model.inner
 
     def augment(self, text_cond: torch.Tensor, images: torch.Tensor, positions: Sequence[int], object_resolution: int) -> torch.Tensor:
         """[1, L, 768] text conditioning -> subject-augmented copy (see :meth:`SubjectEncoder.forward`)."""
-        mm.load_model_gpu(self.patcher)
         device = self.patcher.load_device
-        fused = self.encoder(text_cond.to(device), images.to(device), positions, object_resolution)
+        fused = loaded(self.patcher)(text_cond.to(device), images.to(device), positions, object_resolution)
         return fused.to(device=mm.intermediate_device(), dtype=text_cond.dtype)
 
 

@@ -26,3 +26,27 @@ def clip_tokenize():
 
     return SimpleTokenizer().encode
 
+
+
+@pytest.fixture(scope="session")
+def face_photos():
+    """man1, man2 (the shared test photos) and scikit-image's astronaut, as RGB PIL images."""
+    import eval_models
+
+    return eval_models.face_photos()
+
+
+@pytest.fixture(scope="session")
+def facenet_file(tmp_path_factory) -> Path:
+    """Random FaceNet weights in the layout of 20180402-114759-vggface2.pt (with logits.*)."""
+    import eval_models
+
+    return eval_models.write_facenet(tmp_path_factory.mktemp("facenet") / "facenet-random.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel as a Hugging Face folder, with the real CLIP tokenizer files."""
+    import eval_models
+
+    return eval_models.write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

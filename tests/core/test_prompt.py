@@ -3,9 +3,7 @@ CLIP BPE vocabulary that open-clip-torch ships."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,10 +12,9 @@ import pytest
 from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPTokenizer
 
+from eval_models import write_clip_tokenizer
 from facediffuser_core.errors import PromptError
 from facediffuser_core.prompt import CHUNK_TOKENS, MARKER, MAX_SUBJECTS, Tokenize, parse_prompt
-
-BOS, EOS = "<start_of_text>", "<end_of_text>"  # open_clip's names for CLIP's special tokens
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +22,10 @@ def simple_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def write_clip_vocab(tokenizer: SimpleTokenizer, folder: Path) -> None:
-    """vocab.json + merges.txt (Hugging Face layout) from open_clip's BPE tables."""
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
-    ranked = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranked), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
-def official_tokenizer(simple_tokenizer: SimpleTokenizer, tmp_path_factory: pytest.TempPathFactory) -> CLIPTokenizer:
+def official_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> CLIPTokenizer:
     """The official special tokenizer: a CLIPTokenizer with ``<|image|>`` added as a special token."""
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    write_clip_vocab(simple_tokenizer, folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp_path_factory.mktemp("clip_vocab"))))
     tokenizer.add_tokens([MARKER], special_tokens=True)
     return tokenizer
 

@@ -12,35 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import ComfyServer, PromptRejected, make_base_directory, status_message
+from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
 NODES = ["FaceDiffuserLoader", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-base")
-    make_base_directory(
-        base,
-        {
-            "facediffuser_sdm.safetensors": model_files.sdm,
-            "facediffuser_tdm.safetensors": model_files.tdm,
-            "SDM": model_files.sdm_official.parent,
-            "TDM": model_files.tdm_official.parent,
-        },
-        face_pngs,
-    )
-    extra = tmp_path_factory.mktemp("extra-models")
-    (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)
-    yaml = base / "extra_model_paths.yaml"
-    yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
-    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml)])
-    comfy.start()
-    yield comfy
-    comfy.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,92 @@
+"""What the suites that run a real ComfyUI share (``tests/integration``, ``tests/browser``): they run
+when COMFYUI_PATH points at a ComfyUI 0.8 checkout whose requirements are installed in this
+environment, and report themselves skipped otherwise. Each suite's conftest imports the fixtures
+from here; the server helpers live in ``tests/integration/harness.py`` and ``models.py``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+INTEGRATION = TESTS / "integration"
+if str(INTEGRATION) not in sys.path:  # harness, models
+    sys.path.insert(0, str(INTEGRATION))
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+
+
+def skip_without_comfyui(items, folder: Path, suite: str) -> None:
+    """Mark every collected test under ``folder`` skipped when COMFYUI_PATH is not set."""
+    if COMFYUI_PATH:
+        return
+    skip = pytest.mark.skip(
+        reason=f"COMFYUI_PATH is not set: the {suite} needs a ComfyUI 0.8 checkout "
+        "(export COMFYUI_PATH=/path/to/ComfyUI, its requirements installed here; see README)"
+    )
+    for item in items:
+        if folder in Path(item.fspath).parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    path = Path(COMFYUI_PATH).resolve()
+    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout (no main.py / comfy/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_files():
+    """SD1.5-sized random-weight SDM/TDM files (generated once, minutes; cached outside the repo)."""
+    from models import ensure_model_files
+
+    return ensure_model_files()
+
+
+@pytest.fixture(scope="session")
+def face_pngs(tmp_path_factory) -> list[Path]:
+    """The shared test photos as face_1.png / face_2.png, the names the shipped workflows use."""
+    from PIL import Image
+
+    from paths import FACES
+
+    folder = tmp_path_factory.mktemp("faces")
+    paths = []
+    for index, source in enumerate(sorted(FACES.glob("*.jpeg")), start=1):
+        path = folder / f"face_{index}.png"
+        Image.open(source).convert("RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
+    """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
+    converted files under the README's names and the official SDM/ and TDM/ folders; an SDXL-shaped
+    file in a folder of extra_model_paths.yaml; face_1.png and face_2.png in input/."""
+    from harness import ComfyServer, make_base_directory
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    make_base_directory(
+        base,
+        {
+            "facediffuser_sdm.safetensors": model_files.sdm,
+            "facediffuser_tdm.safetensors": model_files.tdm,
+            "SDM": model_files.sdm_official.parent,
+            "TDM": model_files.tdm_official.parent,
+        },
+        face_pngs,
+    )
+    extra = tmp_path_factory.mktemp("extra-models")
+    (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
+    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml)])
+    comfy.start()
+    yield comfy
+    comfy.stop()

@@ -1,0 +1,515 @@
+"""The evaluation command: job planning, workflows built from the shipped templates, the job runner
+(retry, servers that go away), resume bookkeeping, CSV / markdown / plot, and the whole command
+against small fake ComfyUI servers on 127.0.0.1 (real HTTP, real scoring with tiny random models)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from facediffuser_core.comfy_client import ComfyClient, JobError, ServerUnavailable
+from facediffuser_core.errors import EvaluationError
+from facediffuser_core.evaluate import (
+    Job,
+    OutputFolder,
+    Settings,
+    build_workflow,
+    find_subjects,
+    load_templates,
+    main,
+    plan_jobs,
+    read_prompts,
+    run_jobs,
+)
+from facediffuser_core.report import REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
+from paths import ROOT
+from workflow_format import API_WORKFLOWS
+
+SETTINGS = Settings(images=2, steps=3, cfg=4.5, size=64, seed=7)
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def test_plan_single_subject_prompts_use_every_subject_and_pairs_are_combinations():
+    prompts = ["a man <|image|> in a park", "a man <|image|> and a woman <|image|> at a cafe"]
+    jobs = plan_jobs(prompts, ["carol", "alice", "bob"], images=4, max_combinations=10)
+    single = [job for job in jobs if len(job.subjects) == 1]
+    pairs = [job for job in jobs if len(job.subjects) == 2]
+    assert [job.subjects for job in single] == [("alice",), ("bob",), ("carol",)]
+    assert [job.subjects for job in pairs] == [("alice", "bob"), ("alice", "carol"), ("bob", "carol")]
+    assert len({job.id for job in jobs}) == 6 and all(job.images == 4 for job in jobs)
+    assert jobs[0].image_names() == [f"{jobs[0].id}_{i}.png" for i in range(4)]
+    assert plan_jobs(prompts, ["alice", "bob", "carol"], 4, 10) == jobs  # ids are stable
+
+
+def test_plan_bounds_the_combinations_deterministically():
+    names = [f"s{i:02d}" for i in range(15)]
+    prompt = ["a man <|image|> and a man <|image|> talking"]
+    jobs = plan_jobs(prompt, names, 4, max_combinations=5, seed=1)
+    assert len(jobs) == 5 and len({job.subjects for job in jobs}) == 5
+    assert all(a < b for a, b in (job.subjects for job in jobs))
+    assert plan_jobs(prompt, names, 4, 5, seed=1) == jobs
+    assert plan_jobs(prompt, names, 4, 5, seed=2) != jobs
+    assert len(plan_jobs(prompt, names, 4, 200)) == 105  # 15 choose 2
+
+
+def test_plan_refuses_prompts_needing_more_subjects():
+    with pytest.raises(EvaluationError, match="needs 2 subjects but only 1 were found"):
+        plan_jobs(["a man <|image|> and a man <|image|>"], ["alice"], 4, 10)
+
+
+def test_read_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# the paper's prompts\n\na man <|image|> reading\n  a man <|image|> and a man <|image|> talking  \n")
+    assert read_prompts(path) == ["a man <|image|> reading", "a man <|image|> and a man <|image|> talking"]
+    path.write_text("a man <|image|> reading\na cat on a mat\n")
+    with pytest.raises(EvaluationError, match=r"prompts.txt:2: the prompt has 0 <\|image\|> markers; .* 1 or 2 subjects"):
+        read_prompts(path)
+
+
+def test_find_subjects(tmp_path):
+    for name, photos in {"bob": ["b.jpg", "a.png"], "alice": ["1.jpeg"], "notes": []}.items():
+        (tmp_path / name).mkdir()
+        for photo in photos:
+            (tmp_path / name / photo).write_bytes(b"")
+    (tmp_path / "readme.txt").write_text("")
+    with pytest.raises(EvaluationError, match="notes has no photos"):
+        find_subjects(tmp_path)
+    (tmp_path / "notes").rmdir()
+    subjects = find_subjects(tmp_path)
+    assert [(s.name, s.photo.name) for s in subjects] == [("alice", "1.jpeg"), ("bob", "a.png")]
+    with pytest.raises(EvaluationError, match="no subject folders"):
+        find_subjects(tmp_path / "alice")
+    (tmp_path / "carol+dave").mkdir()
+    with pytest.raises(EvaluationError, match=r"carol\+dave: '\+' separates subjects in the results; rename it"):
+        find_subjects(tmp_path)
+
+
+# --- workflows --------------------------------------------------------------------------------
+
+
+def test_workflows_from_the_shipped_templates():
+    templates = load_templates(API_WORKFLOWS)
+    job = Job("abc_alice+bob", "a man <|image|> and a man <|image|> playing chess", ("alice", "bob"), 2)
+    graph = build_workflow(templates[2], job, ["eval/alice.png", "eval/bob.png"], SETTINGS)
+    original = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())
+    assert graph["11"]["inputs"]["image"] == "eval/alice.png" and graph["12"]["inputs"]["image"] == "eval/bob.png"  # marker order
+    assert graph["3"]["inputs"]["prompt"] == job.prompt
+    assert {k: graph["6"]["inputs"][k] for k in ("seed", "steps", "cfg")} == {"seed": 7, "steps": 3, "cfg": 4.5}
+    assert graph["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 2}
+    assert graph["8"]["inputs"]["filename_prefix"] == "facediffuser_eval/abc_alice+bob"
+    assert "10" not in graph  # the mask preview is not needed
+    assert graph["1"] == original["1"]  # the workflow's model files
+    untouched = {k for k in original if k not in {"3", "5", "6", "8", "10", "11", "12"}}
+    assert all(graph[k] == original[k] for k in untouched)
+    one = build_workflow(templates[1], Job("x", "a man <|image|>", ("alice",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"))
+    assert one["2"]["inputs"]["image"] == "a.png" and one["1"]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
+
+
+def test_templates_must_have_the_nodes_the_command_sets(tmp_path):
+    for name in ("facediffuser_one_subject.json", "facediffuser_two_subjects.json"):
+        graph = json.loads((API_WORKFLOWS / name).read_text())
+        if name.startswith("facediffuser_one"):
+            del graph["8"]  # no SaveImage
+        (tmp_path / name).write_text(json.dumps(graph))
+    with pytest.raises(EvaluationError, match=r"facediffuser_one_subject.json: the workflow needs exactly one SaveImage node, it has 0"):
+        load_templates(tmp_path)
+    with pytest.raises(EvaluationError, match="no workflow .*--workflow-dir"):
+        load_templates(tmp_path / "nowhere")
+
+
+# --- the job runner ---------------------------------------------------------------------------
+
+
+def jobs_named(*names: str) -> list[Job]:
+    return [Job(name, "a man <|image|>", ("s",), 1) for name in names]
+
+
+def test_runner_retries_a_failed_job_once():
+    attempts: dict[str, int] = {}
+
+    def worker(job: Job) -> str:
+        attempts[job.id] = attempts.get(job.id, 0) + 1
+        if job.id == "flaky" and attempts[job.id] == 1 or job.id == "broken":
+            raise JobError(f"{job.id} failed")
+        return job.id.upper()
+
+    done = []
+    failures = run_jobs(jobs_named("good", "flaky", "broken"), {"w": worker}, lambda job, result, name: done.append((job.id, result, name)))
+    assert sorted(done) == [("flaky", "FLAKY", "w"), ("good", "GOOD", "w")]
+    assert attempts == {"good": 1, "flaky": 2, "broken": 2}
+    assert [(f.job.id, f.error, f.server) for f in failures] == [("broken", "JobError: broken failed", "w")]
+
+
+def test_runner_spreads_jobs_over_workers_and_drops_unavailable_ones():
+    seen: dict[str, list[str]] = {"a": [], "b": [], "down": []}
+
+    def worker(name: str):
+        def run(job: Job) -> str:
+            if name == "down":
+                seen[name].append(job.id)
+                raise ServerUnavailable("down cannot be reached")
+            time.sleep(0.05)
+            seen[name].append(job.id)
+            return name
+
+        return run
+
+    done = []
+    failures = run_jobs(jobs_named(*"pqrstuvw"), {n: worker(n) for n in seen}, lambda job, result, name: done.append(job.id))
+    assert failures == [] and sorted(done) == list("pqrstuvw")
+    assert len(seen["down"]) <= 1  # the unreachable server takes at most one job, which is retried elsewhere
+    assert seen["a"] and seen["b"] and sorted(seen["a"] + seen["b"]) == list("pqrstuvw")
+
+
+def test_runner_fails_the_rest_when_no_server_is_left():
+    def down(job: Job) -> None:
+        raise ServerUnavailable("gone")
+
+    failed = []
+    failures = run_jobs(jobs_named("x", "y", "z"), {"only": down}, lambda *args: None, failed.append)
+    assert failed == failures and len(failures) == 3
+    errors = {f.job.id: f.error for f in failures}
+    found_down = next(job for job, error in errors.items() if "failed before" in error)  # the job that found it down
+    assert errors.pop(found_down) == "no ComfyUI server left to run it (it failed before: gone)"
+    assert set(errors.values()) == {"no ComfyUI server left to run it"}
+
+
+def test_runner_reports_an_error_after_the_job_without_retrying():
+    calls = []
+
+    def score(job: Job, result: str, name: str) -> None:
+        if job.id == "bad":
+            raise ValueError("cannot score")
+
+    failures = run_jobs(jobs_named("ok", "bad"), {"w": lambda job: calls.append(job.id) or "r"}, score)
+    assert sorted(calls) == ["bad", "ok"]
+    assert [(f.job.id, f.error) for f in failures] == [("bad", "ValueError: cannot score")]
+
+
+# --- results bookkeeping and reports ------------------------------------------------------------
+
+
+def score_of(job: Job, index: int, ip: float = 0.5, pc: float = 0.25, per: tuple = (0.5,)) -> ImageScore:
+    return ImageScore(job.id, job.image_names()[index], job.prompt, job.subjects, ip, per, 1, pc, "http://127.0.0.1:1")
+
+
+def test_csv_round_trip_keeps_commas_and_quotes():
+    job = Job("j", 'a man <|image|>, "smiling", at a café', ("alice", "bob"), 1)
+    scores = [ImageScore("j", "j_0.png", job.prompt, job.subjects, 0.25, (0.25, 0.75), 2, -0.125, "s")]
+    text = format_rows(scores, header=True)
+    assert parse_csv(text) == scores
+    assert parse_csv(text + "j,j_1.png,truncated") == scores  # an incomplete row is left out
+
+
+def test_resume_keeps_finished_jobs_and_drops_the_rest(tmp_path):
+    out = OutputFolder(tmp_path, SETTINGS)
+    finished, partial, no_images = (Job(name, "a man <|image|>", ("s",), 2) for name in ("finished", "partial", "no-images"))
+    for job in (finished, partial):
+        for name in job.image_names():
+            out.image_path(name).write_bytes(b"png")
+    foreign = ImageScore("old", "old_0.png", "p", ("s",), 0.1, (0.1,), 1, 0.1, "s")  # a job no longer planned
+    out.append([score_of(finished, 0), score_of(finished, 1), score_of(partial, 0), score_of(no_images, 0), score_of(no_images, 1), foreign])
+    with open(out.scores, "a") as file:
+        file.write("finished,finished_1.png,a man")  # a killed write: no newline
+    assert out.resume([finished, partial, no_images]) == {"finished"}
+    kept = out.read_scores()
+    assert [(s.job, s.image) for s in kept] == [("finished", "finished_0.png"), ("finished", "finished_1.png"), ("old", "old_0.png")]
+    assert out.scores.read_text().endswith("\n")
+    out.append([score_of(partial, 0)])
+    assert out.read_scores()[-1] == score_of(partial, 0)
+
+
+def test_an_output_folder_keeps_its_settings(tmp_path):
+    OutputFolder(tmp_path, SETTINGS)
+    OutputFolder(tmp_path, SETTINGS)
+    with pytest.raises(EvaluationError, match=r"holds an evaluation with other settings \(steps 3 -> 50\); use another --out"):
+        OutputFolder(tmp_path, Settings(images=2, steps=50, cfg=4.5, size=64, seed=7))
+
+
+def test_summary_means_by_hand():
+    single_a, single_b = Job("a", "p1", ("alice",), 2), Job("b", "p1", ("bob",), 1)
+    pair = Job("ab", "p2", ("alice", "bob"), 1)
+    scores = [
+        score_of(single_a, 0, ip=0.6, pc=0.20, per=(0.6,)),
+        score_of(single_a, 1, ip=0.4, pc=0.30, per=(0.4,)),
+        score_of(single_b, 0, ip=0.5, pc=0.25, per=(0.5,)),
+        score_of(pair, 0, ip=0.0, pc=0.10, per=(-0.2, 0.7)),
+    ]
+    text = summary_markdown(scores)
+    assert "| all | 4 | 0.3750 | 0.2125 |" in text
+    assert "| single-subject | 3 | 0.5000 | 0.2500 |" in text
+    assert "| multi-subject | 1 | 0.0000 | 0.1000 |" in text
+    assert "| alice | 3 | 0.3333 | 0.2000 |" in text  # (0.6 + 0.4 + max(-0.2, 0)) / 3
+    assert "| bob | 2 | 0.6000 | 0.1750 |" in text
+    assert "FastComposer (paper, single subject): IP 0.514, PC 0.243" in text
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    job = Job("a", "p", ("alice",), 2)
+    plot_ip_pc([score_of(job, 0), score_of(job, 1, ip=0.7, pc=0.3)], tmp_path / "ip_pc.png")
+    image = Image.open(tmp_path / "ip_pc.png")
+    assert image.format == "PNG" and image.size[0] > 300
+    assert REFERENCE_POINTS["FastComposer (paper, single subject)"] == (0.514, 0.243)
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    from facediffuser_core.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(MissingDependencyError, match="pip install matplotlib"):
+        plot_ip_pc([], tmp_path / "x.png")
+
+
+def test_help_works_without_comfyui():
+    result = subprocess.run([sys.executable, "-m", "facediffuser_core.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--server HOST:PORT" in result.stdout, result.stderr
+
+
+# --- the command against fake ComfyUI servers ---------------------------------------------------
+
+
+class FakeComfy(ThreadingHTTPServer):
+    """Just enough of ComfyUI's HTTP API: /object_info, /upload/image, /prompt, /history, /view.
+
+    Jobs whose prompt contains a key of ``fail`` fail that many times (an execution_error in the
+    history entry) before succeeding; every finished job returns ``image`` for each of its images.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, image: bytes, fail: dict[str, int]) -> None:
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        self.image, self.fail = image, dict(fail)
+        self.queued: list[dict] = []
+        self.uploads: list[tuple[str, str]] = []
+        self.history: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def finish_job(self, graph: dict) -> dict:
+        prompt = next(n["inputs"]["prompt"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+        key = next((k for k in self.fail if k in prompt and self.fail[k] > 0), None)
+        if key is not None:
+            self.fail[key] -= 1
+            message = ["execution_error", {"node_type": "FaceDiffuserSampler", "exception_message": f"fake failure ({key})"}]
+            return {"status": {"status_str": "error", "completed": False, "messages": [message]}, "outputs": {}}
+        save_id = next(k for k, n in graph.items() if n["class_type"] == "SaveImage")
+        prefix = graph[save_id]["inputs"]["filename_prefix"]
+        count = next(n["inputs"]["batch_size"] for n in graph.values() if n["class_type"] == "EmptyLatentImage")
+        images = [{"filename": f"{Path(prefix).name}_{i:05d}_.png", "subfolder": str(Path(prefix).parent), "type": "output"} for i in range(count)]
+        return {"status": {"status_str": "success", "completed": True, "messages": []}, "outputs": {save_id: {"images": images}}}
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    server: FakeComfy
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def answer(self, body, kind: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path = urllib.parse.urlparse(self.path)
+        if path.path == "/object_info/FaceDiffuserSampler":
+            self.answer({"FaceDiffuserSampler": {}})
+        elif path.path.startswith("/history/"):
+            prompt_id = path.path.rsplit("/", 1)[1]
+            with self.server.lock:
+                entry = self.server.history.get(prompt_id)
+            self.answer({prompt_id: entry} if entry else {})
+        elif path.path == "/view":
+            self.answer(self.server.image, "image/png")
+        else:
+            self.send_error(404)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/upload/image":
+            name = re.search(rb'filename="([^"]+)"', body).group(1).decode()
+            subfolder = re.search(rb'name="subfolder"\r\n\r\n([^\r]*)\r\n', body).group(1).decode()
+            assert body.count(b"\x89PNG") == 1
+            with self.server.lock:
+                self.server.uploads.append((subfolder, name))
+            self.answer({"name": name, "subfolder": subfolder, "type": "input"})
+        elif self.path == "/prompt":
+            graph = json.loads(body)["prompt"]
+            with self.server.lock:
+                prompt_id = f"p{len(self.server.history)}-{self.server.server_address[1]}"
+                self.server.queued.append(graph)
+                self.server.history[prompt_id] = self.server.finish_job(graph)
+            time.sleep(0.1)  # a job takes a moment, so that both servers get work
+            self.answer({"prompt_id": prompt_id, "number": 0, "node_errors": {}})
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture(scope="module")
+def generated_png(face_photos) -> bytes:
+    """What the fake servers 'generate': a 128x128 image of man1's face."""
+    buffer = io.BytesIO()
+    face_photos[0].crop((400, 110, 720, 430)).resize((128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def subjects_dir(tmp_path, face_photos) -> Path:
+    for name, photo in (("alice", face_photos[0]), ("bob", face_photos[1])):
+        (tmp_path / "subjects" / name).mkdir(parents=True)
+        small = photo.copy()
+        small.thumbnail((400, 400))
+        small.save(tmp_path / "subjects" / name / "photo.jpg")
+    return tmp_path / "subjects"
+
+
+PROMPTS = """# single subject
+a photo of a man <|image|> in a park
+a man <|image|> and a man <|image|> playing chess, flaky
+a man <|image|> on a beach, broken
+"""
+
+
+def run_command(out: Path, subjects: Path, prompts: Path, servers: list[FakeComfy], facenet_file: Path, clip_folder: Path) -> int:
+    args = ["--subjects", str(subjects), "--prompts", str(prompts), "--out", str(out), "--facenet", str(facenet_file), "--clip", str(clip_folder)]
+    args += ["--images-per-prompt", "2", "--steps", "3", "--cfg", "4.5", "--size", "64", "--seed", "7", "--device", "cpu"]
+    for server in servers:
+        args += ["--server", server.address]
+    return main(args)
+
+
+def test_command_end_to_end_with_retry_failures_and_resume(tmp_path, subjects_dir, generated_png, facenet_file, tiny_clip_folder, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "out"
+    servers = [FakeComfy(generated_png, {"flaky": 1, "broken": 99}), FakeComfy(generated_png, {})]
+    servers[1].fail, servers[1].lock = servers[0].fail, servers[0].lock  # one failure budget for both servers
+
+    assert run_command(out, subjects_dir, prompts, servers, facenet_file, tiny_clip_folder) == 1
+    report = capsys.readouterr()
+    queued = [graph for server in servers for graph in server.queued]
+    assert all(server.queued for server in servers)  # both servers got jobs
+    prompts_queued = [next(n["inputs"]["prompt"] for n in g.values() if n["class_type"] == "FaceDiffuserSubjectEncode") for g in queued]
+    assert sum("flaky" in p for p in prompts_queued) == 2  # failed once, retried once
+    assert sum("broken" in p for p in prompts_queued) == 4  # two jobs, each tried twice
+    assert sum("park" in p for p in prompts_queued) == 2
+
+    jobs = plan_jobs(read_prompts(prompts), ["alice", "bob"], 2, 10)
+    good = [job for job in jobs if "broken" not in job.prompt]
+    scores = OutputFolder(out, Settings(images=2, steps=3, cfg=4.5, size=64, seed=7)).read_scores()
+    assert sorted((s.job, s.image) for s in scores) == sorted((job.id, name) for job in good for name in job.image_names())
+    assert all((out / "images" / s.image).read_bytes() == generated_png for s in scores)
+    with open(out / "failures.csv", newline="") as file:
+        failed = list(csv.DictReader(file))
+    assert sorted(row["job"] for row in failed) == sorted(job.id for job in jobs if "broken" in job.prompt)
+    assert all("FaceDiffuserSampler: fake failure (broken)" in row["error"] for row in failed)
+    assert "2 job(s) failed" in report.err and "fake failure (broken)" in report.err
+
+    pair = next(g for g in queued if "flaky" in json.dumps(g))
+    uploads = {name for server in servers for _, name in server.uploads}
+    assert pair["11"]["inputs"]["image"].startswith("facediffuser_eval/alice_") and pair["12"]["inputs"]["image"].startswith("facediffuser_eval/bob_")
+    assert {pair["11"]["inputs"]["image"].split("/")[1], pair["12"]["inputs"]["image"].split("/")[1]} <= uploads
+    assert pair["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 2} and pair["6"]["inputs"]["steps"] == 3
+
+    summary = (out / "summary.md").read_text()
+    assert "| single-subject | 4 |" in summary and "| multi-subject | 2 |" in summary and summary in report.out
+    assert Image.open(out / "ip_pc.png").format == "PNG"
+
+    # the scores themselves: recomputed here from the downloaded image with the core functions
+    from facediffuser_core.consistency import load_clip, prompt_consistency
+    from facediffuser_core.faces import load_detector, pil_to_image
+    from facediffuser_core.identity import load_facenet, reference_embeddings, score_identity
+
+    row = next(s for s in scores if s.subjects == ("alice", "bob"))
+    image = Image.open(out / "images" / row.image).convert("RGB")
+    clip = load_clip(tiny_clip_folder)
+    assert row.pc == pytest.approx(float(prompt_consistency(clip.model, clip.tokenizer, pil_to_image([image]), row.prompt)[0]), abs=1e-5)
+    facenet, detector = load_facenet(facenet_file), load_detector("cpu")
+    references = reference_embeddings(facenet, detector, [Image.open(subjects_dir / n / "photo.jpg").convert("RGB") for n in row.subjects])
+    identity = score_identity(facenet, detector, references, image)
+    assert row.ip == pytest.approx(identity.score, abs=1e-5) and row.faces == len(identity.faces) == 1
+    assert row.ip_per_subject == pytest.approx([m.similarity for m in identity.matches], abs=1e-5)
+    assert min(row.ip_per_subject) == 0.0  # one face for two subjects
+
+    # resume: finished jobs are not queued again, the failed ones are retried
+    before = {server.address: len(server.queued) for server in servers}
+    rows_before = (out / "scores.csv").read_text()
+    assert run_command(out, subjects_dir, prompts, servers, facenet_file, tiny_clip_folder) == 1
+    new = [g for server in servers for g in server.queued[before[server.address] :]]
+    assert len(new) == 4 and all("broken" in json.dumps(g) for g in new)
+    assert (out / "scores.csv").read_text() == rows_before
+
+    servers[0].fail["broken"] = 0  # fixed: the third run completes everything
+    assert run_command(out, subjects_dir, prompts, servers, facenet_file, tiny_clip_folder) == 0
+    scores = OutputFolder(out, Settings(images=2, steps=3, cfg=4.5, size=64, seed=7)).read_scores()
+    assert len(scores) == 2 * len(jobs) and len({(s.job, s.image) for s in scores}) == len(scores)
+    assert (out / "failures.csv").read_text().strip() == "job,prompt,subjects,server,error"
+    for server in servers:
+        server.shutdown()
+
+
+def test_images_downloaded_before_a_kill_are_scored_without_generating(tmp_path, subjects_dir, generated_png, facenet_file, tiny_clip_folder):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a man <|image|> in a park\n")
+    out = tmp_path / "out"
+    out_folder = OutputFolder(out, Settings(images=2, steps=3, cfg=4.5, size=64, seed=7))
+    (job, _) = plan_jobs(read_prompts(prompts), ["alice", "bob"], 2, 10)
+    for name in job.image_names():
+        out_folder.image_path(name).write_bytes(generated_png)
+    server = FakeComfy(generated_png, {})
+    assert run_command(out, subjects_dir, prompts, [server], facenet_file, tiny_clip_folder) == 0
+    assert len(server.queued) == 1 and "bob" in json.dumps(server.queued[0])  # only the other subject's job
+    assert {s.job for s in out_folder.read_scores()} == {job.id, job.id.replace("alice", "bob")}
+    server.shutdown()
+
+
+def test_no_score_only_generates_and_a_later_run_scores(tmp_path, subjects_dir, generated_png, facenet_file, tiny_clip_folder):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a man <|image|> in a park\n")
+    out = tmp_path / "out"
+    server = FakeComfy(generated_png, {})
+    common = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(out), "--server", server.address]
+    common += ["--images-per-prompt", "2", "--steps", "3", "--cfg", "4.5", "--size", "64", "--seed", "7", "--device", "cpu"]
+    assert main([*common, "--no-score"]) == 0
+    assert len(server.queued) == 2 and len(list((out / "images").glob("*.png"))) == 4
+    assert not (out / "scores.csv").exists() and not (out / "summary.md").exists()
+    assert main([*common, "--no-score"]) == 0 and len(server.queued) == 2  # nothing left to generate
+    assert main([*common, "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder)]) == 0
+    assert len(server.queued) == 2  # scored from the images on disk
+    assert len(OutputFolder(out, SETTINGS).read_scores()) == 4 and (out / "summary.md").is_file()
+    server.shutdown()
+
+
+def test_command_errors_are_reported_cleanly(tmp_path, subjects_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a man <|image|>\n")
+    assert main(["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--server", "127.0.0.1:1"]) == 2
+    assert "error: scoring needs --facenet and --clip (or give --no-score to only generate)" in capsys.readouterr().err
+
+
+def test_client_reports_an_unreachable_server():
+    with pytest.raises(ServerUnavailable, match=r"http://127.0.0.1:1 cannot be reached"):
+        ComfyClient("127.0.0.1:1", timeout=5).check()
