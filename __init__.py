@@ -2,4 +2,7 @@
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+# web/docs/<NodeId>.md: the pages ComfyUI's node help panel shows for our nodes.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -24,7 +24,7 @@ WIDGETS: dict[str, list[str]] = {
     "SaveImage": ["filename_prefix"],
     "PreviewImage": [],
     "VAEDecode": [],
-    "ImageBatch": [],
+    "BatchImagesNode": [],  # "Batch Images": autogrow inputs images.image0, images.image1, ...
     "MaskToImage": [],
     "KSamplerSelect": ["sampler_name"],
     "BasicScheduler": ["scheduler", "steps", "denoise"],

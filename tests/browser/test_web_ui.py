@@ -1,0 +1,165 @@
+"""The shipped workflows in ComfyUI's real web UI (Chromium, headless): they open from the menu without
+missing nodes or bad widget values and convert to exactly the shipped API files, run from the Run
+button to an image, are listed in the template browser, and every node's help page opens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import requests
+
+from comfy_page import ComfyPage, save_thumbnail
+from harness import PACK_NAME, status_message
+from workflow_format import API_WORKFLOWS, REPO, WORKFLOWS, load
+
+NAMES = [path.stem for path in sorted(WORKFLOWS.glob("*.json"))]
+DOCS = REPO / "web" / "docs"
+SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
+STEPS = 3
+SMALL = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "FaceDiffuserSampler": {"steps": STEPS}, "BasicScheduler": {"steps": STEPS}}
+RUN_TIMEOUT = 600  # seconds; a run takes about a minute on 2 CPU cores, most of it loading the models
+
+
+def expected_prompt(name: str, changes: dict | None = None) -> dict:
+    """The shipped API file (with ``changes`` applied the way set_widgets applies them)."""
+    api = copy.deepcopy(load(API_WORKFLOWS / f"{name}.json"))
+    for node in api.values():
+        node["inputs"].update((changes or {}).get(node["class_type"], {}))
+        node.setdefault("_meta", None)
+    return api
+
+
+def assert_clean_graph(ui: ComfyPage, workflow: dict) -> list[dict]:
+    """No dialog or toast (missing node types, workflow validation, link fixes), every node type
+    registered and configured, every widget value acceptable to its widget, nothing thrown."""
+    assert ui.alerts() == []
+    report = ui.graph_report()
+    assert sorted((n["id"], n["type"]) for n in report) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
+    for node in report:
+        assert node["registered"], f"node {node['id']}: the UI does not know the node type {node['type']}"
+        assert not node["has_errors"], f"node {node['id']} ({node['type']}) is flagged with errors"
+        assert node["problems"] == [], f"node {node['id']} ({node['type']}): {node['problems']}"
+    assert ui.page_errors == []
+    return report
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_opens_without_missing_nodes_or_bad_widgets(ui, name, screenshots):
+    path = WORKFLOWS / f"{name}.json"
+    ui.open_workflow_file(path)
+    report = assert_clean_graph(ui, load(path))
+    titles = {node["id"]: node["title"] for node in report}
+    assert all(titles.values())
+    # the frontend's own UI -> API conversion gives exactly the shipped API file: same nodes, links,
+    # widget values and titles
+    assert ui.prompt() == expected_prompt(name)
+    image = ui.screenshot(screenshots / f"{name}.png", clip=ui.graph_rect())
+    save_thumbnail(image, screenshots / f"{name}.jpg")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_from_the_run_button(ui, server, name, screenshots):
+    path = WORKFLOWS / f"{name}.json"
+    workflow = load(path)
+    ui.open_workflow_file(path)
+    assert_clean_graph(ui, workflow)
+    edited = ui.set_widgets(SMALL)
+    assert len(edited) == sum(len(SMALL.get(node["type"], {})) for node in workflow["nodes"])
+    assert ui.prompt() == expected_prompt(name, SMALL)
+
+    before = set(server.get("/history"))
+    ui.click_run()
+
+    def finished():
+        assert not ui.page.locator(".p-dialog:visible").count(), f"the UI shows an error: {ui.alerts()}"
+        return next(iter(set(server.get("/history")) - before), None)
+
+    prompt_id = ui.wait_until(finished, RUN_TIMEOUT, "the run")
+    entry = server.get(f"/history/{prompt_id}")[prompt_id]
+    assert entry["status"]["status_str"] == "success", (status_message(entry, "execution_error"), ui.alerts())
+    # the UI sent what it showed, and the images appear in the output nodes
+    sent = entry["prompt"][2]
+    assert {key: (node["class_type"], node["inputs"]) for key, node in sent.items()} == {
+        key: (node["class_type"], node["inputs"]) for key, node in expected_prompt(name, SMALL).items()
+    }
+    outputs = [node["id"] for node in workflow["nodes"] if node["type"] in ("SaveImage", "PreviewImage")]
+    ui.wait_for_images(outputs, timeout=60)
+    assert all(size == [SIZE, SIZE] for size in ui.node_image_sizes(outputs).values())
+    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
+    assert len(saved) == 1
+    assert ui.alerts() == [] and ui.page_errors == []
+    ui.screenshot(screenshots / f"{name}_run.png", clip=ui.graph_rect())
+
+
+def test_template_browser_lists_our_workflows(ui, server, screenshots):
+    assert sorted(server.get("/workflow_templates")[PACK_NAME]) == NAMES
+    for name in NAMES:
+        served = requests.get(f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.json", timeout=30)
+        assert served.ok and served.json() == load(WORKFLOWS / f"{name}.json")
+        thumbnail = requests.get(f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg", timeout=30)
+        assert thumbnail.ok and thumbnail.content == (WORKFLOWS / f"{name}.jpg").read_bytes()
+
+    ui.menu("Browse Templates")
+    ui.page.locator("[data-testid='template-workflows-content']").wait_for()
+    ui.page.get_by_text(PACK_NAME, exact=True).click()  # our pack, under Extensions
+    cards = {name: ui.page.locator(f"[data-testid='template-workflow-{name}']") for name in NAMES}
+    for name, card in cards.items():
+        card.wait_for()
+        assert name in card.inner_text()
+        # its thumbnail, workflows/<name>.jpg, shows (a missing one gives a generic picture instead)
+        thumbnail = card.locator("img").first
+        thumbnail.wait_for()
+        ui.page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
+        assert "default-template" not in thumbnail.get_attribute("src")
+    assert ui.page.locator("[data-testid^='template-workflow-']").count() == len(NAMES)
+    ui.page.mouse.move(0, 0)  # no card hovered (zoomed) in the picture
+    ui.page.wait_for_timeout(500)
+    ui.screenshot(screenshots / "template_browser.png")
+
+    # picking one opens it, as cleanly as opening the file
+    name = "facediffuser_one_subject"
+    cards[name].click()
+    workflow = load(WORKFLOWS / f"{name}.json")
+    ui.wait_for_graph(workflow)
+    assert_clean_graph(ui, workflow)
+    assert ui.prompt() == expected_prompt(name)
+
+
+def test_every_node_has_a_help_page_that_opens(ui, server, screenshots):
+    info = server.get("/object_info")
+    ours = {node: spec for node, spec in info.items() if spec["python_module"] == f"custom_nodes.{PACK_NAME}"}
+    assert {"FaceDiffuserLoader", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"} <= set(ours)
+    assert {path.stem for path in DOCS.glob("*.md")} == set(ours), "web/docs/ needs one <NodeId>.md per node, and no others"
+    for node in ours:
+        served = requests.get(f"{server.url}/extensions/{PACK_NAME}/docs/{node}.md", timeout=30)
+        assert served.ok and served.text == (DOCS / f"{node}.md").read_text()
+
+    # a shipped workflow, plus the nodes it does not use placed below it
+    ui.open_workflow_file(WORKFLOWS / "facediffuser_one_subject.json")
+    ids = ui.page.evaluate(
+        """(types) => {
+          const ids = {}, bottom = Math.max(...app.graph._nodes.map(n => n.pos[1] + n.size[1]));
+          types.forEach((type, i) => {
+            let node = app.graph._nodes.find(n => n.type === type);
+            if (!node) {
+              node = LiteGraph.createNode(type);
+              node.pos = [450 * (i % 4), bottom + 150 + 500 * Math.floor(i / 4)];
+              app.graph.add(node);
+            }
+            ids[type] = node.id;
+          });
+          return ids;
+        }""",
+        list(ours),
+    )
+    for node, node_id in ids.items():
+        text = ui.show_node_info(node_id)
+        spec = ours[node]
+        assert text.splitlines()[0] == spec["display_name"]
+        names = [n for section in ("required", "optional") for n in spec["input_order"].get(section, [])] + spec["output_name"]
+        missing = [n for n in names if n not in text]
+        assert missing == [], f"the help page of {node} does not mention {missing}"
+        if node == "FaceDiffuserSubjectEncode":
+            ui.screenshot(screenshots / "node_help.png")
+    assert ui.alerts() == [] and ui.page_errors == []
