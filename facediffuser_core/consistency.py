@@ -139,6 +139,12 @@ def clean_prompt(prompt: str) -> str:
     return " ".join(prompt.replace(MARKER, " ").split())
 
 
+def _projected(features) -> torch.Tensor:
+    """``get_*_features`` returns the projected features (transformers 4) or an output holding them
+    as ``pooler_output`` (transformers 5)."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
 @torch.no_grad()
 def prompt_consistency(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, prompts: Union[str, Sequence[str]]) -> torch.Tensor:
     """[N] float32 PC of IMAGE [N,H,W,C]; ``prompts``: one for every image, or one per image."""
@@ -155,6 +161,6 @@ def prompt_consistency(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch
         max_length=model.config.text_config.max_position_embeddings,
         return_tensors="pt",
     ).to(param.device)
-    image_features = model.get_image_features(pixel_values=pixels)
-    text_features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    image_features = _projected(model.get_image_features(pixel_values=pixels))
+    text_features = _projected(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
     return F.cosine_similarity(image_features.float(), text_features.float(), dim=-1).cpu()
