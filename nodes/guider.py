@@ -82,18 +82,18 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
             comfy.patcher_extension.merge_nested_dicts(transformer_options.setdefault(name, {}), registry, copy_dict1=False)
         transformer_options["sample_sigmas"] = sigmas
         self.tdm_model_options = options
+        self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
+        self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
         self.last_subject_mask = None
         tdm.pre_run()
         try:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
             tdm.cleanup()
-            del self.tdm_model_options
+            del self.tdm_model_options, self.schedule, self.bounds
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
-        sigmas = model_options["transformer_options"]["sample_sigmas"]
-        bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
-        stage = stage_at(step_index(float(timestep[0]), sigmas), bounds)
+        stage = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds)
         sigma = timestep.reshape(-1, *([1] * (x.ndim - 1)))
 
         def eps(denoised: torch.Tensor) -> torch.Tensor:  # ComfyUI models return x0
