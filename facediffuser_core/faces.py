@@ -18,11 +18,10 @@ from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import FaceDiffuserError, FaceNotFoundError, MissingDependencyError
-from .preprocess import pad_to_square, to_rgb
+from .preprocess import pad_to_square, resize_square, to_rgb
 
 __all__ = [
     "FACENET_INSTALL",
@@ -166,11 +165,6 @@ def box_mask(box: Box, height: int, width: int) -> torch.Tensor:
     return (inside_y[:, None] & inside_x[None, :]).float()
 
 
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[C,S,S] -> [C,size,size], bilinear with antialias (as the subject encoder's preprocessing)."""
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
-
-
 def _missing_face(index: int, count: int, found: int, face_index: int) -> FaceNotFoundError:
     where = f"image {index + 1} of {count} (batch index {index})"
     if found == 0:
@@ -207,16 +201,17 @@ def crop_faces(
     for index, (image, found) in enumerate(zip(pixels, faces)):
         if face_index < len(found):
             face = found[face_index]
-            crops.append(_resize(cut_square(image, crop_square(face.box, margin)), size))
+            crops.append(cut_square(image, crop_square(face.box, margin)))
             masks.append(box_mask(face.box, height, width))
             chosen.append(face)
         elif if_no_face == "pass through":
-            crops.append(_resize(pad_to_square(image[None])[0], size))
+            crops.append(pad_to_square(image[None])[0])
             masks.append(torch.zeros(height, width))
             chosen.append(None)
         else:
             raise _missing_face(index, count, len(found), face_index)
-    return FaceCrops(torch.stack(crops).permute(0, 2, 3, 1).contiguous(), torch.stack(masks), tuple(chosen))
+    resized = torch.cat([resize_square(crop[None], size) for crop in crops]).clamp(0, 1)  # as the subject encoder resizes
+    return FaceCrops(resized.permute(0, 2, 3, 1).contiguous(), torch.stack(masks), tuple(chosen))
 
 
 def draw_boxes(image: Image.Image, labels: Sequence[tuple[Box, str, tuple[int, int, int]]]) -> Image.Image:

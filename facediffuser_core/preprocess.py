@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .errors import ReferenceImageError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ENCODER_RESOLUTION", "DEFAULT_OBJECT_RESOLUTION", "to_rgb", "pad_to_square", "preprocess_references"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ENCODER_RESOLUTION", "DEFAULT_OBJECT_RESOLUTION", "to_rgb", "pad_to_square", "resize_square", "preprocess_references"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,7 +64,8 @@ def pad_to_square(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, padding, mode="constant", value=0.0)
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[N,C,S,S] -> [N,C,size,size], bilinear with antialias."""
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -72,7 +73,7 @@ def preprocess_references(images: torch.Tensor, object_resolution: int = DEFAULT
     """ComfyUI IMAGE [N,H,W,C] (0..1) -> CLIP-normalised float32 pixel values [N,3,224,224]."""
     if object_resolution < 1:
         raise ReferenceImageError(f"object_resolution must be a positive pixel size, got {object_resolution}")
-    pixels = _resize(_resize(pad_to_square(to_rgb(images)), object_resolution), ENCODER_RESOLUTION)
+    pixels = resize_square(resize_square(pad_to_square(to_rgb(images)), object_resolution), ENCODER_RESOLUTION)
     mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
