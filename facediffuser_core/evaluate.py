@@ -3,8 +3,9 @@ Identity Preservation (IP) and Prompt Consistency (PC) as the paper does (FastCo
 
 Each prompt with k ``<|image|>`` markers is run with k distinct subjects: every subject for
 single-subject prompts, subject combinations (at most ``--max-combinations``) for multi-subject ones.
-A job (one prompt with its subjects) queues the shipped API workflow with the subjects' reference
-photos through ComfyUI's HTTP API, on whichever ``--server`` is free, and downloads its images.
+A job (one prompt with its subjects, 1 to 4) queues the Face-diffuser graph (built in code, or a
+``--workflow-dir`` template) with the subjects' reference photos through ComfyUI's HTTP API, on
+whichever ``--server`` is free, and downloads its images.
 The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish),
 ``failures.csv``, ``summary.md`` (means) and ``ip_pc.png``. Running the command again on the same
 folder skips finished jobs; a failed job is retried once.
@@ -13,7 +14,6 @@ folder skips finished jobs; a failed job is retried once.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import hashlib
 import importlib.util
@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .comfy_client import ComfyClient, JobError, ServerUnavailable
+from .comfy_client import ComfyClient, Generation, JobError, JobGraph, ServerUnavailable, build_graph, fill_template
 from .errors import EvaluationError, FaceDiffuserError, FaceNotFoundError
-from .faces import DEFAULT_MARGIN, crop_faces, detect, load_detector, pil_to_image, to_pil_images
+from .faces import DEFAULT_MARGIN, load_detector, open_photo, pil_to_image, reference_png
 from .identity import load_facenet, reference_embeddings, score_identity
-from .prompt import MARKER
+from .prompt import MARKER, MAX_SUBJECTS
 from .report import SUBJECT_SEPARATOR, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
 
 __all__ = [
@@ -51,14 +51,13 @@ __all__ = [
     "read_prompts",
     "plan_jobs",
     "load_templates",
-    "build_workflow",
+    "job_graph",
     "run_jobs",
     "OutputFolder",
     "main",
 ]
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows" / "api"
-TEMPLATES = {1: "facediffuser_one_subject.json", 2: "facediffuser_two_subjects.json"}  # by subject count
+TEMPLATES = {1: "facediffuser_one_subject.json", 2: "facediffuser_two_subjects.json"}  # --workflow-dir files by subject count
 PHOTO_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 UPLOAD_FOLDER = "facediffuser_eval"  # in ComfyUI's input/ (reference photos) and output/ (images)
 Result = TypeVar("Result")
@@ -134,7 +133,7 @@ def find_subjects(folder: Path) -> list[Subject]:
 
 def read_prompts(path: Path) -> list[str]:
     """The prompts of a text file, one per line; blank lines and lines starting with # are skipped.
-    Each needs 1 or 2 ``<|image|>`` markers (the shipped one- and two-subject workflows)."""
+    Each needs 1 to 4 ``<|image|>`` markers."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"--prompts {path}: no such file")
@@ -144,10 +143,10 @@ def read_prompts(path: Path) -> list[str]:
         if not prompt or prompt.startswith("#"):
             continue
         count = prompt.count(MARKER)
-        if count not in TEMPLATES:
+        if not 1 <= count <= MAX_SUBJECTS:
             raise EvaluationError(
                 f"{path}:{number}: the prompt has {count} {MARKER} markers; the evaluation runs prompts with "
-                f"{' or '.join(map(str, TEMPLATES))} subjects, e.g. 'a man {MARKER} reading a book'"
+                f"1 to {MAX_SUBJECTS} subjects, e.g. 'a man {MARKER} reading a book'"
             )
         prompts.append(prompt)
     if not prompts:
@@ -174,69 +173,35 @@ def plan_jobs(prompts: Sequence[str], subjects: Sequence[str], images: int, max_
     return list(jobs.values())
 
 
-def _nodes(graph: dict, class_type: str) -> list[dict]:
-    return [node for node in graph.values() if node.get("class_type") == class_type]
-
-
-def _single(graph: dict, class_type: str, source: str) -> dict:
-    nodes = _nodes(graph, class_type)
-    if len(nodes) != 1:
-        raise EvaluationError(f"{source}: the workflow needs exactly one {class_type} node, it has {len(nodes)}")
-    return nodes[0]
-
-
-def _batch_inputs(node: dict) -> list[list]:
-    """The image links of a batching node in batch order: "Batch Images" (BatchImagesNode, inputs
-    images.image0, images.image1, ...) or the older ImageBatch (image1, image2)."""
-    if node["class_type"] == "BatchImagesNode":
-        names = [name for name in node["inputs"] if name.startswith("images.")]
-        return [node["inputs"][name] for name in sorted(names, key=lambda name: int(re.sub(r"\D", "", name) or 0))]
-    return [node["inputs"]["image1"], node["inputs"]["image2"]]
-
-
-def _image_loaders(graph: dict, link: list, source: str) -> list[dict]:
-    """The LoadImage nodes feeding an IMAGE input, in batch order (through batching nodes)."""
-    node = graph[link[0]]
-    if node["class_type"] == "LoadImage":
-        return [node]
-    if node["class_type"] in ("BatchImagesNode", "ImageBatch"):
-        return [loader for inner in _batch_inputs(node) for loader in _image_loaders(graph, inner, source)]
-    raise EvaluationError(f"{source}: the subject images come from a {node['class_type']} node; expected LoadImage, or Batch Images of LoadImage nodes")
-
-
-def build_workflow(template: dict, job: Job, images: Sequence[str], settings: Settings, source: str = "workflow") -> dict:
-    """The template with the job's prompt, reference images (LoadImage values, in marker order),
-    seed, steps, cfg, size and batch; preview nodes are dropped and images are saved under
-    ``facediffuser_eval/<job id>``."""
-    graph = copy.deepcopy(template)
-    for key in [key for key, node in graph.items() if node.get("class_type") == "PreviewImage"]:
-        del graph[key]
-    encode = _single(graph, "FaceDiffuserSubjectEncode", source)
-    loaders = _image_loaders(graph, encode["inputs"]["images"], source)
-    if len(loaders) != len(images):
-        raise EvaluationError(f"{source}: the workflow loads {len(loaders)} reference images but the job has {len(images)} subjects")
-    for loader, image in zip(loaders, images):
-        loader["inputs"]["image"] = image
-    encode["inputs"]["prompt"] = job.prompt
-    _single(graph, "FaceDiffuserSampler", source)["inputs"].update(seed=settings.seed, steps=settings.steps, cfg=settings.cfg)
-    _single(graph, "EmptyLatentImage", source)["inputs"].update(width=settings.size, height=settings.size, batch_size=settings.images)
-    _single(graph, "SaveImage", source)["inputs"]["filename_prefix"] = f"{UPLOAD_FOLDER}/{job.id}"
-    models = {"sdm_name": settings.sdm, "tdm_name": settings.tdm}
-    _single(graph, "FaceDiffuserLoader", source)["inputs"].update({key: value for key, value in models.items() if value})
-    return graph
-
-
-def load_templates(folder: Path) -> dict[int, dict]:
-    """The API workflows by subject count, checked by building a workflow from each."""
+def load_templates(folder: Path, counts: Sequence[int]) -> dict[int, dict]:
+    """``--workflow-dir``: the API workflows for the subject counts the prompts use (files named as in
+    :data:`TEMPLATES`), each checked by filling it once."""
     templates = {}
-    for count, name in TEMPLATES.items():
-        path = Path(folder) / name
+    for count in sorted(set(counts)):
+        if count not in TEMPLATES:
+            raise EvaluationError(
+                f"--workflow-dir has templates for {' or '.join(map(str, TEMPLATES))} subjects, not {count}; "
+                "without --workflow-dir the graphs are built for 1 to 4 subjects"
+            )
+        path = Path(folder) / TEMPLATES[count]
         if not path.is_file():
-            raise EvaluationError(f"no workflow {path}; point --workflow-dir at the pack's workflows/api folder")
+            raise EvaluationError(f"no workflow {path}; point --workflow-dir at a folder with {TEMPLATES[count]}")
         templates[count] = json.loads(path.read_text())
-        probe = Job("probe", "", ("s",) * count, 1)
-        build_workflow(templates[count], probe, ["x.png"] * count, Settings(), str(path))
+        job_graph(Job("probe", "", ("s",) * count, 1), ["x.png"] * count, Settings(), templates, str(path))
     return templates
+
+
+def job_graph(job: Job, faces: Sequence[str], settings: Settings, templates: Optional[Mapping[int, dict]] = None, source: str = "") -> JobGraph:
+    """The job's graph: built in code, or filled into ``templates[subject count]``; faces are the
+    uploaded photos in marker order, images are saved under ``facediffuser_eval/<job id>``."""
+    generation = Generation(
+        job.prompt, tuple(faces), seed=settings.seed, steps=settings.steps, cfg=settings.cfg, width=settings.size,
+        height=settings.size, batch=settings.images, sdm=settings.sdm, tdm=settings.tdm,
+        filename_prefix=f"{UPLOAD_FOLDER}/{job.id}", subject_mask=False,
+    )  # fmt: skip
+    if templates is None:
+        return build_graph(generation)
+    return fill_template(templates[len(faces)], generation, source or TEMPLATES[len(faces)])
 
 
 def run_jobs(
@@ -383,34 +348,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def reference_uploads(subjects: Sequence[Subject], margin: Optional[float], detector) -> dict[str, tuple[str, bytes]]:
-    """Per subject, the upload file name and PNG bytes of its reference: the largest face cropped
-    square with ``margin`` (as the Face-diffuser Face Crop node does), or the photo when margin is None."""
+    """Per subject, the upload file stem and PNG bytes of its reference: the largest face cropped
+    square with ``margin`` (as the Face-diffuser Face Crop node does), or the whole photo padded to a
+    square when margin is None."""
     uploads = {}
     for subject in subjects:
-        photo = Image.open(subject.photo).convert("RGB")
-        if margin is not None:
-            try:
-                crop = crop_faces(pil_to_image([photo]), [detect(detector, photo)], margin=margin)
-            except FaceNotFoundError:
-                raise EvaluationError(f"subject {subject.name}: no face was found in {subject.photo}; use another photo or --no-crop") from None
-            photo = to_pil_images(crop.crops)[0]
-        data = _png(photo)
-        uploads[subject.name] = (f"{_slug(subject.name)}_{hashlib.sha1(data).hexdigest()[:10]}.png", data)
+        try:
+            uploads[subject.name] = (_slug(subject.name), reference_png(subject.photo, detector, margin))
+        except FaceNotFoundError as error:
+            raise EvaluationError(f"subject {subject.name}: {error}; use another photo or --no-crop") from None
     return uploads
 
 
 class ServerWorker:
-    """Runs jobs on one ComfyUI server: uploads the references it needs (once), queues the workflow,
-    waits for it and saves the images into the output folder."""
+    """Runs jobs on one ComfyUI server: uploads the references it needs (once), queues the job's
+    graph, waits for it and saves the images into the output folder."""
 
-    def __init__(self, client: ComfyClient, templates: Mapping[int, dict], settings: Settings, uploads: Mapping[str, tuple[str, bytes]], out: OutputFolder, timeout: float) -> None:
+    def __init__(self, client: ComfyClient, templates: Optional[Mapping[int, dict]], settings: Settings, uploads: Mapping[str, tuple[str, bytes]], out: OutputFolder, timeout: float) -> None:
         self.client, self.templates, self.settings = client, templates, settings
         self.uploads, self.out, self.timeout = uploads, out, timeout
         self.uploaded: dict[str, str] = {}
@@ -423,17 +378,13 @@ class ServerWorker:
         for subject in job.subjects:
             if subject not in self.uploaded:
                 self.uploaded[subject] = self.client.upload(*self.uploads[subject], UPLOAD_FOLDER)
-        graph = build_workflow(self.templates[len(job.subjects)], job, [self.uploaded[s] for s in job.subjects], self.settings)
-        save_id = next(key for key, node in graph.items() if node["class_type"] == "SaveImage")
-        entry = self.client.wait(self.client.queue(graph), self.timeout)
-        images = [image for image in entry.get("outputs", {}).get(save_id, {}).get("images", []) if image.get("type") == "output"]
+        graph = job_graph(job, [self.uploaded[s] for s in job.subjects], self.settings, self.templates)
+        images = self.client.images(self.client.run(graph.nodes, self.timeout), graph.images)
         if len(images) != job.images:
             raise JobError(f"{self.client} saved {len(images)} images for the job, expected {job.images}")
-        paths = []
-        for name, image in zip(job.image_names(), images):
-            _write_atomic(self.out.image_path(name), self.client.download(image))
-            paths.append(self.out.image_path(name))
-        return paths
+        for name, data in zip(job.image_names(), images):
+            _write_atomic(self.out.image_path(name), data)
+        return [self.out.image_path(name) for name in job.image_names()]
 
 
 class Scorer:
@@ -449,7 +400,7 @@ class Scorer:
         self.references = {}
         for subject in subjects:
             try:
-                (self.references[subject.name],) = reference_embeddings(self.facenet, detector, [Image.open(subject.photo).convert("RGB")])
+                (self.references[subject.name],) = reference_embeddings(self.facenet, detector, [open_photo(subject.photo)])
             except FaceNotFoundError:
                 raise EvaluationError(f"subject {subject.name}: no face was found in its reference photo {subject.photo}") from None
 
@@ -476,7 +427,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="The paper's protocol: 15 subjects x 30-40 prompts x 4 images, 50 steps, guidance 5.",
     )
     parser.add_argument("--subjects", type=Path, required=True, help="folder with one folder of photos per subject (the first photo by name is the reference)")
-    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line with <|image|> after each subject's class word (1 or 2 subjects)")
+    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line with <|image|> after each subject's class word (1 to 4 subjects)")
     parser.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="a ComfyUI server with this pack and the models; repeat to spread the jobs over several")
     parser.add_argument("--out", type=Path, required=True, help="output folder (images, scores.csv, summary.md, ip_pc.png); reuse it to resume")
     parser.add_argument("--facenet", type=Path, help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt); needed unless --no-score")
@@ -492,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-crop", action="store_true", help="upload the reference photos uncropped")
     parser.add_argument("--sdm", help="SDM file name on the servers (default: the workflow's facediffuser_sdm.safetensors)")
     parser.add_argument("--tdm", help="TDM file name on the servers (default: the workflow's facediffuser_tdm.safetensors)")
-    parser.add_argument("--workflow-dir", type=Path, default=WORKFLOWS, help="folder with the API workflows facediffuser_one_subject.json and facediffuser_two_subjects.json")
+    parser.add_argument("--workflow-dir", type=Path, help="use your own API workflows instead of the built-in graph: a folder with facediffuser_one_subject.json and/or facediffuser_two_subjects.json (e.g. the pack's workflows/api)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a job may take on a server, queue included (default 3600)")
     parser.add_argument("--device", help="device for scoring (default: cuda if available, else cpu)")
     parser.add_argument("--no-score", action="store_true", help="only generate the images; a later run with the models scores them")
@@ -510,7 +461,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     subjects = find_subjects(args.subjects)
     jobs = plan_jobs(read_prompts(args.prompts), [s.name for s in subjects], settings.images, args.max_combinations, settings.seed)
-    templates = load_templates(args.workflow_dir)
+    templates = None if args.workflow_dir is None else load_templates(args.workflow_dir, [len(job.subjects) for job in jobs])
     out = OutputFolder(args.out, settings)
     finished = out.resume(jobs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,13 +12,15 @@ images. Boxes are ``(x1, y1, x2, y2)`` in pixel coordinates of their image, as M
 from __future__ import annotations
 
 import functools
+import io
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import FaceDiffuserError, FaceNotFoundError, MissingDependencyError
 from .preprocess import pad_to_square, resize_square, to_rgb
@@ -41,6 +43,8 @@ __all__ = [
     "cut_square",
     "box_mask",
     "crop_faces",
+    "open_photo",
+    "reference_png",
     "draw_boxes",
     "pil_to_image",
     "crop_preview",
@@ -212,6 +216,27 @@ def crop_faces(
             raise _missing_face(index, count, len(found), face_index)
     resized = torch.cat([resize_square(crop[None], size) for crop in crops]).clamp(0, 1)  # as the subject encoder resizes
     return FaceCrops(resized.permute(0, 2, 3, 1).contiguous(), torch.stack(masks), tuple(chosen))
+
+
+def open_photo(path: Path) -> Image.Image:
+    """A photo file as an RGB PIL image, turned upright by its EXIF orientation as ComfyUI's LoadImage does."""
+    with Image.open(path) as opened:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def reference_png(path: Path, detector: Optional[torch.nn.Module], margin: Optional[float] = DEFAULT_MARGIN, size: int = DEFAULT_CROP_SIZE) -> bytes:
+    """A photo file as a square ``size`` px PNG reference for Subject Encode: its largest face cropped
+    with ``margin`` as Face Crop does, or (``margin`` None, no detector needed) the whole photo
+    zero-padded to a centred square. EXIF rotation is applied first, as ComfyUI's LoadImage does.
+    A photo without a face raises :class:`FaceNotFoundError` naming the file."""
+    photo = open_photo(path)
+    faces = [] if margin is None else detect(detector, photo)
+    if margin is not None and not faces:
+        raise FaceNotFoundError(f"no face was found in {path} (faces must be visible and at least {MIN_FACE_SIZE} px tall)")
+    crops = crop_faces(pil_to_image([photo]), [faces], margin=margin or 0.0, size=size, if_no_face="pass through")
+    buffer = io.BytesIO()
+    to_pil_images(crops.crops)[0].save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def draw_boxes(image: Image.Image, labels: Sequence[tuple[Box, str, tuple[int, int, int]]]) -> Image.Image:

@@ -1,32 +1,29 @@
-"""The evaluation command: job planning, workflows built from the shipped templates, the job runner
-(retry, servers that go away), resume bookkeeping, CSV / markdown / plot, and the whole command
-against small fake ComfyUI servers on 127.0.0.1 (real HTTP, real scoring with tiny random models)."""
+"""The evaluation command: job planning, its graphs (built, or from the shipped templates), the job
+runner (retry, servers that go away), resume bookkeeping, CSV / markdown /
+plot, and the whole command against small fake ComfyUI servers on 127.0.0.1 (tests/fake_comfy.py:
+real HTTP and websocket, real scoring with tiny random models)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import re
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from facediffuser_core.comfy_client import ComfyClient, JobError, ServerUnavailable
-from facediffuser_core.errors import EvaluationError
+from facediffuser_core.errors import EvaluationError, FaceDiffuserError
 from facediffuser_core.evaluate import (
     Job,
     OutputFolder,
     Settings,
-    build_workflow,
     find_subjects,
+    job_graph,
     load_templates,
     main,
     plan_jobs,
@@ -34,6 +31,7 @@ from facediffuser_core.evaluate import (
     run_jobs,
 )
 from facediffuser_core.report import REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
+from fake_comfy import FakeComfy
 from paths import ROOT
 from workflow_format import API_WORKFLOWS
 
@@ -76,7 +74,7 @@ def test_read_prompts(tmp_path):
     path.write_text("# the paper's prompts\n\na man <|image|> reading\n  a man <|image|> and a man <|image|> talking  \n")
     assert read_prompts(path) == ["a man <|image|> reading", "a man <|image|> and a man <|image|> talking"]
     path.write_text("a man <|image|> reading\na cat on a mat\n")
-    with pytest.raises(EvaluationError, match=r"prompts.txt:2: the prompt has 0 <\|image\|> markers; .* 1 or 2 subjects"):
+    with pytest.raises(EvaluationError, match=r"prompts.txt:2: the prompt has 0 <\|image\|> markers; .* 1 to 4 subjects"):
         read_prompts(path)
 
 
@@ -101,10 +99,45 @@ def test_find_subjects(tmp_path):
 # --- workflows --------------------------------------------------------------------------------
 
 
-def test_workflows_from_the_shipped_templates():
-    templates = load_templates(API_WORKFLOWS)
+def nodes_of(graph: dict, class_type: str) -> list[dict]:
+    return [node for node in graph.values() if node["class_type"] == class_type]
+
+
+def loaded_images(graph: dict) -> list[str]:
+    """The LoadImage values feeding Subject Encode, in batch order (through any Batch Images nodes)."""
+
+    def follow(link: list) -> list[str]:
+        node = graph[link[0]]
+        if node["class_type"] == "LoadImage":
+            return [node["inputs"]["image"]]
+        inputs = node["inputs"]
+        links = [inputs["image1"], inputs["image2"]] if node["class_type"] == "ImageBatch" else [inputs[k] for k in sorted(inputs)]
+        return [image for inner in links for image in follow(inner)]
+
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    return follow(encode["inputs"]["images"])
+
+
+def test_built_graphs_carry_the_job_and_its_settings():
+    job = Job("abc_a+b+c", "a man <|image|>, a woman <|image|> and a boy <|image|> at a table", ("a", "b", "c"), 2)
+    graph = job_graph(job, ["eval/a.png", "eval/b.png", "eval/c.png"], SETTINGS).nodes
+    assert loaded_images(graph) == ["eval/a.png", "eval/b.png", "eval/c.png"]  # marker order
+    assert nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]["prompt"] == job.prompt
+    (sampler,) = nodes_of(graph, "FaceDiffuserSampler")
+    assert {k: sampler["inputs"][k] for k in ("seed", "steps", "cfg")} == {"seed": 7, "steps": 3, "cfg": 4.5}
+    assert nodes_of(graph, "EmptyLatentImage")[0]["inputs"] == {"width": 64, "height": 64, "batch_size": 2}
+    assert nodes_of(graph, "SaveImage")[0]["inputs"]["filename_prefix"] == "facediffuser_eval/abc_a+b+c"
+    assert not nodes_of(graph, "PreviewImage")  # the mask is not needed
+    (loader,) = nodes_of(graph, "FaceDiffuserLoader")
+    assert (loader["inputs"]["sdm_name"], loader["inputs"]["tdm_name"]) == ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors")
+    other = job_graph(Job("x", "a man <|image|>", ("a",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"))
+    assert nodes_of(other.nodes, "FaceDiffuserLoader")[0]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
+
+
+def test_jobs_fill_the_shipped_templates():
+    templates = load_templates(API_WORKFLOWS, [1, 2])
     job = Job("abc_alice+bob", "a man <|image|> and a man <|image|> playing chess", ("alice", "bob"), 2)
-    graph = build_workflow(templates[2], job, ["eval/alice.png", "eval/bob.png"], SETTINGS)
+    graph = job_graph(job, ["eval/alice.png", "eval/bob.png"], SETTINGS, templates).nodes
     original = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())
     assert graph["11"]["inputs"]["image"] == "eval/alice.png" and graph["12"]["inputs"]["image"] == "eval/bob.png"  # marker order
     assert graph["3"]["inputs"]["prompt"] == job.prompt
@@ -115,8 +148,22 @@ def test_workflows_from_the_shipped_templates():
     assert graph["1"] == original["1"]  # the workflow's model files
     untouched = {k for k in original if k not in {"3", "5", "6", "8", "10", "11", "12"}}
     assert all(graph[k] == original[k] for k in untouched)
-    one = build_workflow(templates[1], Job("x", "a man <|image|>", ("alice",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"))
+    one = job_graph(Job("x", "a man <|image|>", ("alice",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"), templates).nodes
     assert one["2"]["inputs"]["image"] == "a.png" and one["1"]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
+
+
+def test_templates_may_batch_faces_with_either_batch_images_node(tmp_path):
+    """ImageBatch (ComfyUI 0.3.75 and later) and BatchImagesNode (0.8): the faces in batch order either way."""
+    graph = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())
+    (batch_id,) = [k for k, n in graph.items() if n["class_type"] in ("ImageBatch", "BatchImagesNode")]
+    first, second = ["12", 0], ["11", 0]  # LoadImage 12 first: the batch order decides, not the node ids
+    for node in ({"class_type": "ImageBatch", "inputs": {"image1": first, "image2": second}},
+                 {"class_type": "BatchImagesNode", "inputs": {"images.image1": second, "images.image0": first}}):  # fmt: skip
+        graph[batch_id] = node
+        (tmp_path / "facediffuser_two_subjects.json").write_text(json.dumps(graph))
+        templates = load_templates(tmp_path, [2])
+        filled = job_graph(Job("j", "a man <|image|> and a man <|image|>", ("a", "b"), 1), ["a.png", "b.png"], SETTINGS, templates).nodes
+        assert (filled["12"]["inputs"]["image"], filled["11"]["inputs"]["image"]) == ("a.png", "b.png"), node["class_type"]
 
 
 def test_templates_must_have_the_nodes_the_command_sets(tmp_path):
@@ -125,10 +172,13 @@ def test_templates_must_have_the_nodes_the_command_sets(tmp_path):
         if name.startswith("facediffuser_one"):
             del graph["8"]  # no SaveImage
         (tmp_path / name).write_text(json.dumps(graph))
-    with pytest.raises(EvaluationError, match=r"facediffuser_one_subject.json: the workflow needs exactly one SaveImage node, it has 0"):
-        load_templates(tmp_path)
+    with pytest.raises(FaceDiffuserError, match=r"facediffuser_one_subject.json: the workflow needs exactly one SaveImage node, it has 0"):
+        load_templates(tmp_path, [1, 2])
+    assert set(load_templates(tmp_path, [2, 2])) == {2}  # only the templates the prompts need
     with pytest.raises(EvaluationError, match="no workflow .*--workflow-dir"):
-        load_templates(tmp_path / "nowhere")
+        load_templates(tmp_path / "nowhere", [1])
+    with pytest.raises(EvaluationError, match="templates for 1 or 2 subjects, not 3; without --workflow-dir the graphs are built for 1 to 4"):
+        load_templates(API_WORKFLOWS, [1, 3])
 
 
 # --- the job runner ---------------------------------------------------------------------------
@@ -283,91 +333,6 @@ def test_help_works_without_comfyui():
 # --- the command against fake ComfyUI servers ---------------------------------------------------
 
 
-class FakeComfy(ThreadingHTTPServer):
-    """Just enough of ComfyUI's HTTP API: /object_info, /upload/image, /prompt, /history, /view.
-
-    Jobs whose prompt contains a key of ``fail`` fail that many times (an execution_error in the
-    history entry) before succeeding; every finished job returns ``image`` for each of its images.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, image: bytes, fail: dict[str, int]) -> None:
-        super().__init__(("127.0.0.1", 0), FakeHandler)
-        self.image, self.fail = image, dict(fail)
-        self.queued: list[dict] = []
-        self.uploads: list[tuple[str, str]] = []
-        self.history: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-    def finish_job(self, graph: dict) -> dict:
-        prompt = next(n["inputs"]["prompt"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
-        key = next((k for k in self.fail if k in prompt and self.fail[k] > 0), None)
-        if key is not None:
-            self.fail[key] -= 1
-            message = ["execution_error", {"node_type": "FaceDiffuserSampler", "exception_message": f"fake failure ({key})"}]
-            return {"status": {"status_str": "error", "completed": False, "messages": [message]}, "outputs": {}}
-        save_id = next(k for k, n in graph.items() if n["class_type"] == "SaveImage")
-        prefix = graph[save_id]["inputs"]["filename_prefix"]
-        count = next(n["inputs"]["batch_size"] for n in graph.values() if n["class_type"] == "EmptyLatentImage")
-        images = [{"filename": f"{Path(prefix).name}_{i:05d}_.png", "subfolder": str(Path(prefix).parent), "type": "output"} for i in range(count)]
-        return {"status": {"status_str": "success", "completed": True, "messages": []}, "outputs": {save_id: {"images": images}}}
-
-
-class FakeHandler(BaseHTTPRequestHandler):
-    server: FakeComfy
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def answer(self, body, kind: str = "application/json") -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        path = urllib.parse.urlparse(self.path)
-        if path.path == "/object_info/FaceDiffuserSampler":
-            self.answer({"FaceDiffuserSampler": {}})
-        elif path.path.startswith("/history/"):
-            prompt_id = path.path.rsplit("/", 1)[1]
-            with self.server.lock:
-                entry = self.server.history.get(prompt_id)
-            self.answer({prompt_id: entry} if entry else {})
-        elif path.path == "/view":
-            self.answer(self.server.image, "image/png")
-        else:
-            self.send_error(404)
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.path == "/upload/image":
-            name = re.search(rb'filename="([^"]+)"', body).group(1).decode()
-            subfolder = re.search(rb'name="subfolder"\r\n\r\n([^\r]*)\r\n', body).group(1).decode()
-            assert body.count(b"\x89PNG") == 1
-            with self.server.lock:
-                self.server.uploads.append((subfolder, name))
-            self.answer({"name": name, "subfolder": subfolder, "type": "input"})
-        elif self.path == "/prompt":
-            graph = json.loads(body)["prompt"]
-            with self.server.lock:
-                prompt_id = f"p{len(self.server.history)}-{self.server.server_address[1]}"
-                self.server.queued.append(graph)
-                self.server.history[prompt_id] = self.server.finish_job(graph)
-            time.sleep(0.1)  # a job takes a moment, so that both servers get work
-            self.answer({"prompt_id": prompt_id, "number": 0, "node_errors": {}})
-        else:
-            self.send_error(404)
-
-
 @pytest.fixture(scope="module")
 def generated_png(face_photos) -> bytes:
     """What the fake servers 'generate': a 128x128 image of man1's face."""
@@ -425,14 +390,16 @@ def test_command_end_to_end_with_retry_failures_and_resume(tmp_path, subjects_di
     with open(out / "failures.csv", newline="") as file:
         failed = list(csv.DictReader(file))
     assert sorted(row["job"] for row in failed) == sorted(job.id for job in jobs if "broken" in job.prompt)
-    assert all("FaceDiffuserSampler: fake failure (broken)" in row["error"] for row in failed)
+    assert all("FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): fake failure (broken)" in row["error"] for row in failed)
     assert "2 job(s) failed" in report.err and "fake failure (broken)" in report.err
 
     pair = next(g for g in queued if "flaky" in json.dumps(g))
     uploads = {name for server in servers for _, name in server.uploads}
-    assert pair["11"]["inputs"]["image"].startswith("facediffuser_eval/alice_") and pair["12"]["inputs"]["image"].startswith("facediffuser_eval/bob_")
-    assert {pair["11"]["inputs"]["image"].split("/")[1], pair["12"]["inputs"]["image"].split("/")[1]} <= uploads
-    assert pair["5"]["inputs"] == {"width": 64, "height": 64, "batch_size": 2} and pair["6"]["inputs"]["steps"] == 3
+    alice, bob = loaded_images(pair)
+    assert alice.startswith("facediffuser_eval/alice_") and bob.startswith("facediffuser_eval/bob_")
+    assert {alice.split("/")[1], bob.split("/")[1]} <= uploads
+    assert nodes_of(pair, "EmptyLatentImage")[0]["inputs"] == {"width": 64, "height": 64, "batch_size": 2}
+    assert nodes_of(pair, "FaceDiffuserSampler")[0]["inputs"]["steps"] == 3
 
     summary = (out / "summary.md").read_text()
     assert "| single-subject | 4 |" in summary and "| multi-subject | 2 |" in summary and summary in report.out
