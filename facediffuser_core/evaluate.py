@@ -8,7 +8,7 @@ A job (one prompt with its subjects, 1 to 4) queues the Face-diffuser graph (bui
 whichever ``--server`` is free, and downloads its images.
 The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish),
 ``failures.csv``, ``summary.md`` (means) and ``ip_pc.png``. Running the command again on the same
-folder skips finished jobs; a failed job is retried once.
+folder skips finished jobs; a failed job is retried once; Ctrl-C keeps what has finished.
 """
 
 from __future__ import annotations
@@ -217,23 +217,31 @@ def run_jobs(
     A job that raises is queued again, ``retries`` times. A worker that raises
     :class:`ServerUnavailable` takes no more jobs; when none is left, the remaining jobs fail.
     An error in ``on_done`` fails the job without a retry. Returns the failures.
+
+    A worker that dies of a BaseException (SystemExit, KeyboardInterrupt) ends the run: it is
+    raised here, as is Ctrl-C in this thread; the other workers take no further job, and results
+    already passed to ``on_done`` stay done.
     """
     todo: queue.Queue = queue.Queue()
     results: queue.Queue = queue.Queue()
+    stopping = threading.Event()
     for job in jobs:
         todo.put((job, 0))
 
     def work(name: str, function: Callable[[Job], Result]) -> None:
-        while (item := todo.get()) is not None:
-            job, attempt = item
-            try:
-                results.put(("done", job, attempt, function(job), name))
-            except ServerUnavailable as error:
-                results.put(("failed", job, attempt, str(error), name))
-                results.put(("retired", None, 0, str(error), name))
-                return
-            except Exception as error:  # a failed job must not stop the others
-                results.put(("failed", job, attempt, f"{type(error).__name__}: {error}", name))
+        try:
+            while (item := todo.get()) is not None and not stopping.is_set():
+                job, attempt = item
+                try:
+                    results.put(("done", job, attempt, function(job), name))
+                except ServerUnavailable as error:
+                    results.put(("failed", job, attempt, str(error), name))
+                    results.put(("retired", None, 0, str(error), name))
+                    return
+                except Exception as error:  # a failed job must not stop the others
+                    results.put(("failed", job, attempt, f"{type(error).__name__}: {error}", name))
+        except BaseException as error:  # the main loop must hear of it, or it waits forever
+            results.put(("stopped", None, 0, error, name))
 
     threads = [threading.Thread(target=work, args=item, daemon=True, name=f"server {item[0]}") for item in workers.items()]
     for thread in threads:
@@ -246,29 +254,34 @@ def run_jobs(
         on_failure(failure)
 
     outstanding, live = len(jobs), len(threads)
-    while outstanding and live:
-        kind, job, attempt, payload, name = results.get()
-        if kind == "retired":
-            live -= 1
-        elif kind == "done":
+    try:
+        while outstanding and live:
+            kind, job, attempt, payload, name = results.get()
+            if kind == "stopped":
+                raise payload
+            if kind == "retired":
+                live -= 1
+            elif kind == "done":
+                outstanding -= 1
+                try:
+                    on_done(job, payload, name)
+                except Exception as error:  # e.g. scoring: its failure must not lose the other results
+                    fail(Failure(job, f"{type(error).__name__}: {error}", name))
+            elif attempt < retries:
+                errors[job.id] = payload
+                todo.put((job, attempt + 1))
+            else:
+                outstanding -= 1
+                fail(Failure(job, payload, name))
+        while outstanding:  # every worker retired: nothing can run the rest
+            job, _ = todo.get_nowait()
             outstanding -= 1
-            try:
-                on_done(job, payload, name)
-            except Exception as error:  # e.g. scoring: its failure must not lose the other results
-                fail(Failure(job, f"{type(error).__name__}: {error}", name))
-        elif attempt < retries:
-            errors[job.id] = payload
-            todo.put((job, attempt + 1))
-        else:
-            outstanding -= 1
-            fail(Failure(job, payload, name))
-    while outstanding:  # every worker retired: nothing can run the rest
-        job, _ = todo.get_nowait()
-        outstanding -= 1
-        earlier = f" (it failed before: {errors[job.id]})" if job.id in errors else ""
-        fail(Failure(job, f"no ComfyUI server left to run it{earlier}", ""))
-    for _ in threads:
-        todo.put(None)
+            earlier = f" (it failed before: {errors[job.id]})" if job.id in errors else ""
+            fail(Failure(job, f"no ComfyUI server left to run it{earlier}", ""))
+    finally:
+        stopping.set()
+        for _ in threads:
+            todo.put(None)
     return failures
 
 
@@ -496,8 +509,14 @@ def evaluate(args: argparse.Namespace) -> int:
         except Exception as error:  # reported with the other failures
             failed(Failure(job, f"{type(error).__name__}: {error}", "earlier run"))
     to_run = [job for job in pending if job not in generated]
-    run_jobs(to_run, workers, done, failed)
-    bar.close()
+    try:
+        run_jobs(to_run, workers, done, failed)
+    except BaseException:  # Ctrl-C, or a worker that died of a BaseException
+        for worker in workers.values():
+            worker.client.cancel()  # its job still queued or running on the server
+        raise
+    finally:
+        bar.close()
     out.write_failures(failures)
 
     print(f"{len(jobs) - len(failures)} of {len(jobs)} jobs finished ({len(pending) - len(failures)} in this run); outputs in {out.path}")
@@ -524,6 +543,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FaceDiffuserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as stop:
+        print(
+            f"stopped ({type(stop).__name__}): every finished job is kept in {args.out}; "
+            "run the same command again to resume (finished jobs are skipped)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The evaluation command: job planning, its graphs (built, or from the shipped templates), the job
-runner (retry, servers that go away), resume bookkeeping, CSV / markdown /
+runner (retry, servers that go away, workers that die, Ctrl-C), resume bookkeeping, CSV / markdown /
 plot, and the whole command against small fake ComfyUI servers on 127.0.0.1 (tests/fake_comfy.py:
 real HTTP and websocket, real scoring with tiny random models)."""
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -250,6 +252,48 @@ def test_runner_reports_an_error_after_the_job_without_retrying():
     assert [(f.job.id, f.error) for f in failures] == [("bad", "ValueError: cannot score")]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+def test_runner_ends_when_a_worker_dies_of_a_base_exception(stop):
+    """It used to wait forever on its queue for the dead worker's result."""
+    started = []
+
+    def worker(job: Job) -> str:
+        started.append(job.id)
+        if job.id == "dies":
+            raise stop
+        return job.id
+
+    done = []
+    with pytest.raises(type(stop)):
+        run_jobs(jobs_named("a", "b", "dies", "c", "d"), {"w": worker}, lambda job, result, name: done.append(result))
+    assert done == ["a", "b"]  # what finished stays done
+    time.sleep(0.5)
+    assert started == ["a", "b", "dies"]  # and nothing else is started after it
+
+
+@pytest.mark.timeout(120)
+def test_runner_stops_the_other_workers_when_one_dies():
+    release = threading.Event()
+    started = []
+
+    def worker(name: str):
+        def run(job: Job) -> str:
+            started.append(job.id)
+            if name == "dying":
+                raise SystemExit("gone")
+            release.wait(30)  # busy with its job while the other one dies
+            return job.id
+
+        return run
+
+    with pytest.raises(SystemExit):
+        run_jobs(jobs_named(*"pqrst"), {"busy": worker("busy"), "dying": worker("dying")}, lambda *args: None)
+    release.set()
+    time.sleep(0.5)
+    assert len(started) == 2  # the busy worker finished its job and took no other
+
+
 # --- results bookkeeping and reports ------------------------------------------------------------
 
 
@@ -467,6 +511,36 @@ def test_no_score_only_generates_and_a_later_run_scores(tmp_path, subjects_dir, 
     assert main([*common, "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder)]) == 0
     assert len(server.queued) == 2  # scored from the images on disk
     assert len(OutputFolder(out, SETTINGS).read_scores()) == 4 and (out / "summary.md").is_file()
+    server.shutdown()
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_keeps_finished_jobs_cancels_the_running_one_and_says_how_to_resume(tmp_path, subjects_dir, generated_png):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a man <|image|> in a park\na man <|image|> waiting, hang\n")
+    out = tmp_path / "out"
+    server = FakeComfy(generated_png)
+    args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(out), "--server", server.address, "--no-score", "--images-per-prompt", "2", "--size", "64"]
+    command = subprocess.Popen([sys.executable, "-m", "facediffuser_core.evaluate", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not any("hang" in json.dumps(graph) for graph in server.queued) and command.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert command.poll() is None, command.communicate()
+    hung = f"p{len(server.queued) - 1}-{server.server_address[1]}"  # its prompt id
+    command.send_signal(signal.SIGINT)
+    _, err = command.communicate(timeout=60)
+    assert command.returncode == 130, err
+    assert f"stopped (KeyboardInterrupt): every finished job is kept in {out}; run the same command again to resume" in err
+    assert ("/queue", {"delete": [hung]}) in server.cancelled and ("/interrupt", {"prompt_id": hung}) in server.cancelled
+
+    jobs = plan_jobs(read_prompts(prompts), ["alice", "bob"], 2, 10)
+    park = [job for job in jobs if "park" in job.prompt]
+    assert all((out / "images" / name).read_bytes() == generated_png for job in park for name in job.image_names())
+    server.hang = False
+    queued_before = len(server.queued)
+    assert main(args) == 0  # the resumed run does the rest only
+    assert len(server.queued) == queued_before + 2 and all("hang" in json.dumps(graph) for graph in server.queued[queued_before:])
+    assert all((out / "images" / name).is_file() for job in jobs for name in job.image_names())
     server.shutdown()
 
 
