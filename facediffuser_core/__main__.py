@@ -1,11 +1,19 @@
-"""Command line: ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32]``."""
+"""Command line (also installed as ``facediffuser``):
+
+- ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
+- ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32]``
+
+Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Optional, Sequence
 
+from .comfy_client import JobError, ServerUnavailable
 from .errors import FaceDiffuserError
 
 
@@ -20,9 +28,27 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facediffuser_core", description="Face-diffuser tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    return generate(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    from .generate import add_arguments
+
+    main_parser = argparse.ArgumentParser(prog="python -m facediffuser_core", description="Face-diffuser tools")
+    commands = main_parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser(
+        "generate",
+        help="face photos and a prompt in, pictures out (through ComfyUI)",
+        description="Generate pictures of the people in the --face photos in the scene the prompt describes, with "
+        "the Face-diffuser nodes in ComfyUI: a running one (--server) or the one this pack is installed in, "
+        "started for the run and stopped afterwards.",
+        epilog='Example: python -m facediffuser_core generate --face me.jpg --prompt "a man <|image|> as an astronaut on the moon" -o out',
+    )
+    add_arguments(generate)
+    generate.set_defaults(run=_generate)
     convert = commands.add_parser(
         "convert",
         help="official pytorch_model.bin -> .safetensors",
@@ -33,12 +59,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     convert.add_argument("-o", "--output", required=True, help="output file, e.g. models/facediffuser/facediffuser_sdm.safetensors")
     convert.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16", help="floating-point dtype to store (default fp16)")
     convert.set_defaults(run=_convert)
-    args = parser.parse_args(argv)
+    return main_parser
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of a command that stopped with ``error``: 1 for a job ComfyUI refused or failed,
+    2 for bad input or a server that cannot be used, 130 for Ctrl-C (or SIGTERM)."""
+    if isinstance(error, JobError):
+        return 1
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 2
+
+
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: a ComfyUI started for the run is stopped too
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
-    except (FaceDiffuserError, OSError) as error:  # OSError: unreadable input, unwritable output, full disk
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (JobError, ServerUnavailable, FaceDiffuserError, OSError, KeyboardInterrupt) as error:  # OSError: unreadable input, unwritable output, full disk
+        print(f"error: {error}" if str(error) else "interrupted", file=sys.stderr)
+        return exit_code(error)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Find the ComfyUI this pack is installed in and run it headless for one command.
+
+:func:`find_comfyui` looks at ``--comfyui``, then ``COMFYUI_PATH``, then the pack's own place
+(``ComfyUI/custom_nodes/<pack>/facediffuser_core``, also when the pack folder is a symlink).
+:class:`LocalComfyUI` starts ``main.py`` with this Python on 127.0.0.1 and a free port, in a process
+group of its own, waits until it answers, and stops the whole group again, on errors and Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from .comfy_client import ComfyClient, ServerUnavailable
+from .errors import FaceDiffuserError
+
+__all__ = ["find_comfyui", "free_port", "LocalComfyUI"]
+
+PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
+
+
+def _is_comfyui(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy").is_dir()
+
+
+def _pack_candidates(pack: Path, cwd: Optional[str]) -> list[Path]:
+    """Where ComfyUI would be if the pack sits in its custom_nodes: two folders above the pack as it
+    was imported, as it resolves, and as the shell's working directory spells it (``$PWD`` keeps a
+    symlinked pack folder's name: ``cd ComfyUI/custom_nodes/<pack> && python -m facediffuser_core``)."""
+    candidates = [pack.parent.parent, pack.resolve().parent.parent]
+    if cwd:
+        real = pack.resolve()
+        logical = Path(cwd)
+        for folder in [logical, *logical.parents]:
+            if folder.resolve() == real:
+                candidates.append(folder.parent.parent)
+                break
+    return candidates
+
+
+def find_comfyui(explicit: Optional[Path] = None, environ: Mapping[str, str] = os.environ, pack: Path = PACK) -> Path:
+    """The ComfyUI folder (with ``main.py``) to start: ``explicit`` (``--comfyui``), else
+    ``COMFYUI_PATH``, else the ComfyUI whose ``custom_nodes`` holds this pack."""
+    for path, source in ((explicit, "--comfyui"), (environ.get("COMFYUI_PATH"), "COMFYUI_PATH")):
+        if path:
+            if not _is_comfyui(Path(path)):
+                raise FaceDiffuserError(f"{source} {path} is not a ComfyUI folder (no main.py and comfy/ in it)")
+            return Path(path)
+    for candidate in _pack_candidates(pack, environ.get("PWD")):
+        if _is_comfyui(candidate):
+            return candidate
+    raise FaceDiffuserError(
+        f"no ComfyUI to start: this pack ({pack}) is not inside a ComfyUI/custom_nodes folder; pass "
+        "--comfyui /path/to/ComfyUI or set COMFYUI_PATH, or use a running one with --server HOST:PORT"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalComfyUI:
+    """``with LocalComfyUI(path, args) as server:`` ComfyUI running headless; ``server`` is its
+    ``127.0.0.1:port``. Its output goes to a log file whose last lines are quoted if it fails."""
+
+    def __init__(self, path: Path, args: Sequence[str] = (), startup_timeout: float = 600.0) -> None:
+        self.path, self.args, self.startup_timeout = Path(path), list(args), startup_timeout
+        self.port = free_port()
+        self.process: Optional[subprocess.Popen] = None
+        self.log = Path(tempfile.gettempdir()) / f"facediffuser-comfyui-{os.getpid()}-{self.port}.log"
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch", *self.args]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=self.path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,  # its own process group: Ctrl-C is ours to pass on
+            )  # fmt: skip
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.server
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+        self.log.unlink(missing_ok=True)  # what went wrong was quoted from it
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self.process is None else self.process.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _wait_until_up(self) -> None:
+        client = ComfyClient(self.server, timeout=5)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerUnavailable(f"ComfyUI in {self.path} exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                client.ping()
+            except ServerUnavailable:
+                time.sleep(0.5)
+                continue
+            client.check()  # it answers: does it have the pack's nodes?
+            return
+        raise ServerUnavailable(f"ComfyUI in {self.path} did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass  # nothing left in the group
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop ComfyUI (SIGTERM, ``grace`` seconds to exit) and then kill whatever is left of its
+        process group, children included. A second Ctrl-C while it waits only cuts the wait short."""
+        if self.process is None:
+            return
+        try:
+            self._signal_group(signal.SIGTERM)
+            self.process.wait(grace)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+        finally:
+            self._signal_group(signal.SIGKILL)
+            self.process.wait()

@@ -1,0 +1,222 @@
+"""``python -m facediffuser_core generate``: face photos and a prompt in, Face-diffuser pictures out,
+through ComfyUI (a running one with ``--server``, or the one the pack is installed in, started
+headless for the run and stopped afterwards).
+
+Everything that can be checked here (the prompt's markers against the photos, the settings, a face
+in each photo) is checked before a server starts. Each photo is face-cropped with MTCNN locally,
+uploaded, and the graph is built in code (:func:`~facediffuser_core.comfy_client.build_graph`).
+The PNGs ComfyUI saves carry the API workflow (dropping one on the canvas reopens it); each comes
+with its subject mask. Exit codes: 0 done, 1 the job failed in ComfyUI, 2 usage or server error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import re
+import shlex
+import sys
+import zlib
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from tqdm import tqdm
+
+from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
+from .comfy_launch import LocalComfyUI, find_comfyui
+from .errors import FaceDiffuserError, FaceNotFoundError
+from .faces import DEFAULT_MARGIN, load_detector, reference_png
+from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
+
+__all__ = ["add_arguments", "parse_faces", "one_photo_each", "check_prompt", "StageProgress", "save_outputs", "generate"]
+
+UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
+OUTPUT_PREFIX = "facediffuser"
+
+
+class UsageError(FaceDiffuserError):
+    """Command-line input that cannot be used; found before any server starts."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    job = parser.add_argument_group("the job")
+    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="a photo of the person of one <|image|> marker; repeat it once per marker, in marker order (one photo per marker for now)")
+    job.add_argument("--prompt", required=True, help="the prompt, with <|image|> right after each person's class word, e.g. 'a man <|image|> reading in a cafe'")
+    job.add_argument("-o", "--out", type=Path, required=True, help="folder for the images (facediffuser_NNNNN.png) and their subject masks (facediffuser_NNNNN_mask.png)")
+    job.add_argument("--negative", default="", help="negative prompt of the scene stage (default: empty, as the official method)")
+    job.add_argument("--steps", type=int, default=OFFICIAL_STEPS, help=f"sampling steps (default {OFFICIAL_STEPS})")
+    job.add_argument("--cfg", type=float, default=OFFICIAL_GUIDANCE, help=f"guidance scale (default {OFFICIAL_GUIDANCE:g})")
+    job.add_argument("--start-merge", type=float, default=START_MERGE_FRACTION, help=f"end of the scene stage, a fraction of the steps (default {START_MERGE_FRACTION:g})")
+    job.add_argument("--final", type=float, default=FINAL_FRACTION, help=f"end of the fusion stage, a fraction of the steps (default {FINAL_FRACTION:g})")
+    job.add_argument("--size", type=int, default=512, help="image width and height in pixels (default 512)")
+    job.add_argument("--width", type=int, help="image width in pixels (default --size)")
+    job.add_argument("--height", type=int, help="image height in pixels (default --size)")
+    job.add_argument("--seed", type=int, help="seed of the initial noise (default: a random one, printed)")
+    job.add_argument("--batch", type=int, default=1, help="images to make, one batch (default 1)")
+    job.add_argument("--sampler", default="ddim", help="ComfyUI sampler name (default ddim, the official method)")
+    job.add_argument("--scheduler", default="ddim_uniform", help="ComfyUI scheduler name (default ddim_uniform)")
+    job.add_argument("--sdm", default=DEFAULT_SDM, help=f"SDM file in ComfyUI's models/facediffuser (default {DEFAULT_SDM})")
+    job.add_argument("--tdm", default=DEFAULT_TDM, help=f"TDM file in ComfyUI's models/facediffuser (default {DEFAULT_TDM})")
+    job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
+    server = parser.add_argument_group("the ComfyUI server")
+    server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
+    server.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI folder to start (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
+    server.add_argument("--comfyui-args", default="", metavar="ARGS", help="extra arguments for the ComfyUI it starts, one string: --comfyui-args='--cpu' or --comfyui-args='--lowvram --base-directory /data/comfy'")
+    server.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the started ComfyUI (default 600)")
+    server.add_argument("--timeout", type=float, help="seconds the job may take, queue included (default: no limit)")
+
+
+def parse_faces(values: Sequence[str]) -> list[tuple[Path, ...]]:
+    """``--face`` values -> the photos of each subject, in marker order (``a1.jpg,a2.jpg``: several
+    photos of one person)."""
+    subjects = []
+    for number, value in enumerate(values, start=1):
+        photos = tuple(Path(part.strip()) for part in value.split(",") if part.strip())
+        if not photos:
+            raise UsageError(f"--face #{number} is empty; give the path of a photo")
+        subjects.append(photos)
+    return subjects
+
+
+def one_photo_each(subjects: Sequence[tuple[Path, ...]]) -> list[Path]:
+    """The photo of each subject; several photos of one person are not supported yet."""
+    for number, photos in enumerate(subjects, start=1):
+        if len(photos) > 1:
+            raise UsageError(f"--face #{number} lists {len(photos)} photos ({', '.join(map(str, photos))}): not supported yet: one photo per marker")
+        if not photos[0].is_file():
+            raise UsageError(f"--face #{number}: no such file {photos[0]}")
+    return [photos[0] for photos in subjects]
+
+
+def _word_ids(text: str) -> list[int]:
+    """A stand-in tokenizer (one id per word) for checking a prompt's markers without CLIP."""
+    return [zlib.crc32(word.encode()) for word in text.split()]
+
+
+def check_prompt(prompt: str, faces: int) -> None:
+    """The prompt's markers against the number of ``--face`` photos, and the marker placement rules
+    Subject Encode applies (the token limit is left to it: it needs CLIP's tokenizer)."""
+    count = prompt.count(MARKER)
+    if count == 0:
+        raise UsageError(f"the prompt has no {MARKER} marker; put one right after each person's class word, e.g. 'a man {MARKER} reading in a cafe'")
+    if count != faces:
+        raise UsageError(f"the prompt has {count} {MARKER} marker(s) but {faces} --face photo(s) were given; give one --face per marker, in marker order")
+    parse_prompt(prompt, _word_ids, max_subjects=MAX_SUBJECTS, max_position=sys.maxsize)
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    width, height = args.width or args.size, args.height or args.size
+    if min(width, height) < 64 or width % 8 or height % 8:
+        raise UsageError(f"the image size must be a multiple of 8 and at least 64 pixels, got {width}x{height}")
+    if args.steps < 1 or args.batch < 1:
+        raise UsageError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
+    if args.cfg < 0:
+        raise UsageError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    try:
+        validate_fractions(args.start_merge, args.final)
+    except FaceDiffuserError as error:
+        raise UsageError(f"--start-merge / --final: {error}") from None
+
+
+class StageProgress:
+    """A progress bar over the sampler's steps from ComfyUI's events, named by the stage (scene,
+    fusion, subject) of the step just done; before sampling it names the node that is running."""
+
+    def __init__(self, graph: JobGraph, steps: int, start_merge: float, final: float) -> None:
+        self.graph, self.start_merge, self.final = graph, start_merge, final
+        self.bar = tqdm(total=steps, unit="step", desc="queued", dynamic_ncols=True)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        node = data.get("node")
+        if kind == "executing" and node in self.graph.nodes:
+            self.bar.set_description(self.graph.nodes[node].get("_meta", {}).get("title", node))
+        elif kind == "progress" and node == self.graph.sampler and data.get("value", 0) >= 1:
+            total, value = int(data["max"]), int(data["value"])
+            if self.bar.n == 0:  # the first step: the rate shown is the sampling's alone
+                self.bar.reset(total)
+            stage = stage_at(value - 1, bounds_from_fractions(total, self.start_merge, self.final))
+            self.bar.set_description(f"{stage.value} stage", refresh=False)
+            self.bar.update(value - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_outputs(out: Path, images: Sequence[bytes], masks: Sequence[bytes]) -> list[Path]:
+    """Write the PNGs as ``facediffuser_NNNNN.png`` (numbered on from the folder's highest) and each
+    mask next to its image as ``..._mask.png``; returns the image paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = [int(match.group(1)) for path in out.iterdir() if (match := re.fullmatch(rf"{OUTPUT_PREFIX}_(\d+)(?:_mask)?\.png", path.name))]
+    first = max(numbers, default=0) + 1
+    paths = []
+    for index, data in enumerate(images):
+        path = out / f"{OUTPUT_PREFIX}_{first + index:05d}.png"
+        path.write_bytes(data)
+        if index < len(masks):
+            path.with_name(f"{path.stem}_mask.png").write_bytes(masks[index])
+        paths.append(path)
+    return paths
+
+
+@contextlib.contextmanager
+def _comfyui(args: argparse.Namespace, comfyui: Optional[Path]) -> Iterator[str]:
+    """``--server``, or the ComfyUI at ``comfyui`` started for this run and stopped after it."""
+    if comfyui is None:
+        yield args.server
+        return
+    launcher = LocalComfyUI(comfyui, shlex.split(args.comfyui_args), args.startup_timeout)
+    print(f"starting ComfyUI from {comfyui} on {launcher.server} (its log: {launcher.log})", file=sys.stderr)
+    with launcher as server:
+        print(f"ComfyUI is up (pid {launcher.pid})", file=sys.stderr)
+        yield server
+    print("ComfyUI stopped", file=sys.stderr)
+
+
+def generate(args: argparse.Namespace) -> int:
+    faces = one_photo_each(parse_faces(args.face))
+    check_prompt(args.prompt, len(faces))
+    _check_settings(args)
+    comfyui = None if args.server else find_comfyui(args.comfyui)
+    margin = None if args.no_crop else DEFAULT_MARGIN
+    detector = None if args.no_crop else load_detector("cpu")
+    references = []
+    for number, photo in enumerate(faces, start=1):
+        try:
+            references.append((photo.stem, reference_png(photo, detector, margin)))
+        except FaceNotFoundError as error:
+            raise UsageError(f"--face #{number}: {error}; use another photo, or --no-crop to use it whole") from None
+    seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
+    print(f"seed {seed}", file=sys.stderr)
+    try:
+        with _comfyui(args, comfyui) as server:
+            client = ComfyClient(server)
+            client.check()
+            uploaded = tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in references)
+            job = Generation(
+                args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
+                start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
+                batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
+                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}",
+            )  # fmt: skip
+            graph = build_graph(job)
+            progress = StageProgress(graph, job.steps, job.start_merge, job.final)
+            try:
+                entry = client.run(graph.nodes, args.timeout, progress)
+            finally:
+                progress.close()
+            images = client.images(entry, graph.images)
+            masks = client.images(entry, graph.masks) if graph.masks else []
+    except KeyboardInterrupt:
+        where = "the ComfyUI started for it was stopped" if comfyui else f"its job was taken off {args.server}"
+        print(f"interrupted: nothing was saved; {where}", file=sys.stderr)
+        return 130
+    if len(images) != job.batch:
+        raise JobError(f"ComfyUI saved {len(images)} images, expected {job.batch}")
+    for path in save_outputs(args.out, images, masks):
+        print(path)
+    return 0

@@ -1,0 +1,329 @@
+"""The ``generate`` command without a real ComfyUI: argument and prompt checks (all before any server
+starts), reference photos (real MTCNN), the stage progress bar, outputs and exit codes against the
+fake server of tests/fake_comfy.py, and the auto-start of a fake ComfyUI folder whose main.py serves
+that fake (found from the pack's place through a symlink, stopped with everything it started, on
+Ctrl-C too)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facediffuser_core.__main__ import exit_code, main
+from facediffuser_core.comfy_client import JobError, ServerUnavailable, build_graph, Generation
+from facediffuser_core.comfy_launch import LocalComfyUI, find_comfyui
+from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
+from facediffuser_core.faces import load_detector, reference_png
+from facediffuser_core.generate import StageProgress, UsageError, check_prompt, one_photo_each, parse_faces
+from fake_comfy import FakeComfy
+from paths import FACES, ROOT, TESTS
+
+MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
+PACK = "ComfyUI-FaceDiffuser"
+
+
+def png(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IMAGE, MASK = png((200, 30, 30)), png((255, 255, 255))
+
+
+@pytest.fixture
+def gray_photo(tmp_path) -> Path:
+    path = tmp_path / "wall.png"
+    Image.new("RGB", (200, 160), (128, 128, 128)).save(path)
+    return path
+
+
+# --- arguments and prompt ---------------------------------------------------------------------
+
+
+def test_faces_are_one_photo_per_marker_for_now(tmp_path):
+    assert parse_faces(["a.jpg", " b.jpg , c.jpg "]) == [(Path("a.jpg"),), (Path("b.jpg"), Path("c.jpg"))]
+    with pytest.raises(UsageError, match=r"--face #2 lists 2 photos \(b.jpg, c.jpg\): not supported yet: one photo per marker"):
+        one_photo_each(parse_faces([str(MAN1), "b.jpg,c.jpg"]))
+    with pytest.raises(UsageError, match=r"--face #1 is empty"):
+        parse_faces([" , "])
+    with pytest.raises(UsageError, match=rf"--face #2: no such file {tmp_path / 'none.jpg'}"):
+        one_photo_each(parse_faces([str(MAN1), str(tmp_path / "none.jpg")]))
+    assert one_photo_each(parse_faces([str(MAN2), str(MAN1)])) == [MAN2, MAN1]
+
+
+def test_prompt_markers_are_checked_against_the_photos():
+    check_prompt("a man <|image|> and a woman <|image|> at a cafe", 2)
+    with pytest.raises(UsageError, match=r"the prompt has no <\|image\|> marker; put one right after each person's class word"):
+        check_prompt("a man at a cafe", 1)
+    with pytest.raises(UsageError, match=r"the prompt has 2 <\|image\|> marker\(s\) but 1 --face photo\(s\) were given; give one --face per marker"):
+        check_prompt("a man <|image|> and a woman <|image|>", 1)
+    with pytest.raises(PromptError, match=r"<\|image\|> #1 follows ',' instead of a word"):
+        check_prompt("a man, <|image|> at a cafe", 1)
+    with pytest.raises(PromptError, match="at most 4 subjects"):
+        check_prompt(" ".join(["a man <|image|>"] * 5), 5)
+
+
+@pytest.fixture
+def fake_comfyui(tmp_path) -> Path:
+    """A ComfyUI folder whose main.py records how it was started, starts a child process in its
+    process group, and serves the fake server (``mode.txt``: ``crash`` exits at once, ``no-pack``
+    serves without the Face-diffuser nodes)."""
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "custom_nodes").mkdir()
+    (root / "main.py").write_text(textwrap.dedent(f"""
+        import argparse, json, os, pathlib, subprocess, sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        here = pathlib.Path(__file__).parent
+        mode = (here / "mode.txt").read_text() if (here / "mode.txt").exists() else "serve"
+        if mode == "crash":
+            print("boom: something is missing", flush=True)
+            sys.exit(3)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (here / "started.json").write_text(json.dumps({{"argv": sys.argv[1:], "pid": os.getpid(), "child": child.pid}}))
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--port", type=int)
+        args, _ = parser.parse_known_args()
+        from fake_comfy import FakeComfy
+        FakeComfy({IMAGE!r}, mask={MASK!r}, port=args.port, has_pack=mode != "no-pack")
+        while True:
+            time.sleep(1)
+    """))
+    return root
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def gone(*pids: int, within: float = 10.0) -> bool:
+    """Whether every process has ended within ``within`` seconds (a killed grandchild takes a moment)."""
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_usage_errors_stop_before_any_server_starts(fake_comfyui, gray_photo, tmp_path, capsys):
+    common = ["-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui), "--size", "64"]
+    cases = [
+        (["--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>"], "the prompt has 2 <|image|> marker(s) but 1 --face photo(s)"),
+        (["--face", f"{MAN1},{MAN2}", "--prompt", "a man <|image|>"], "not supported yet: one photo per marker"),
+        (["--face", str(MAN1), "--prompt", "a man <|image|>", "--size", "60"], "must be a multiple of 8 and at least 64 pixels, got 60x60"),
+        (["--face", str(MAN1), "--prompt", "a man <|image|>", "--start-merge", "0.7"], "--start-merge / --final: stage fractions must satisfy"),
+        (["--face", str(gray_photo), "--prompt", "a man <|image|>"], f"--face #1: no face was found in {gray_photo}"),
+    ]
+    for args, message in cases:
+        code, _, err = run_main(capsys, *common, *args)
+        assert code == 2 and message in err, err
+        assert "starting ComfyUI" not in err
+    assert not (fake_comfyui / "started.json").exists()
+    assert "use another photo, or --no-crop to use it whole" in err
+
+
+def test_no_comfyui_to_start_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    with pytest.raises(FaceDiffuserError, match=r"is not inside a ComfyUI/custom_nodes folder; pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH, or use a running one with --server HOST:PORT"):
+        find_comfyui(None, {"PWD": str(tmp_path)}, tmp_path / "pack")
+    with pytest.raises(FaceDiffuserError, match=rf"--comfyui {tmp_path} is not a ComfyUI folder \(no main.py and comfy/ in it\)"):
+        find_comfyui(tmp_path, {}, tmp_path / "pack")
+    with pytest.raises(FaceDiffuserError, match=rf"COMFYUI_PATH {tmp_path} is not a ComfyUI folder"):
+        find_comfyui(None, {"COMFYUI_PATH": str(tmp_path)}, tmp_path / "pack")
+
+
+def test_comfyui_is_found_from_the_pack_folder_also_through_a_symlink(fake_comfyui, tmp_path):
+    source = tmp_path / "src" / PACK
+    source.mkdir(parents=True)
+    other = tmp_path / "other"
+    (other / "comfy").mkdir(parents=True)
+    (other / "main.py").write_text("")
+    assert find_comfyui(other, {"COMFYUI_PATH": str(fake_comfyui)}, source) == other  # --comfyui first
+    assert find_comfyui(None, {"COMFYUI_PATH": str(other)}, source) == other  # then COMFYUI_PATH
+    installed = fake_comfyui / "custom_nodes" / PACK
+    installed.mkdir()
+    assert find_comfyui(None, {}, installed) == fake_comfyui  # a copy inside custom_nodes
+    installed.rmdir()
+    installed.symlink_to(source, target_is_directory=True)
+    assert find_comfyui(None, {}, installed) == fake_comfyui  # imported through the symlink
+    with pytest.raises(FaceDiffuserError):
+        find_comfyui(None, {}, source)  # imported from where the link points, with nothing else to go on
+    assert find_comfyui(None, {"PWD": str(installed)}, source) == fake_comfyui  # the shell's working directory
+    assert find_comfyui(None, {"PWD": str(installed / "sub")}, source) == fake_comfyui
+
+
+def test_the_console_script_is_the_module_command():
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["facediffuser"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+
+
+# --- reference photos and progress ------------------------------------------------------------
+
+
+def test_reference_photos_are_upright_square_face_crops(tmp_path, gray_photo):
+    detector = load_detector("cpu")
+    upright = np.asarray(Image.open(io.BytesIO(reference_png(MAN1, detector))))
+    assert upright.shape == (512, 512, 3)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers rotate it 90 degrees clockwise
+    Image.open(MAN1).transpose(Image.Transpose.ROTATE_90).save(rotated, exif=exif, quality=100)
+    turned = np.asarray(Image.open(io.BytesIO(reference_png(rotated, detector)))).astype(float)
+    assert np.abs(turned - upright).mean() < 6  # the same crop, up to JPEG loss
+    with pytest.raises(FaceNotFoundError, match=f"no face was found in {gray_photo}"):
+        reference_png(gray_photo, detector)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (400, 100), (250, 10, 10)).save(wide)
+    padded = np.asarray(Image.open(io.BytesIO(reference_png(wide, None, margin=None))))
+    assert padded.shape == (512, 512, 3)
+    assert padded[:180].max() == 0 and padded[-180:].max() == 0  # zero bands above and below (192 px each)
+    assert (np.abs(padded[200:312].astype(int) - [250, 10, 10]) <= 1).all()
+
+
+def test_progress_names_the_stage_of_each_step():
+    graph = build_graph(Generation("a man <|image|>", ("f.png",), steps=10))
+    progress = StageProgress(graph, 10, 0.3, 0.6)
+    seen = []
+    progress("executing", {"node": "1"})
+    seen.append(progress.bar.desc.rstrip(": "))
+    for value in range(1, 11):
+        progress("progress", {"value": value, "max": 10, "node": graph.sampler})
+        seen.append(progress.bar.desc.rstrip(": "))
+    progress("progress", {"value": 1, "max": 1, "node": "1"})  # another node's progress: not a sampling step
+    assert progress.bar.n == 10
+    progress.close()
+    # 0.3 and 0.6 of 10 steps: scene while index <= 3, fusion while index <= 6 (steps 1-4, 5-7, 8-10)
+    assert seen == ["Face-diffuser Loader"] + ["scene stage"] * 4 + ["fusion stage"] * 3 + ["subject stage"] * 3
+
+
+# --- against a running (fake) server ----------------------------------------------------------
+
+
+@pytest.fixture
+def fake():
+    server = FakeComfy(IMAGE, mask=MASK)
+    yield server
+    server.shutdown()
+
+
+def test_generate_on_a_running_server(fake, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--face", str(MAN2), "--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|> playing chess",
+            "-o", str(out), "--server", fake.address, "--steps", "10", "--size", "64", "--batch", "2", "--seed", "7", "--negative", "blurry"]  # fmt: skip
+    code, stdout, err = run_main(capsys, *args)
+    assert code == 0, err
+    assert stdout.split() == [str(out / "facediffuser_00001.png"), str(out / "facediffuser_00002.png")]
+    assert sorted(p.name for p in out.iterdir()) == ["facediffuser_00001.png", "facediffuser_00001_mask.png", "facediffuser_00002.png", "facediffuser_00002_mask.png"]
+    assert (out / "facediffuser_00002.png").read_bytes() == IMAGE and (out / "facediffuser_00002_mask.png").read_bytes() == MASK
+    assert err.startswith("seed 7\n") and "10/10" in err  # the bar reached the last step (its stages: test above)
+    (graph,) = fake.queued
+    loads = [n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"]
+    assert [re.sub(r"_[0-9a-f]{10}\.png$", "", name) for name in loads] == ["facediffuser/man2", "facediffuser/man1"]  # marker order
+    assert [name for _, name in fake.uploads] == [name.split("/")[1] for name in loads]
+    sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSampler")
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["start_merge"], sampler["final"]) == (7, 10, 5.0, 0.3, 0.6)
+    assert next(n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode") == "blurry"
+
+    code, stdout, err = run_main(capsys, *args[:-6], "--size", "64")  # again, a random seed: numbered on
+    assert code == 0 and stdout.split() == [str(out / "facediffuser_00003.png")]
+    seed = int(re.search(r"seed (\d+)", err).group(1))
+    assert next(n["inputs"]["seed"] for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserSampler") == seed
+
+
+def test_errors_and_exit_codes(fake, tmp_path, capsys):
+    fake.fail["broken"] = 1
+    common = ["--face", str(MAN1), "-o", str(tmp_path / "out"), "--size", "64", "--steps", "2"]
+    code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>, invalid", "--server", fake.address)
+    assert code == 1 and "rejected the workflow (HTTP 400): Prompt outputs failed validation; FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): Value not in list" in err
+    code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>, broken", "--server", fake.address)
+    assert code == 1 and "failed the job: FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): fake failure (broken)" in err
+    code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>", "--server", "127.0.0.1:1")
+    assert code == 2 and "error: http://127.0.0.1:1 cannot be reached" in err
+    assert not (tmp_path / "out").exists()
+    assert [exit_code(error) for error in (JobError("x"), ServerUnavailable("x"), UsageError("x"), OSError("x"), KeyboardInterrupt())] == [1, 2, 2, 2, 130]
+
+
+# --- starting ComfyUI -------------------------------------------------------------------------
+
+
+def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
+    (fake_comfyui / "mode.txt").write_text("crash")
+    with pytest.raises(ServerUnavailable, match=r"exited with code 3 while starting:\nboom: something is missing"):
+        with LocalComfyUI(fake_comfyui, startup_timeout=120):
+            pass
+    (fake_comfyui / "mode.txt").write_text("no-pack")
+    launcher = LocalComfyUI(fake_comfyui, startup_timeout=120)
+    with pytest.raises(ServerUnavailable, match="has no Face-diffuser nodes: install the pack in its custom_nodes folder"):
+        with launcher:
+            pass
+    started = json.loads((fake_comfyui / "started.json").read_text())
+    assert gone(started["pid"], started["child"]) and not launcher.log.exists()
+
+
+def generate_command(fake_comfyui: Path, out: Path, prompt: str) -> tuple[list[str], dict, Path]:
+    """``python -m facediffuser_core generate`` run from inside ComfyUI/custom_nodes/<pack>, a symlink to
+    this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH."""
+    installed = fake_comfyui / "custom_nodes" / PACK
+    installed.symlink_to(ROOT, target_is_directory=True)
+    env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
+    env["PWD"] = str(installed)
+    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", prompt, "-o", str(out),
+               "--size", "64", "--steps", "3", "--comfyui-args=--cpu --base-directory /somewhere", "--startup-timeout", "300"]  # fmt: skip
+    return command, env, installed
+
+
+def test_auto_start_finds_the_comfyui_the_pack_is_in_and_stops_it(fake_comfyui, tmp_path):
+    command, env, installed = generate_command(fake_comfyui, tmp_path / "out", "a man <|image|> on a boat")
+    result = subprocess.run(command, cwd=installed, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    started = json.loads((fake_comfyui / "started.json").read_text())
+    assert started["argv"][:5] == ["--listen", "127.0.0.1", "--port", started["argv"][3], "--disable-auto-launch"]
+    assert started["argv"][5:] == ["--cpu", "--base-directory", "/somewhere"]
+    assert f"starting ComfyUI from {fake_comfyui} on 127.0.0.1:{started['argv'][3]}" in result.stderr
+    assert f"ComfyUI is up (pid {started['pid']})" in result.stderr and "ComfyUI stopped" in result.stderr
+    assert (tmp_path / "out" / "facediffuser_00001.png").read_bytes() == IMAGE
+    assert gone(started["pid"], started["child"])  # nothing left running
+
+
+def test_ctrl_c_stops_the_comfyui_it_started(fake_comfyui, tmp_path):
+    command, env, installed = generate_command(fake_comfyui, tmp_path / "out", "a man <|image|>, hang")
+    process = subprocess.Popen(command, cwd=installed, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (fake_comfyui / "started.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = json.loads((fake_comfyui / "started.json").read_text())
+    time.sleep(3)  # up, and the job queued (it never finishes)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in err
+    assert gone(started["pid"], started["child"])
+    assert not (tmp_path / "out").exists()
