@@ -8,6 +8,7 @@ group of its own, waits until it answers, and stops the whole group again, on er
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
@@ -24,6 +25,7 @@ from .errors import FaceDiffuserError
 __all__ = ["find_comfyui", "free_port", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _is_comfyui(path: Path) -> bool:
@@ -69,9 +71,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _stop_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` (Linux) asking the kernel to send the child SIGTERM when this thread's process
+    dies, even of SIGKILL, where no ``finally`` can stop it. prctl is looked up here, before the fork."""
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def request() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return request
+
+
 class LocalComfyUI:
     """``with LocalComfyUI(path, args) as server:`` ComfyUI running headless; ``server`` is its
-    ``127.0.0.1:port``. Its output goes to a log file whose last lines are quoted if it fails."""
+    ``127.0.0.1:port``. Its output goes to a log file whose last lines are quoted if it fails. On
+    Linux it also ends when the thread that started it does (enter it from one that outlives it)."""
 
     def __init__(self, path: Path, args: Sequence[str] = (), startup_timeout: float = 600.0) -> None:
         self.path, self.args, self.startup_timeout = Path(path), list(args), startup_timeout
@@ -89,6 +105,7 @@ class LocalComfyUI:
             self.process = subprocess.Popen(
                 command, cwd=self.path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,  # its own process group: Ctrl-C is ours to pass on
+                preexec_fn=_stop_with_parent() if sys.platform.startswith("linux") else None,
             )  # fmt: skip
         try:
             self._wait_until_up()

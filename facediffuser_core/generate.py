@@ -125,7 +125,8 @@ def _check_settings(args: argparse.Namespace) -> None:
 
 class StageProgress:
     """A progress bar over the sampler's steps from ComfyUI's events, named by the stage (scene,
-    fusion, subject) of the step just done; before sampling it names the node that is running."""
+    fusion, subject) of the step just done; before sampling it names the node that is running
+    (loading the models takes a while)."""
 
     def __init__(self, graph: JobGraph, steps: int, start_merge: float, final: float) -> None:
         self.graph, self.start_merge, self.final = graph, start_merge, final
@@ -133,7 +134,7 @@ class StageProgress:
 
     def __call__(self, kind: str, data: dict) -> None:
         node = data.get("node")
-        if kind == "executing" and node in self.graph.nodes:
+        if kind == "executing" and node in self.graph.nodes and self.bar.n == 0:  # until sampling starts
             self.bar.set_description(self.graph.nodes[node].get("_meta", {}).get("title", node))
         elif kind == "progress" and node == self.graph.sampler and data.get("value", 0) >= 1:
             total, value = int(data["max"]), int(data["value"])

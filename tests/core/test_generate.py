@@ -6,6 +6,7 @@ Ctrl-C too)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -30,6 +31,7 @@ from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_prompt, one_photo_each, parse_faces
 from fake_comfy import FakeComfy
 from paths import FACES, ROOT, TESTS
+from processes import gone
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
 PACK = "ComfyUI-FaceDiffuser"
@@ -104,25 +106,6 @@ def fake_comfyui(tmp_path) -> Path:
             time.sleep(1)
     """))
     return root
-
-
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def gone(*pids: int, within: float = 10.0) -> bool:
-    """Whether every process has ended within ``within`` seconds (a killed grandchild takes a moment)."""
-    deadline = time.monotonic() + within
-    while any(alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
@@ -218,7 +201,8 @@ def test_progress_names_the_stage_of_each_step():
         progress("progress", {"value": value, "max": 10, "node": graph.sampler})
         seen.append(progress.bar.desc.rstrip(": "))
     progress("progress", {"value": 1, "max": 1, "node": "1"})  # another node's progress: not a sampling step
-    assert progress.bar.n == 10
+    progress("executing", {"node": graph.images})  # after sampling the bar keeps its last stage
+    assert progress.bar.n == 10 and progress.bar.desc.rstrip(": ") == "subject stage"
     progress.close()
     # 0.3 and 0.6 of 10 steps: scene while index <= 3, fusion while index <= 6 (steps 1-4, 5-7, 8-10)
     assert seen == ["Face-diffuser Loader"] + ["scene stage"] * 4 + ["fusion stage"] * 3 + ["subject stage"] * 3
@@ -327,3 +311,20 @@ def test_ctrl_c_stops_the_comfyui_it_started(fake_comfyui, tmp_path):
     assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in err
     assert gone(started["pid"], started["child"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_command_does_not_leave_its_comfyui_running(fake_comfyui, tmp_path):
+    command, env, installed = generate_command(fake_comfyui, tmp_path / "out", "a man <|image|>, hang")
+    process = subprocess.Popen(command, cwd=installed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (fake_comfyui / "started.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = json.loads((fake_comfyui / "started.json").read_text())
+    process.kill()  # SIGKILL: no finally runs in the command
+    process.wait()
+    try:
+        assert gone(started["pid"])  # ComfyUI itself (its own children are its business)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started["pid"], signal.SIGKILL)  # the fake's child, and the fake if it survived
