@@ -453,7 +453,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every job (default 0)")
     parser.add_argument("--max-combinations", type=int, default=10, help="subject pairs per two-subject prompt (default 10, a fixed sample if more)")
     parser.add_argument("--crop-margin", type=float, default=DEFAULT_MARGIN, help=f"references are cropped square around the face with this margin (fraction of the face box per side; default {DEFAULT_MARGIN})")
-    parser.add_argument("--no-crop", action="store_true", help="upload the reference photos uncropped")
+    parser.add_argument("--no-crop", action="store_true", help="upload the reference photos whole (padded to a square) instead of cropped around the face")
     parser.add_argument("--sdm", help="SDM file name on the servers (default: the workflow's facediffuser_sdm.safetensors)")
     parser.add_argument("--tdm", help="TDM file name on the servers (default: the workflow's facediffuser_tdm.safetensors)")
     parser.add_argument("--workflow-dir", type=Path, help="use your own API workflows instead of the built-in graph: a folder with facediffuser_one_subject.json and/or facediffuser_two_subjects.json (e.g. the pack's workflows/api)")
