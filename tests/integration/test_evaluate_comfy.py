@@ -1,6 +1,6 @@
 """The face nodes and the evaluation command against a real ComfyUI server (--cpu, random SD1.5-sized
 models, tiny random scoring models: the numbers are meaningless, the pipeline is real), including a
-run killed after its first finished job and resumed."""
+run killed after its first finished job and resumed, and a run on the shipped API workflows."""
 
 from __future__ import annotations
 
@@ -157,3 +157,23 @@ def test_evaluation_command_killed_and_resumed(eval_server, facenet_file, tiny_c
     assert json.loads((out / "settings.json").read_text())["steps"] == 2
     uploaded = {p.name.split("_")[0] for p in (eval_server.base / "input" / "facediffuser_eval").iterdir()}
     assert uploaded == {"alice", "bob"}
+
+
+def test_evaluation_with_the_shipped_workflows(eval_server, tmp_path):
+    (tmp_path / "subjects" / "carol").mkdir(parents=True)
+    (tmp_path / "subjects" / "carol" / "photo.jpeg").write_bytes((FACES / "man2.jpeg").read_bytes())
+    (tmp_path / "prompts.txt").write_text("a man <|image|> on a bench\n")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "facediffuser_core.evaluate", "--subjects", str(tmp_path / "subjects"), "--prompts", str(tmp_path / "prompts.txt"),
+        "--server", f"127.0.0.1:{eval_server.port}", "--out", str(out), "--workflow-dir", str(ROOT / "workflows" / "api"),
+        "--no-score", "--images-per-prompt", "1", "--steps", "2", "--size", "64",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (job,) = plan_jobs(read_prompts(tmp_path / "prompts.txt"), ["carol"], 1, 10)
+    assert Image.open(out / "images" / job.image_names()[0]).size == (64, 64)
+    template = json.loads((ROOT / "workflows" / "api" / "facediffuser_one_subject.json").read_text())
+    (graph,) = [entry["prompt"][2] for entry in eval_server.get("/history").values() if job.id in json.dumps(entry["prompt"][2])]
+    assert set(graph) == set(template) - {"10"}  # the template's nodes, its mask preview dropped
+    assert graph["2"]["inputs"]["image"].startswith("facediffuser_eval/carol_") and graph["8"]["inputs"]["filename_prefix"] == f"facediffuser_eval/{job.id}"

@@ -1,0 +1,173 @@
+"""``python -m facediffuser_core generate`` against the real ComfyUI (--cpu, random SD1.5-sized models,
+64 px, 3 steps: the pictures are noise, the pipeline is real): started by the command (--comfyui)
+and a running one (--server, the suite's server), one, two and four faces, a batch, a photo without
+a face, usage errors before any start, Ctrl-C while sampling, and the workflow a PNG carries
+re-queued on another server giving the same picture."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import make_base_directory
+from paths import FACES, ROOT
+from processes import gone
+
+MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
+SMALL = ["--size", "64", "--steps", "3"]  # 0.3 / 0.6 of 3 steps: two scene steps, one fusion step
+
+
+@pytest.fixture(scope="module")
+def base(model_files, tmp_path_factory) -> Path:
+    """A --base-directory with the pack and the converted models, for the ComfyUI the command starts."""
+    models = {"facediffuser_sdm.safetensors": model_files.sdm, "facediffuser_tdm.safetensors": model_files.tdm}
+    return make_base_directory(tmp_path_factory.mktemp("generate-base"), models, [])
+
+
+def auto_start(comfyui_path: Path, base: Path) -> list[str]:
+    return ["--comfyui", str(comfyui_path), f"--comfyui-args=--cpu --base-directory {base}"]
+
+
+def generate(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "facediffuser_core", "generate", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def started_pid(stderr: str) -> int:
+    return int(re.search(r"ComfyUI is up \(pid (\d+)\)", stderr).group(1))
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def pixels(data_or_path) -> np.ndarray:
+    image = Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path)
+    return np.asarray(image.convert("RGB"))
+
+
+def embedded_graph(path: Path) -> dict:
+    return json.loads(Image.open(path).info["prompt"])
+
+
+def nodes_of(graph: dict, class_type: str) -> list[dict]:
+    return [node for node in graph.values() if node["class_type"] == class_type]
+
+
+def check_outputs(out: Path, count: int) -> list[Path]:
+    """The images and masks of one run: 64 px RGB pictures, masks only black and white."""
+    images = sorted(out.glob("facediffuser_?????.png"))
+    assert [p.name for p in images] == [f"facediffuser_{n:05d}.png" for n in range(1, count + 1)]
+    for image in images:
+        assert pixels(image).shape == (64, 64, 3)
+        mask = pixels(image.with_name(f"{image.stem}_mask.png"))
+        assert mask.shape == (64, 64, 3) and set(np.unique(mask)) <= {0, 255}
+    return images
+
+
+def test_one_face_with_comfyui_started_and_its_png_requeued_elsewhere_gives_the_same_picture(comfyui_path, base, server, tmp_path):
+    out = tmp_path / "out"
+    result = generate("--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5", *auto_start(comfyui_path, base))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
+    pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
+    assert gone(pid) and port_closed(port)
+    (image,) = check_outputs(out, 1)
+    assert result.stdout.split() == [str(image)]
+
+    graph = embedded_graph(image)  # the API workflow ComfyUI wrote into the PNG, as the canvas reads it
+    (load,) = nodes_of(graph, "LoadImage")
+    uploaded = base / "input" / load["inputs"]["image"]
+    assert uploaded.parent.name == "facediffuser" and Image.open(uploaded).size == (512, 512)  # the face crop
+    assert nodes_of(graph, "FaceDiffuserSampler")[0]["inputs"]["seed"] == 5
+    (server.base / "input" / "facediffuser").mkdir(exist_ok=True)
+    shutil.copy(uploaded, server.base / "input" / "facediffuser" / uploaded.name)
+    entry = server.run(graph)  # another ComfyUI process, which never ran it: no cache
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
+    (again,) = entry["outputs"][save_id]["images"]
+    assert np.array_equal(pixels(server.view(again)), pixels(image))
+
+
+def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
+    out = tmp_path / "out"
+    result = generate(
+        "--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess",
+        "-o", str(out), *SMALL, "--batch", "2", "--seed", "11", "--server", f"127.0.0.1:{server.port}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = check_outputs(out, 2)
+    assert not np.array_equal(pixels(first), pixels(second))  # each batch item has its own noise
+    graph = embedded_graph(first)
+    (batch,) = nodes_of(graph, "ImageBatch")
+    faces = [graph[batch["inputs"][name][0]]["inputs"]["image"] for name in ("image1", "image2")]
+    assert faces[0].startswith("facediffuser/man1_") and faces[1].startswith("facediffuser/man2_")  # marker order
+    assert nodes_of(graph, "EmptyLatentImage")[0]["inputs"]["batch_size"] == 2
+
+
+def test_four_faces_chain_batch_images_nodes(server, tmp_path):
+    out = tmp_path / "out"
+    prompt = "a man <|image|>, a man <|image|>, a man <|image|> and a man <|image|> on a bench"
+    faces = [arg for photo in (MAN1, MAN2, MAN2, MAN1) for arg in ("--face", str(photo))]
+    result = generate(*faces, "--prompt", prompt, "-o", str(out), *SMALL, "--seed", "2", "--server", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (image,) = check_outputs(out, 1)
+    assert len(nodes_of(embedded_graph(image), "ImageBatch")) == 3
+
+
+def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (300, 240), (128, 128, 128)).save(wall)
+    common = ["--face", str(wall), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), *SMALL]
+    result = generate(*common, *auto_start(comfyui_path, base))
+    assert result.returncode == 2 and f"error: --face #1: no face was found in {wall}" in result.stderr
+    assert "use another photo, or --no-crop to use it whole" in result.stderr and "starting ComfyUI" not in result.stderr
+    result = generate(*common, "--no-crop", "--server", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_outputs(tmp_path / "out", 1)
+
+
+def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base, tmp_path):
+    result = generate("--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base), timeout=300)
+    assert result.returncode == 2
+    assert "error: the prompt has 2 <|image|> marker(s) but 1 --face photo(s) were given" in result.stderr
+    assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
+    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
+               "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 900
+    while b"scene stage" not in stderr and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"scene stage" in stderr, stderr.decode(errors="replace")[-3000:]  # sampling has begun
+    process.send_signal(signal.SIGINT)
+    process.wait(120)
+    reader.join(10)
+    text = stderr.decode(errors="replace")
+    assert process.returncode == 130, text[-3000:]
+    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in text
+    pid, port = started_pid(text), int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
+    assert gone(pid) and port_closed(port)
+    with pytest.raises(ProcessLookupError):  # nothing is left in its process group either
+        os.killpg(pid, 0)
+    assert not (tmp_path / "out").exists()
