@@ -54,8 +54,8 @@ def count_images(api: dict, source: list) -> int:
     node = api[source[0]]
     if node["class_type"] == "LoadImage":
         return 1
-    if node["class_type"] == "BatchImagesNode":  # "Batch Images": inputs images.image0, images.image1, ...
-        return sum(count_images(api, link) for name, link in node["inputs"].items() if name.startswith("images."))
+    if node["class_type"] == "ImageBatch":  # "Batch Images": image1 then image2
+        return count_images(api, node["inputs"]["image1"]) + count_images(api, node["inputs"]["image2"])
     raise AssertionError(f"unexpected image source {node['class_type']}")
 
 

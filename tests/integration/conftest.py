@@ -1,4 +1,4 @@
-"""The real-ComfyUI suite: runs when COMFYUI_PATH points at a ComfyUI 0.8 checkout whose
+"""The real-ComfyUI suite: runs when COMFYUI_PATH points at a ComfyUI (0.3.75 or newer) checkout whose
 requirements are installed in this environment; otherwise every test here is skipped."""
 
 from __future__ import annotations
