@@ -28,6 +28,7 @@ from facediffuser_core.checkpoints import (
     split_checkpoint,
 )
 from facediffuser_core.errors import CheckpointError
+from malicious import CodeRunningPickle
 from paths import ROOT
 
 KINDS = ("SDM", "TDM")
@@ -147,16 +148,6 @@ def test_text_encoder_with_text_model_level_is_not_prefixed_twice(tdm_state):
 
 
 # --- refusals ----------------------------------------------------------------------------------
-
-class CodeRunningPickle:
-    """Unpickling this creates ``marker``: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
 
 MALICIOUS_WRITERS: dict[str, Callable[[Path, object], None]] = {
     "torch.save zip": lambda path, obj: torch.save(obj, path),
