@@ -308,9 +308,9 @@ def corrupt_size_field(path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="the address-space limit is read from /proc (Linux)")
 def test_out_of_memory_is_named_and_a_corrupt_size_is_not(tmp_path):
-    """Each file is read in a process whose address space has 16 MiB to spare; the 64 MiB files
-    do not fit (each format fails its own way: torch's mmap, torch's allocator, safetensors'
-    MemoryError), and neither does the corrupt file's impossible allocation."""
+    """Each file is read in a process whose address space has 16 MiB to spare: the 64 MiB files do
+    not fit (torch 2.x fails its mmap, or its allocator, safetensors raises MemoryError), and the
+    corrupt file's impossible allocation is named as corruption, not as a lack of memory."""
     state = {"unet.weight": torch.zeros(16 * 2**20)}
     paths = []
     for layout in ("zip pickle", "legacy pickle", "safetensors"):
@@ -324,9 +324,8 @@ def test_out_of_memory_is_named_and_a_corrupt_size_is_not(tmp_path):
     for path, line in zip(paths, lines[:3]):
         assert re.search(re.escape(f"| {path} could not be loaded: out of memory (") + ".*" + re.escape(
             f"Loading takes about the file's size ({path.stat().st_size} bytes) of free memory"), line), line
-    assert [line.split(" | ")[0] for line in lines[:3]] == ["RuntimeError", "RuntimeError", "MemoryError"]
-    assert re.search(re.escape(f"| {corrupt} could not be read (RuntimeError: ") + r".*allocate 8589934588 bytes.*\); the file "
-                     + re.escape(f"({corrupt.stat().st_size} bytes) is probably truncated or corrupt"), lines[3]), lines[3]
+    assert re.search(re.escape(f"| {corrupt} could not be read (") + ".*" + re.escape(
+        f"the file ({corrupt.stat().st_size} bytes) is probably truncated or corrupt"), lines[3]), lines[3]
 
 
 @pytest.mark.parametrize(
