@@ -3,64 +3,17 @@ every kind of sampler, model loading and ComfyUI's real SD1 tokenizer."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from comfy_inprocess import run_guider
 from facediffuser_core.guidance import Conditionings
 from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
 from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
 
 SD15_SCALE = 0.18215
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_path):
-    from comfy_inprocess import import_comfy, import_pack
-
-    import_comfy(comfyui_path)
-    import_pack()
-    modules = {name: importlib.import_module(name) for name in ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers")}
-    pack = {name: importlib.import_module(f"facediffuser_pack.nodes.{name}") for name in ("loader", "encode", "guider", "sampler")}
-    return type("Comfy", (), {**{k.split(".")[-1]: v for k, v in modules.items()}, **pack})
-
-
-@pytest.fixture(scope="module")
-def loaded(comfy, model_files):
-    """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
-    return comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
-
-
-@pytest.fixture(scope="module")
-def face() -> torch.Tensor:
-    from paths import FACES
-
-    array = np.asarray(Image.open(FACES / "man1.jpeg").convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
-
-
-def empty_conditioning(clip):
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
-
-
-@pytest.fixture(scope="module")
-def conditionings(comfy, loaded, face):
-    _, _, clip, _, encoder = loaded
-    text, subject = comfy.encode.encode_subjects(clip, encoder, face, "a photo of a man <|image|> in a garden", 512)
-    return text, subject, empty_conditioning(clip)
-
-
-def run_guider(comfy, guider, steps, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, size=16, seed=3):
-    latent = torch.zeros(1, 4, size, size)
-    sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, "cpu", sampler, scheduler, denoise).sigmas
-    noise = comfy.sample.prepare_noise(latent, seed)
-    out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed, disable_pbar=True)
-    return out, noise, sigmas
 
 
 def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, conditionings):
