@@ -62,7 +62,9 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
     """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
     text prompt as negative. The SDM is the primary model; the TDM is registered as an additional
     model so ComfyUI loads both in one model-management call. Stages follow the step index of each
-    evaluation in the sigma schedule, so every sampler and scheduler works."""
+    evaluation in the sigma schedule, so every sampler and scheduler works. Each model is guided with
+    its own options: by ComfyUI's CFG chain when it carries guidance hooks, by the official eps-space
+    CFG otherwise; the fusion stage compares the responses after the hooks."""
 
     def __init__(self, tdm, sdm, cfg: float, start_fraction: float, final_fraction: float) -> None:
         check_model_pair(tdm, sdm)
