@@ -8,19 +8,12 @@ import math
 import pytest
 import torch
 
+from comfy_inprocess import run_guider
 from facediffuser_core.guidance import Conditionings
 from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
 from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
 
 SD15_SCALE = 0.18215
-
-
-def run_guider(comfy, guider, steps, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, size=16, seed=3):
-    latent = torch.zeros(1, 4, size, size)
-    sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, "cpu", sampler, scheduler, denoise).sigmas
-    noise = comfy.sample.prepare_noise(latent, seed)
-    out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed, disable_pbar=True)
-    return out, noise, sigmas
 
 
 def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, conditionings):
