@@ -32,10 +32,10 @@ class FaceDiffuserSubject(io.ComfyNode):
             node_id="FaceDiffuserSubject",
             display_name=NAME,
             category=CATEGORY,
-            description=f"One person of the prompt, with one or more photos. Chain one Subject node per {MARKER} "
-            "marker, in marker order (the first one's subjects input stays empty), and connect the last one to "
-            "Subject Encode's subjects. The photos' CLIP image embeddings are combined into one before the "
-            "postfuse MLP fuses it into the person's word.",
+            description=f"One person of the prompt, with one or more photos of any size. Chain one Subject node per "
+            f"{MARKER} marker, in marker order: subjects into the next one's previous_subjects (empty on the first), "
+            "the last one's subjects into Subject Encode's subjects. The photos' CLIP image embeddings are combined "
+            "into one before the postfuse MLP fuses it into the person's word.",
             inputs=[
                 io.Image.Input("images", tooltip="Photos of this person (a batch of one or more). Photos of another size go into images_2, images_3, images_4. Crops centred on the face work best."),
                 io.Combo.Input(
@@ -47,7 +47,7 @@ class FaceDiffuserSubject(io.ComfyNode):
                 ),
                 *(io.Image.Input(name, optional=True, tooltip="More photos of this person, of any size (a batch of one or more).") for name in EXTRA_PHOTO_INPUTS),
                 SubjectsType.Input(
-                    "subjects",
+                    "previous_subjects",
                     optional=True,
                     tooltip=f"The people of the earlier {MARKER} markers: the subjects output of the previous Face-diffuser Subject. Leave empty for the first marker.",
                 ),
@@ -69,8 +69,8 @@ class FaceDiffuserSubject(io.ComfyNode):
         images_2: Optional[torch.Tensor] = None,
         images_3: Optional[torch.Tensor] = None,
         images_4: Optional[torch.Tensor] = None,
-        subjects: Optional[tuple[Subject, ...]] = None,
+        previous_subjects: Optional[tuple[Subject, ...]] = None,
     ) -> io.NodeOutput:
         with errors_named(NAME):
             photos = {"images": images, "images_2": images_2, "images_3": images_3, "images_4": images_4}
-            return io.NodeOutput(add_subject(subjects, combine, photos))
+            return io.NodeOutput(add_subject(previous_subjects, combine, photos))
