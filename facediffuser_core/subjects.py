@@ -62,7 +62,8 @@ def combine_embeddings(embeds: torch.Tensor, mode: str = DEFAULT_COMBINE) -> tor
 
     ``average``: the mean. ``norm average``: the mean of the unit-length embeddings e_i / |e_i|,
     scaled to the mean length of the e_i (a plain mean is shorter than its inputs when the photos
-    differ; this keeps the length the postfuse MLP was trained on). One photo: its embedding, bit for bit.
+    differ; this keeps a single photo's length, as the postfuse MLP saw in training). One photo: its
+    embedding, bit for bit.
     """
     if embeds.ndim != 2 or embeds.shape[0] == 0:
         raise ValueError(f"embeds must be [N, D] with N >= 1, got {tuple(embeds.shape)}")
