@@ -2,10 +2,10 @@
 
 Modules: ``snf`` (Saliency-adaptive Noise Fusion), ``schedule`` (stages), ``guidance``
 (per-stage noise prediction), ``sampler`` (reference DDIM sampler), ``prompt`` (``<|image|>``
-parsing), ``postfuse`` / ``preprocess`` / ``subject_encoder`` (subject conditioning),
-``checkpoints`` / ``convert`` (model files), ``faces`` (face detection and crops), ``identity`` /
-``consistency`` (the paper's IP and PC scores), ``evaluate`` (the benchmark command, with
-``comfy_client`` and ``report``).
+parsing), ``postfuse`` / ``preprocess`` / ``subject_encoder`` / ``subjects`` (subject conditioning,
+several photos per subject), ``checkpoints`` / ``convert`` (model files), ``faces`` (face detection
+and crops), ``identity`` / ``consistency`` (the paper's IP and PC scores), ``evaluate`` (the
+benchmark command, with ``comfy_client`` and ``report``).
 """
 
 from .errors import (

@@ -15,6 +15,7 @@ API_WORKFLOWS = WORKFLOWS / "api"
 
 WIDGETS: dict[str, list[str]] = {
     "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
+    "FaceDiffuserSubject": ["combine"],
     "FaceDiffuserSubjectEncode": ["prompt", "object_resolution"],
     "FaceDiffuserGuider": ["cfg", "start_merge", "final"],
     "FaceDiffuserSampler": ["seed", "$control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "start_merge", "final", "denoise"],

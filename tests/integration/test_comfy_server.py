@@ -16,7 +16,7 @@ from PIL import Image
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 
@@ -55,6 +55,15 @@ def test_nodes_register_without_import_errors(server, object_info):
             for input_name, spec in info["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
         assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"])
+
+
+def test_subject_encode_takes_images_or_chained_subjects(object_info):
+    encode, subject = object_info["FaceDiffuserSubjectEncode"], object_info["FaceDiffuserSubject"]
+    # saved workflows: the same widgets, images still an IMAGE input (now optional, like subjects)
+    assert encode["input_order"] == {"required": ["clip", "subject_encoder", "prompt", "object_resolution"], "optional": ["images", "subjects"]}
+    assert encode["input"]["optional"]["images"][0] == "IMAGE"
+    assert subject["output"] == [encode["input"]["optional"]["subjects"][0]] == [subject["input"]["optional"]["previous_subjects"][0]]
+    assert subject["input"]["required"]["combine"][1]["options"] == ["average", "norm average"]
 
 
 def test_model_folder_lists_converted_official_and_yaml_files(object_info):
@@ -172,7 +181,24 @@ def expect_error(server, graph: dict, node_type: str, *fragments: str) -> str:
 def test_marker_image_count_mismatch(server):
     graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
     node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
-    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode:", "marks 2 subject(s)", "1 reference image(s)")
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "marks 2 subject(s)", "1 reference image(s)")
+
+
+def test_a_marker_without_a_subject(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "1 subject(s) were given")
+
+
+def test_more_subjects_than_markers(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    encode = node_of(graph, "FaceDiffuserSubjectEncode")
+    graph["99"] = {"class_type": "FaceDiffuserSubject", "inputs": {"images": ["3", 0], "combine": "average", "previous_subjects": encode["inputs"]["subjects"]}}
+    encode["inputs"]["subjects"] = ["99", 0]
+    expect_error(
+        server, graph, "FaceDiffuserSubjectEncode",
+        "Face-diffuser Subject Encode: 2 subject(s) were given but the prompt marks only 1 subject(s) with <|image|> (marker 1 ('man')): subject 2 has no marker",
+    )  # fmt: skip
 
 
 def test_swapped_models(server):
