@@ -2,11 +2,11 @@
 
 Modules: ``snf`` (Saliency-adaptive Noise Fusion), ``schedule`` (stages), ``guidance``
 (per-stage noise prediction), ``sampler`` (reference DDIM sampler), ``prompt`` (``<|image|>``
-parsing), ``postfuse`` / ``preprocess`` / ``subject_encoder`` (subject conditioning),
-``checkpoints`` / ``convert`` (model files), ``faces`` (face detection and crops), ``identity`` /
-``consistency`` (the paper's IP and PC scores), ``generate`` and ``evaluate`` (the commands, with
-``comfy_client``: graphs and ComfyUI's HTTP/websocket API, ``comfy_launch``: a headless ComfyUI
-for one run, and ``report``).
+parsing), ``postfuse`` / ``preprocess`` / ``subject_encoder`` / ``subjects`` (subject conditioning,
+several photos per subject), ``checkpoints`` / ``convert`` (model files), ``faces`` (face detection
+and crops), ``identity`` / ``consistency`` (the paper's IP and PC scores), ``generate`` and
+``evaluate`` (the commands, with ``comfy_client``: graphs and ComfyUI's HTTP/websocket API,
+``comfy_launch``: a headless ComfyUI for one run, and ``report``).
 """
 
 from .errors import (

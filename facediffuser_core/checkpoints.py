@@ -11,6 +11,8 @@ Converted ``.safetensors`` files keep the same keys. Pickles are read with
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -92,10 +94,17 @@ def resolve_checkpoint_path(path: PathLike) -> Path:
     return path
 
 
-def _torch_load(path: Path) -> object:
-    """Weights-only load; zip archives are memory-mapped (tensors are paged in as they are used)."""
+def _load(path: Path) -> object:
+    """Everything in a safetensors or weights-only pickle file; zip archives are memory-mapped
+    (tensors are paged in as they are used). The file is opened here first, so that a missing file or
+    a permission error is raised as what it is (safetensors reports any failure to open as
+    FileNotFoundError)."""
     with open(path, "rb") as file:
         zipped = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
 
 
@@ -117,6 +126,55 @@ def _refused(path: Path, message: str) -> CheckpointError:
     )
 
 
+def _size(path: Path) -> Optional[int]:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _out_of_memory(path: Path, error: Exception) -> bool:
+    """Whether reading failed for want of memory: Python's MemoryError, or torch's allocation and
+    mmap failures (RuntimeError or OSError with the system's ENOMEM message). An allocation larger
+    than the whole file is a corrupt size field, not a lack of memory."""
+    message = str(error)
+    requested = re.search(r"allocate (\d+) bytes", message)
+    if requested and int(requested.group(1)) > (_size(path) or 0):
+        return False
+    if isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM:
+        return True
+    return any(sign in message.lower() for sign in (os.strerror(errno.ENOMEM).lower(), "can't allocate memory", "out of memory"))
+
+
+def _file_size(path: Path) -> str:
+    size = _size(path)
+    if size is None:
+        return "size unknown"
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size} bytes"
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The error for a file that could not be read, naming the cause: a missing file, no permission,
+    too little memory, another I/O error, and only otherwise a truncated or corrupt file."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    cause = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        return CheckpointError(f"{path}: no such file (it was removed or moved while it was being read)")
+    if isinstance(error, PermissionError):
+        return CheckpointError(f"{path} cannot be read: permission denied ({cause}); make the file readable by the user running this")
+    if _out_of_memory(path, error):
+        return CheckpointError(
+            f"{path} could not be loaded: out of memory ({cause}). Loading takes about the file's size "
+            f"({_file_size(path)}) of free memory: close other programs or unload other models and try again"
+        )
+    if isinstance(error, OSError):
+        return CheckpointError(f"{path} could not be read ({cause}): the disk or file system failed; check it and try again")
+    return CheckpointError(
+        f"{path} could not be read ({cause}); the file ({_file_size(path)}) is probably truncated or corrupt: "
+        "download it again"
+    )
+
+
 def read_state_dict(path: PathLike) -> StateDict:
     """All tensors of a ``.safetensors`` or weights-only pickle file (``state_dict`` wrappers unwrapped)."""
     path = resolve_checkpoint_path(path)
@@ -126,20 +184,11 @@ def read_state_dict(path: PathLike) -> StateDict:
             f"{path}: unsupported file type '{suffix}'; expected .safetensors or the official .bin"
         )
     try:
-        if suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import load_file
-
-            data: object = load_file(str(path), device="cpu")
-        else:
-            data = _torch_load(path)
+        data = _load(path)
     except pickle.UnpicklingError as error:
-        raise _refused(path, str(error)) from None
-    except Exception as error:  # truncated or corrupt archives raise many different types
-        detail = ": " + str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{path} could not be read ({type(error).__name__}{detail}); the file ({path.stat().st_size} bytes) "
-            "is probably truncated or corrupt: download it again"
-        ) from None
+        raise _refused(path, str(error)) from error
+    except Exception as error:
+        raise _unreadable(path, error) from error
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping):

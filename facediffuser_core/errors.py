@@ -24,7 +24,7 @@ class CheckpointError(FaceDiffuserError):
 
 
 class ReferenceImageError(FaceDiffuserError):
-    """Reference images of the wrong shape, channel count or value range."""
+    """Reference images of the wrong shape, channel count or value range, or not one subject per marker."""
 
 
 class FaceNotFoundError(FaceDiffuserError):

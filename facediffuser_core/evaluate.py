@@ -39,7 +39,7 @@ from .errors import EvaluationError, FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, open_photo, pil_to_image, reference_png
 from .identity import load_facenet, reference_embeddings, score_identity
 from .prompt import MARKER, MAX_SUBJECTS
-from .report import SUBJECT_SEPARATOR, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
+from .report import SUBJECT_SEPARATOR, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown, unreadable_line
 
 __all__ = [
     "TEMPLATES",
@@ -315,26 +315,32 @@ class OutputFolder:
         return all(self.image_path(name).is_file() for name in job.image_names())
 
     def read_scores(self) -> list[ImageScore]:
-        """The rows in scores.csv; a last line without its newline (a killed write) is left out."""
+        """The rows in scores.csv; only a last line without its newline (a killed write) is left
+        out, any other unreadable row raises :class:`EvaluationError` naming its line."""
         if not self.scores.is_file():
             return []
-        text = self.scores.read_text(encoding="utf-8")
-        return parse_csv(text[: text.rfind("\n") + 1])
+        data = self.scores.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # a killed write may also end inside a character
+        try:
+            text = complete.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = complete[: error.start].count(b"\n") + 1
+            raise unreadable_line(str(self.scores), line, f"it is not UTF-8 text ({error.reason})") from None
+        return parse_csv(text, str(self.scores))
 
     def resume(self, jobs: Sequence[Job]) -> set[str]:
-        """The ids of finished jobs (a row for each image, and every image file). Rows of unfinished
-        jobs and a half-written last line are removed, so appending continues cleanly."""
+        """The ids of finished jobs: those with a row for each of their images. Rows of unfinished
+        jobs and a half-written last line are removed, so appending continues cleanly; the rows of
+        finished jobs (and of jobs no longer planned) are always kept."""
         scores = self.read_scores()
         planned = {job.id: job for job in jobs}
         rows: dict[str, set[str]] = {}
         for score in scores:
             rows.setdefault(score.job, set()).add(score.image)
-        finished = {
-            job_id for job_id, job in planned.items() if rows.get(job_id) == set(job.image_names()) and self.has_images(job)
-        }
-        keep = [s for s in scores if s.job in finished or s.job not in planned]
-        if self.scores.is_file() and format_rows(keep, header=True) != self.scores.read_text(encoding="utf-8"):
-            _write_atomic(self.scores, format_rows(keep, header=True).encode())
+        finished = {job_id for job_id, job in planned.items() if rows.get(job_id) == set(job.image_names())}
+        keep = format_rows([s for s in scores if s.job in finished or s.job not in planned], header=True).encode()
+        if self.scores.is_file() and keep != self.scores.read_bytes():
+            _write_atomic(self.scores, keep)
         return finished
 
     def append(self, scores: Sequence[ImageScore]) -> None:

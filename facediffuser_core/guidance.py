@@ -7,6 +7,10 @@ prompt, ct the text prompt (markers removed) and ca the subject-augmented prompt
 - subject: ``SDM(ct) + s * (SDM(ca) - SDM(ct))``  (the text prompt is the SDM's negative)
 - fusion:  both, fused per pixel by :func:`facediffuser_core.snf.fuse_noise` on the
   responses ``s * (TDM(ct) - TDM(c0))`` and ``s * (SDM(ca) - SDM(ct))``.
+
+A host that guides each model itself (ComfyUI's CFG hooks: RescaleCFG, PAG, ...) hands its
+guided eps to :func:`combine_guided` through :func:`guided_from`; a model's response is then
+its guided eps minus the eps of its negative.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import torch
 from .schedule import Stage
 from .snf import fuse_noise
 
-__all__ = ["EpsModel", "Conditionings", "GuidedNoise", "cfg", "combine", "predict_noise"]
+__all__ = ["EpsModel", "Conditionings", "Guided", "GuidedNoise", "cfg", "guided_from", "combine_guided", "combine", "predict_noise"]
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``model(x [N,C,H,W], t [N], context [N,L,D]) -> eps [N,C,H,W]``."""
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (eps of the negative, eps of the positive)
+Guided = tuple[torch.Tensor, torch.Tensor]  # (guided eps, response = guided eps - eps of the negative)
 
 
 @dataclass(frozen=True)
@@ -56,30 +61,45 @@ class GuidedNoise:
     subject_mask: Optional[torch.Tensor] = None
 
 
-def cfg(eps_negative: torch.Tensor, eps_positive: torch.Tensor, scale: float) -> Pair:
+def cfg(eps_negative: torch.Tensor, eps_positive: torch.Tensor, scale: float) -> Guided:
     """Classifier-free guidance: returns ``(guided eps, response)``, response = scale * (pos - neg)."""
     response = scale * (eps_positive - eps_negative)
     return eps_negative + response, response
 
 
+def guided_from(eps_negative: torch.Tensor, eps_guided: torch.Tensor) -> Guided:
+    """Guidance computed elsewhere (any rule) as ``(guided eps, response)``: the response is what the
+    guidance added to the negative's eps."""
+    return eps_guided, eps_guided - eps_negative
+
+
+def combine_guided(stage: Stage, scene: Optional[Guided], subject: Optional[Guided]) -> GuidedNoise:
+    """Guided noise of one step from each model's ``(guided eps, response)``: the guided eps of the
+    stage's model, or in the fusion stage both fused per pixel by SNF on their responses.
+    A stage needs only the guidance of the models it uses."""
+    if stage.uses_scene_model and scene is None:
+        raise ValueError(f"the {stage.value} stage needs the scene model's predictions")
+    if stage.uses_subject_model and subject is None:
+        raise ValueError(f"the {stage.value} stage needs the subject model's predictions")
+    if stage is Stage.SCENE:
+        return GuidedNoise(scene[0])
+    if stage is Stage.SUBJECT:
+        return GuidedNoise(subject[0])
+    eps, mask = fuse_noise(scene[0], subject[0], scene[1], subject[1])
+    return GuidedNoise(eps, mask)
+
+
 def combine(stage: Stage, scene_pair: Optional[Pair], subject_pair: Optional[Pair], scale: float) -> GuidedNoise:
-    """Guided noise of one step from the models' (negative, positive) eps pairs.
+    """Guided noise of one step from the models' (negative, positive) eps pairs, each guided by CFG.
 
     ``scene_pair`` is TDM's ``(eps(c0), eps(ct))``, ``subject_pair`` SDM's ``(eps(ct), eps(ca))``;
     a stage needs only the pairs of the models it uses.
     """
-    if stage.uses_scene_model and scene_pair is None:
-        raise ValueError(f"the {stage.value} stage needs the scene model's predictions")
-    if stage.uses_subject_model and subject_pair is None:
-        raise ValueError(f"the {stage.value} stage needs the subject model's predictions")
-    if stage is Stage.SCENE:
-        return GuidedNoise(cfg(*scene_pair, scale)[0])
-    if stage is Stage.SUBJECT:
-        return GuidedNoise(cfg(*subject_pair, scale)[0])
-    eps_scene, response_scene = cfg(*scene_pair, scale)
-    eps_subject, response_subject = cfg(*subject_pair, scale)
-    eps, mask = fuse_noise(eps_scene, eps_subject, response_scene, response_subject)
-    return GuidedNoise(eps, mask)
+
+    def guide(pair: Optional[Pair]) -> Optional[Guided]:
+        return None if pair is None else cfg(*pair, scale)
+
+    return combine_guided(stage, guide(scene_pair), guide(subject_pair))
 
 
 def _to_batch(context: torch.Tensor, batch: int) -> torch.Tensor:

@@ -7,15 +7,16 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
-from .errors import MissingDependencyError
+from .errors import EvaluationError, MissingDependencyError
 
-__all__ = ["REFERENCE_POINTS", "CSV_FIELDS", "ImageScore", "parse_csv", "format_rows", "summary_markdown", "plot_ip_pc"]
+__all__ = ["REFERENCE_POINTS", "CSV_FIELDS", "ImageScore", "parse_csv", "unreadable_line", "format_rows", "summary_markdown", "plot_ip_pc"]
 
 REFERENCE_POINTS = {"FastComposer (paper, single subject)": (0.514, 0.243)}  # (IP, PC)
 CSV_FIELDS = ("job", "image", "prompt", "subjects", "num_subjects", "ip", "ip_per_subject", "faces", "pc", "server")
 SUBJECT_SEPARATOR = "+"
+Number = TypeVar("Number", int, float)
 
 
 @dataclass(frozen=True)
@@ -49,29 +50,63 @@ class ImageScore:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, str]) -> "ImageScore":
-        return cls(
-            row["job"],
-            row["image"],
-            row["prompt"],
-            tuple(row["subjects"].split(SUBJECT_SEPARATOR)),
-            float(row["ip"]),
-            tuple(float(value) for value in row["ip_per_subject"].split(";")),
-            int(row["faces"]),
-            float(row["pc"]),
-            row["server"],
-        )
+    def from_fields(cls, fields: Sequence[str]) -> "ImageScore":
+        """The score in one CSV record (values in :data:`CSV_FIELDS` order); ValueError says what is wrong."""
+        if len(fields) != len(CSV_FIELDS):
+            raise ValueError(f"it has {len(fields)} fields, a score has {len(CSV_FIELDS)} ({', '.join(CSV_FIELDS)})")
+        row = dict(zip(CSV_FIELDS, fields))
+        empty = next((name for name in ("job", "image", "subjects") if not row[name]), None)
+        if empty:
+            raise ValueError(f"its {empty} is empty")
+        subjects = tuple(row["subjects"].split(SUBJECT_SEPARATOR))
+        per_subject = tuple(_parse(float, "ip_per_subject", value) for value in row["ip_per_subject"].split(";"))
+        if _parse(int, "num_subjects", row["num_subjects"]) != len(subjects) or len(per_subject) != len(subjects):
+            raise ValueError(
+                f"its subjects ({row['subjects']!r}), num_subjects ({row['num_subjects']!r}) and ip_per_subject "
+                f"({row['ip_per_subject']!r}) do not count the same number of subjects"
+            )
+        faces = _parse(int, "faces", row["faces"])
+        if faces < 0:
+            raise ValueError(f"its faces is {faces}: a count of faces cannot be negative")
+        ip, pc = _parse(float, "ip", row["ip"]), _parse(float, "pc", row["pc"])
+        return cls(row["job"], row["image"], row["prompt"], subjects, ip, per_subject, faces, pc, row["server"])
 
 
-def parse_csv(text: str) -> list[ImageScore]:
-    """The rows of a scores CSV; an incomplete row (a run killed while writing it) is dropped."""
+def _parse(kind: Callable[[str], Number], name: str, value: str) -> Number:
+    """``value`` as an int or float; a ValueError naming the field otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"its {name} is {value!r}, not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def parse_csv(text: str, source: str = "scores.csv") -> list[ImageScore]:
+    """The scores in a scores CSV (as :func:`format_rows` writes it).
+
+    Only a last line without its newline (a run killed while writing it) is left out. Anything
+    else that is not a score (another header, a row with a missing or unreadable value) raises
+    :class:`EvaluationError` naming ``source``, the line and what is wrong: a score is never
+    dropped silently.
+    """
+    reader = csv.reader(io.StringIO(text[: text.rfind("\n") + 1]))
     scores = []
-    for row in csv.DictReader(io.StringIO(text)):
-        try:
-            scores.append(ImageScore.from_row(row))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            continue
+    try:
+        for index, fields in enumerate(reader):
+            if index == 0 and tuple(fields) != CSV_FIELDS:
+                raise ValueError(f"the header is {','.join(fields)!r}, a scores file's is {','.join(CSV_FIELDS)!r}")
+            if index > 0 and fields:  # a blank line holds no score
+                scores.append(ImageScore.from_fields(fields))
+    except (ValueError, csv.Error) as error:
+        raise unreadable_line(source, reader.line_num, str(error)) from None
     return scores
+
+
+def unreadable_line(source: str, line: int, problem: str) -> EvaluationError:
+    """The error for a line of a scores file that holds no score (the file is left as it is)."""
+    return EvaluationError(
+        f"{source}, line {line}: {problem}. The file was left as it is: fix that line (or move the file "
+        "away to score afresh), then run the command again"
+    )
 
 
 def format_rows(scores: Iterable[ImageScore], header: bool) -> str:

@@ -29,7 +29,8 @@ def saliency_map(response: torch.Tensor) -> torch.Tensor:
     """Saliency of a guidance response.
 
     Args:
-        response: ``guidance_scale * (eps_cond - eps_uncond)`` in eps space, [B,C,H,W], any float dtype.
+        response: what guidance added to the negative's eps, [B,C,H,W], any float dtype:
+            ``guidance_scale * (eps_cond - eps_uncond)`` for plain CFG.
 
     Returns:
         float32 [B,1,H,W]; each sample's map is a softmax over its H*W pixels (sums to 1).

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .errors import CheckpointError, ReferenceImageError
+from .errors import CheckpointError
 from .postfuse import PostfuseModule
 from .preprocess import DEFAULT_OBJECT_RESOLUTION, preprocess_references
-from .prompt import MARKER
+from .subjects import References, Subject, check_count, check_subjects, combine_embeddings
 
 __all__ = ["VIT_L14", "vision_config", "vision_config_from_state_dict", "SubjectEncoder"]
 
@@ -67,7 +67,7 @@ def vision_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], prefix
 
 
 class SubjectEncoder(nn.Module):
-    """Reference images -> subject embeddings -> subject-augmented text conditioning."""
+    """Reference photos -> subject embeddings -> subject-augmented text conditioning."""
 
     def __init__(self, config: Optional[CLIPVisionConfig] = None, text_embed_dim: Optional[int] = None) -> None:
         super().__init__()
@@ -100,24 +100,36 @@ class SubjectEncoder(nn.Module):
         out = self.image_encoder(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype))
         return out.image_embeds
 
+    def embed_subjects(self, subjects: Sequence[Subject], object_resolution: int = DEFAULT_OBJECT_RESOLUTION) -> torch.Tensor:
+        """S subjects -> [S, D]: every photo embedded (one encoder batch), then each subject's
+        embeddings combined (:func:`~facediffuser_core.subjects.combine_embeddings`). With one photo
+        per subject this is :meth:`embed` of those photos, bit for bit."""
+        pixels = torch.cat([preprocess_references(batch, object_resolution) for subject in subjects for batch in subject.photos])
+        embeds = self.embed(pixels).split([subject.count for subject in subjects])
+        return torch.stack([combine_embeddings(own, subject.combine) for subject, own in zip(subjects, embeds)])
+
     def forward(
         self,
         text_cond: torch.Tensor,
-        images: torch.Tensor,
+        references: References,
         positions: Sequence[int],
         object_resolution: int = DEFAULT_OBJECT_RESOLUTION,
+        words: Optional[Sequence[str]] = None,
     ) -> torch.Tensor:
         """Subject-augmented conditioning.
 
         Args:
             text_cond: [B, L, D] text-encoder output of the clean prompt.
-            images: ComfyUI IMAGE [S,H,W,C] in 0..1, image i is the subject of marker i.
+            references: ComfyUI IMAGE [S,H,W,C] in 0..1, image i the subject of marker i; or S
+                :class:`~facediffuser_core.subjects.Subject` (several photos each), in marker order.
             positions: S marked token indices (from :func:`facediffuser_core.prompt.parse_prompt`).
+            words: the S marked words, to name the markers in error messages.
         """
-        if images.ndim == 4 and images.shape[0] != len(positions):
-            raise ReferenceImageError(
-                f"the prompt marks {len(positions)} subject(s) with {MARKER} but {images.shape[0]} reference "
-                "image(s) were given; give one reference image per marker, in marker order"
-            )
-        embeds = self.embed(preprocess_references(images, object_resolution))
+        if isinstance(references, torch.Tensor):
+            if references.ndim == 4:
+                check_count(references.shape[0], len(positions), "reference image", words)
+            embeds = self.embed(preprocess_references(references, object_resolution))
+        else:
+            check_subjects(references, len(positions), words)
+            embeds = self.embed_subjects(references, object_resolution)
         return self.postfuse_module(text_cond, embeds, positions)

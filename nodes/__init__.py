@@ -12,6 +12,7 @@ from .faces import FaceDiffuserFaceCrop
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
 from .sampler import FaceDiffuserSampler
+from .subject import FaceDiffuserSubject
 from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
 
 register_model_folder()
@@ -24,6 +25,7 @@ class FaceDiffuserExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [
             FaceDiffuserLoader,
+            FaceDiffuserSubject,
             FaceDiffuserSubjectEncode,
             FaceDiffuserGuider,
             FaceDiffuserSampler,

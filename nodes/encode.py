@@ -1,18 +1,21 @@
-"""Face-diffuser Subject Encode: prompt with <|image|> markers + reference images -> text and subject conditionings."""
+"""Face-diffuser Subject Encode: prompt with <|image|> markers + reference photos -> text and subject conditionings."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from comfy_api.latest import io
 
-from ..facediffuser_core.errors import PromptError
+from ..facediffuser_core.errors import PromptError, ReferenceImageError
 from ..facediffuser_core.preprocess import DEFAULT_OBJECT_RESOLUTION
 from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from ..facediffuser_core.subjects import References, Subject
 from .common import CATEGORY, errors_named
 from .loader import SubjectEncoderModel, SubjectEncoderType
+from .subject import NAME as SUBJECT_NAME
+from .subject import SubjectsType
 
 NAME = "Face-diffuser Subject Encode"
 
@@ -43,9 +46,9 @@ def comfy_tokenizer(clip) -> Callable[[str], list[int]]:
     return tokenize
 
 
-def encode_subjects(clip, subject_encoder: SubjectEncoderModel, images: torch.Tensor, prompt: str, object_resolution: int):
+def encode_subjects(clip, subject_encoder: SubjectEncoderModel, references: References, prompt: str, object_resolution: int):
     """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
-    reference images fused in at the marked words."""
+    reference photos (an IMAGE, one per marker, or one Subject per marker) fused in at the marked words."""
     parsed = parse_prompt(prompt, comfy_tokenizer(clip))
     tokens = {"l": _sd1_chunks(clip, parsed.text)}
     first_chunk = tokens["l"][0]
@@ -57,8 +60,18 @@ def encode_subjects(clip, subject_encoder: SubjectEncoderModel, images: torch.Te
                 "(the tokenizer moved it to the next chunk, or it is an embedding); mark a plain word earlier in the prompt"
             )
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    subject = subject_encoder.augment(cond, images, parsed.positions, object_resolution)
+    subject = subject_encoder.augment(cond, references, parsed.positions, object_resolution, parsed.words)
     return [[cond, {"pooled_output": pooled}]], [[subject, {"pooled_output": pooled}]]
+
+
+def chosen_references(images: Optional[torch.Tensor], subjects: Optional[tuple[Subject, ...]]) -> References:
+    """The one of ``images`` and ``subjects`` that is connected."""
+    choices = f"images (one photo per {MARKER} marker) or subjects (chained {SUBJECT_NAME} nodes, one or more photos per marker)"
+    if images is None and subjects is None:
+        raise ReferenceImageError(f"connect {choices}")
+    if images is not None and subjects is not None:
+        raise ReferenceImageError(f"connect either {choices}, not both")
+    return images if images is not None else subjects
 
 
 class FaceDiffuserSubjectEncode(io.ComfyNode):
@@ -69,13 +82,19 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
             display_name=NAME,
             category=CATEGORY,
             description=f"Encodes a prompt that marks each person with {MARKER} after its class word "
-            f"(\"a man {MARKER} and a woman {MARKER} at a cafe\"). Image i of the batch is the subject of the "
-            "i-th marker. Outputs the text conditioning (markers removed) and the subject conditioning "
-            "(each reference face fused into its word).",
+            f"(\"a man {MARKER} and a woman {MARKER} at a cafe\"). The people's photos come either as images "
+            f"(image i of the batch is the subject of the i-th marker) or as subjects (one {SUBJECT_NAME} node per "
+            "marker, chained in marker order, each with one or more photos). Outputs the text conditioning "
+            "(markers removed) and the subject conditioning (each person's face fused into its word).",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP from the Face-diffuser Loader."),
                 SubjectEncoderType.Input("subject_encoder", tooltip="The subject encoder from the Face-diffuser Loader."),
-                io.Image.Input("images", tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). Crops centred on the face work best."),
+                io.Image.Input(
+                    "images",
+                    optional=True,
+                    tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). "
+                    f"Crops centred on the face work best. Leave empty when subjects is connected.",
+                ),
                 io.String.Input(
                     "prompt",
                     multiline=True,
@@ -91,6 +110,12 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
                     step=8,
                     tooltip="Size the padded-square reference is resized to before the 224 px encoder resize (the official default is 512; match it to your photos' face size).",
                 ),
+                SubjectsType.Input(
+                    "subjects",
+                    optional=True,
+                    tooltip=f"Instead of images: the people as chained {SUBJECT_NAME} nodes, one per {MARKER} marker in marker order, "
+                    "each with one or more photos of any size.",
+                ),
             ],
             outputs=[
                 io.Conditioning.Output("text", display_name="text", tooltip="The prompt with the markers removed: positive for the TDM and negative for the SDM."),
@@ -99,7 +124,15 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, subject_encoder: SubjectEncoderModel, images: torch.Tensor, prompt: str, object_resolution: int) -> io.NodeOutput:
+    def execute(
+        cls,
+        clip,
+        subject_encoder: SubjectEncoderModel,
+        prompt: str,
+        object_resolution: int,
+        images: Optional[torch.Tensor] = None,
+        subjects: Optional[tuple[Subject, ...]] = None,
+    ) -> io.NodeOutput:
         with errors_named(NAME):
-            text, subject = encode_subjects(clip, subject_encoder, images, prompt, object_resolution)
+            text, subject = encode_subjects(clip, subject_encoder, chosen_references(images, subjects), prompt, object_resolution)
         return io.NodeOutput(text, subject)

@@ -12,11 +12,12 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import FaceDiffuserError
-from ..facediffuser_core.guidance import combine
+from ..facediffuser_core.guidance import Guided, cfg, combine_guided, guided_from
 from ..facediffuser_core.schedule import (
     FINAL_FRACTION,
     OFFICIAL_GUIDANCE,
     START_MERGE_FRACTION,
+    Stage,
     bounds_from_fractions,
     stage_at,
     step_index,
@@ -26,6 +27,12 @@ from .common import CATEGORY, errors_named
 
 NAME = "Face-diffuser Guider"
 TDM_KEY = "facediffuser_tdm"
+GUIDANCE_HOOKS = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function", "sampler_calc_cond_batch_function")
+
+
+def has_guidance_hooks(model_options: dict) -> bool:
+    """Whether a model carries any of ComfyUI's CFG hooks (RescaleCFG, CFGNorm, APG, PAG, SAG, ...)."""
+    return any(model_options.get(key) for key in GUIDANCE_HOOKS)
 
 
 def check_model_pair(tdm, sdm) -> None:
@@ -55,7 +62,9 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
     """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
     text prompt as negative. The SDM is the primary model; the TDM is registered as an additional
     model so ComfyUI loads both in one model-management call. Stages follow the step index of each
-    evaluation in the sigma schedule, so every sampler and scheduler works."""
+    evaluation in the sigma schedule, so every sampler and scheduler works. Each model is guided with
+    its own options: by ComfyUI's CFG chain when it carries guidance hooks, by the official eps-space
+    CFG otherwise; the fusion stage compares the responses after the hooks."""
 
     def __init__(self, tdm, sdm, cfg: float, start_fraction: float, final_fraction: float) -> None:
         check_model_pair(tdm, sdm)
@@ -94,26 +103,52 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
         stage = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds)
-        sigma = timestep.reshape(-1, *([1] * (x.ndim - 1)))
+        # each model with its own (negative, positive) pair and its own options (hooks, patches)
+        scene = (self.tdm.model, "negative", "text", self.tdm_model_options)
+        subject = (self.inner_model, "text", "subject", model_options)
+        if stage is not Stage.FUSION:
+            model, negative, positive, options = scene if stage is Stage.SCENE else subject
+            if has_guidance_hooks(options):  # what a KSampler on this model computes, step for step
+                return comfy.samplers.sampling_function(model, x, timestep, self.conds[negative], self.conds[positive], self.cfg, options, seed)
+        guided = combine_guided(
+            stage,
+            self.guidance(*scene, x, timestep, seed) if stage.uses_scene_model else None,
+            self.guidance(*subject, x, timestep, seed) if stage.uses_subject_model else None,
+        )
+        if guided.subject_mask is not None:
+            self.last_subject_mask = guided.subject_mask
+        return x - guided.eps * sigma_like(timestep, x)
+
+    def guidance(self, model, negative: str, positive: str, options: dict, x: torch.Tensor, timestep: torch.Tensor, seed) -> Guided:
+        """One model's (guided eps, response). Without CFG hooks: the core's CFG on the two eps
+        predictions; with hooks: ComfyUI's sampling_function, the response being its result minus
+        the negative's prediction (both after the hooks, the negative as the post-CFG hooks see it)."""
+        sigma = sigma_like(timestep, x)
 
         def eps(denoised: torch.Tensor) -> torch.Tensor:  # ComfyUI models return x0
             return (x - denoised) / sigma
 
-        scene_pair = subject_pair = None
-        if stage.uses_scene_model:  # [cond, uncond] order, as CFGGuider passes them
-            text, empty = comfy.samplers.calc_cond_batch(
-                self.tdm.model, [self.conds["text"], self.conds["negative"]], x, timestep, self.tdm_model_options
-            )
-            scene_pair = (eps(empty), eps(text))
-        if stage.uses_subject_model:
-            subject, text = comfy.samplers.calc_cond_batch(
-                self.inner_model, [self.conds["subject"], self.conds["text"]], x, timestep, model_options
-            )
-            subject_pair = (eps(text), eps(subject))
-        guided = combine(stage, scene_pair, subject_pair, self.cfg)
-        if guided.subject_mask is not None:
-            self.last_subject_mask = guided.subject_mask
-        return x - guided.eps * sigma
+        if not has_guidance_hooks(options):  # [cond, uncond] order, as CFGGuider passes them
+            positive_x0, negative_x0 = comfy.samplers.calc_cond_batch(model, [self.conds[positive], self.conds[negative]], x, timestep, options)
+            return cfg(eps(negative_x0), eps(positive_x0), self.cfg)
+        negatives = []
+
+        def record_negative(args: dict) -> torch.Tensor:
+            negatives.append(args["uncond_denoised"])
+            return args["denoised"]
+
+        options = {
+            **options,
+            "sampler_post_cfg_function": [*options.get("sampler_post_cfg_function", []), record_negative],
+            "disable_cfg1_optimization": True,  # SNF needs the negative's prediction even at cfg 1
+        }
+        guided = comfy.samplers.sampling_function(model, x, timestep, self.conds[negative], self.conds[positive], self.cfg, options, seed)
+        return guided_from(eps(negatives[-1]), eps(guided))
+
+
+def sigma_like(timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The sigmas [B] of a model evaluation shaped to broadcast over x [B,C,H,W]."""
+    return timestep.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 MODEL_INPUTS = [

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..facediffuser_core.checkpoints import FaceDiffuserCheckpoint, ModelKind, load_checkpoint
 from ..facediffuser_core.errors import CheckpointError
 from ..facediffuser_core.subject_encoder import SubjectEncoder
+from ..facediffuser_core.subjects import References
 from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded
 
 NAME = "Face-diffuser Loader"
@@ -36,10 +37,16 @@ class SubjectEncoderModel:
     def encoder(self) -> SubjectEncoder:
         return self.patcher.model.inner
 
-    def augment(self, text_cond: torch.Tensor, images: torch.Tensor, positions: Sequence[int], object_resolution: int) -> torch.Tensor:
+    def augment(
+        self, text_cond: torch.Tensor, references: References, positions: Sequence[int], object_resolution: int, words: Sequence[str]
+    ) -> torch.Tensor:
         """[1, L, 768] text conditioning -> subject-augmented copy (see :meth:`SubjectEncoder.forward`)."""
         device = self.patcher.load_device
-        fused = loaded(self.patcher)(text_cond.to(device), images.to(device), positions, object_resolution)
+        if isinstance(references, torch.Tensor):
+            references = references.to(device)
+        else:
+            references = [subject.to(device) for subject in references]
+        fused = loaded(self.patcher)(text_cond.to(device), references, positions, object_resolution, words)
         return fused.to(device=mm.intermediate_device(), dtype=text_cond.dtype)
 
 

@@ -1,5 +1,5 @@
 """What the suites that run a real ComfyUI share (``tests/integration``, ``tests/browser``): they run
-when COMFYUI_PATH points at a ComfyUI 0.8 checkout whose requirements are installed in this
+when COMFYUI_PATH points at a ComfyUI (0.3.75 or newer) checkout whose requirements are installed in this
 environment, and report themselves skipped otherwise. Each suite's conftest imports the fixtures
 from here; the server helpers live in ``tests/integration/harness.py`` and ``models.py``."""
 
@@ -24,7 +24,7 @@ def skip_without_comfyui(items, folder: Path, suite: str) -> None:
     if COMFYUI_PATH:
         return
     skip = pytest.mark.skip(
-        reason=f"COMFYUI_PATH is not set: the {suite} needs a ComfyUI 0.8 checkout "
+        reason=f"COMFYUI_PATH is not set: the {suite} needs a ComfyUI (0.3.75 or newer) checkout "
         "(export COMFYUI_PATH=/path/to/ComfyUI, its requirements installed here; see README)"
     )
     for item in items:

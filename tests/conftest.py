@@ -1,3 +1,5 @@
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -8,6 +10,24 @@ TESTS = Path(__file__).resolve().parent
 for path in (ROOT, TESTS):  # facediffuser_core, and the tests' helper modules
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+def comfyui_version(path: Path) -> str:
+    """The version a ComfyUI tree declares in comfyui_version.py ("unknown" without one)."""
+    try:
+        match = re.search(r'__version__\s*=\s*"([^"]+)"', (path / "comfyui_version.py").read_text())
+    except OSError:
+        match = None
+    return match.group(1) if match else "unknown"
+
+
+def pytest_report_header(config):
+    """Which ComfyUI the integration and browser suites run against, for readers of a CI log."""
+    configured = os.environ.get("COMFYUI_PATH")
+    if not configured:
+        return "ComfyUI: none (COMFYUI_PATH is not set; the integration and browser suites are skipped)"
+    path = Path(configured).resolve()
+    return f"ComfyUI: {comfyui_version(path)} at {path}"
 
 
 @pytest.fixture(scope="session")

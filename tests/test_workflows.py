@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -36,7 +36,8 @@ def test_ui_graph_is_well_formed(ui_path):
     linked = {link[0] for link in ui["links"]}
     for node in nodes.values():
         assert node["type"] in WIDGETS
-        assert all(s["link"] in linked for s in node["inputs"]), f"node {node['id']} has a dangling input"
+        # an unconnected (optional) input is saved with link null, as the frontend does
+        assert all(s["link"] is None or s["link"] in linked for s in node["inputs"]), f"node {node['id']} has a dangling input"
         assert all(set(o["links"]) <= linked for o in node["outputs"])
 
 
@@ -50,13 +51,34 @@ def test_models_are_the_converted_files_the_readme_names(ui_path, api_path):
     assert all(name in readme for name in MODEL_FILES)
 
 
+PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # Face-diffuser Subject's
+
+
 def count_images(api: dict, source: list) -> int:
     node = api[source[0]]
     if node["class_type"] == "LoadImage":
         return 1
-    if node["class_type"] == "BatchImagesNode":  # "Batch Images": inputs images.image0, images.image1, ...
-        return sum(count_images(api, link) for name, link in node["inputs"].items() if name.startswith("images."))
+    if node["class_type"] == "ImageBatch":  # "Batch Images": image1 then image2
+        return count_images(api, node["inputs"]["image1"]) + count_images(api, node["inputs"]["image2"])
     raise AssertionError(f"unexpected image source {node['class_type']}")
+
+
+def photos_per_subject(api: dict, source: list) -> list[int]:
+    """The photo count of each person of a chain of Face-diffuser Subject nodes, in marker order."""
+    node = api[source[0]]
+    assert node["class_type"] == "FaceDiffuserSubject"
+    previous = node["inputs"].get("previous_subjects")
+    photos = sum(count_images(api, node["inputs"][name]) for name in PHOTO_INPUTS if name in node["inputs"])
+    return [*(photos_per_subject(api, previous) if previous else []), photos]
+
+
+def subject_photo_counts(api: dict, encoder: dict) -> list[int]:
+    """Photos per marker that a Subject Encode node receives: its images, one per marker; or its subjects."""
+    inputs = encoder["inputs"]
+    assert ("images" in inputs) != ("subjects" in inputs), "Subject Encode takes images or subjects, one of them"
+    if "images" in inputs:
+        return [1] * count_images(api, inputs["images"])
+    return photos_per_subject(api, inputs["subjects"])
 
 
 @pytest.mark.parametrize("api_path", [a for _, a in PAIRS], ids=[p.stem for p, _ in PAIRS])
@@ -66,4 +88,14 @@ def test_prompts_mark_one_subject_per_reference_image(api_path, clip_tokenize):
     assert encoders
     for encoder in encoders:
         parsed = parse_prompt(encoder["inputs"]["prompt"], clip_tokenize)
-        assert parsed.num_subjects == count_images(api, encoder["inputs"]["images"]) >= 1
+        counts = subject_photo_counts(api, encoder)
+        assert parsed.num_subjects == len(counts) >= 1 and min(counts) >= 1
+
+
+def test_the_multi_photo_workflow_gives_one_person_two_photos_of_different_sizes():
+    api = load(API_WORKFLOWS / "facediffuser_two_photos.json")
+    (encoder,) = [n for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    assert subject_photo_counts(api, encoder) == [2]
+    (subject,) = [n for n in api.values() if n["class_type"] == "FaceDiffuserSubject"]
+    # two Load Image nodes on two inputs: photos of different sizes cannot share one IMAGE batch
+    assert [api[subject["inputs"][name][0]]["inputs"]["image"] for name in ("images", "images_2")] == ["face_1.png", "face_2.png"]

@@ -15,6 +15,7 @@ API_WORKFLOWS = WORKFLOWS / "api"
 
 WIDGETS: dict[str, list[str]] = {
     "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
+    "FaceDiffuserSubject": ["combine"],
     "FaceDiffuserSubjectEncode": ["prompt", "object_resolution"],
     "FaceDiffuserGuider": ["cfg", "start_merge", "final"],
     "FaceDiffuserSampler": ["seed", "$control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "start_merge", "final", "denoise"],
@@ -24,7 +25,7 @@ WIDGETS: dict[str, list[str]] = {
     "SaveImage": ["filename_prefix"],
     "PreviewImage": [],
     "VAEDecode": [],
-    "BatchImagesNode": [],  # "Batch Images": autogrow inputs images.image0, images.image1, ...
+    "ImageBatch": [],  # "Batch Images" (image1, image2): in ComfyUI 0.3.75 and 0.8 (BatchImagesNode is 0.8 only)
     "MaskToImage": [],
     "KSamplerSelect": ["sampler_name"],
     "BasicScheduler": ["scheduler", "steps", "denoise"],

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import builtins
+import errno
+import os
 import pickle
 import re
+import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import factories
+from facediffuser_core import checkpoints
 from facediffuser_core.checkpoints import (
     ModelKind,
     load_checkpoint,
@@ -21,6 +28,8 @@ from facediffuser_core.checkpoints import (
     split_checkpoint,
 )
 from facediffuser_core.errors import CheckpointError
+from malicious import CodeRunningPickle
+from paths import ROOT
 
 KINDS = ("SDM", "TDM")
 SEEDS = {"SDM": 0, "TDM": 1}  # the seeds tests/conftest.py's official_files are built with
@@ -140,16 +149,6 @@ def test_text_encoder_with_text_model_level_is_not_prefixed_twice(tdm_state):
 
 # --- refusals ----------------------------------------------------------------------------------
 
-class CodeRunningPickle:
-    """Unpickling this creates ``marker``: a stand-in for a malicious checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
 MALICIOUS_WRITERS: dict[str, Callable[[Path, object], None]] = {
     "torch.save zip": lambda path, obj: torch.save(obj, path),
     "torch.save legacy": lambda path, obj: torch.save(obj, path, _use_new_zipfile_serialization=False),
@@ -203,6 +202,130 @@ def test_truncated_file_is_a_clear_error(tmp_path, tdm_state, layout, keep):
     size = int(len(data) * keep)
     with pytest.raises(CheckpointError, match=named(path) + rf" could not be read \(.*\); the file \({size} bytes\) is probably truncated"):
         load_checkpoint(path)
+
+
+# --- read errors name their real cause --------------------------------------------------------
+
+# The OS's error for each failure, injected where read_state_dict opens the file (for both formats):
+# a test run as root reads any file, and a file cannot be made to vanish or fail I/O on cue.
+OS_ERRORS: dict[str, tuple[Callable[[Path], OSError], str]] = {
+    "missing": (
+        lambda path: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)),
+        r": no such file \(it was removed or moved while it was being read\)$",
+    ),
+    "permission": (
+        lambda path: PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)),
+        r" cannot be read: permission denied \(PermissionError: \[Errno 13\] .*\); make the file readable by the user",
+    ),
+    "disk": (
+        lambda path: OSError(errno.EIO, os.strerror(errno.EIO), str(path)),
+        r" could not be read \(OSError: \[Errno 5\] .*\): the disk or file system failed; check it",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("failure", OS_ERRORS)
+def test_an_os_error_is_named_for_what_it_is(tmp_path, tdm_state, monkeypatch, failure, name):
+    path = tmp_path / name
+    (WRITERS["safetensors"] if name.endswith(".safetensors") else WRITERS["zip pickle"])(path, tdm_state)
+    make_error, message = OS_ERRORS[failure]
+    raised = make_error(path)
+
+    def fail_on_the_checkpoint(file, *args, **kwargs):
+        if Path(file) == path:
+            raise raised
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", fail_on_the_checkpoint, raising=False)
+    with pytest.raises(CheckpointError, match=named(path) + message) as error:
+        read_state_dict(path)
+    assert error.value.__cause__ is raised
+    assert "truncated" not in str(error.value)
+
+
+READ_CHILD = """
+import resource, sys
+from facediffuser_core.checkpoints import read_state_dict
+from facediffuser_core.errors import CheckpointError
+
+if sys.argv[1:]:  # limit the address space to this many bytes more than this process holds now
+    size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]),) * 2)
+for path in sys.stdin.read().splitlines():
+    try:
+        read_state_dict(path)
+        print("read")
+    except CheckpointError as error:
+        print(f"{type(error.__cause__).__name__} | {error}")
+"""
+
+
+def read_in_child(paths: list[Path], headroom: Optional[int] = None, command: tuple[str, ...] = ()) -> list[str]:
+    """Per path, ``<cause type> | <error>`` from read_state_dict in a fresh process (``headroom``:
+    bytes of address space it may add; ``command``: a prefix such as setpriv). The paths go
+    through stdin."""
+    argv = [*command, sys.executable, "-c", READ_CHILD, *([str(headroom)] if headroom else [])]
+    done = subprocess.run(argv, input="\n".join(map(str, paths)), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == len(paths), done.stdout
+    return done.stdout.splitlines()
+
+
+def without_root_file_access() -> tuple[str, ...]:
+    """A command prefix under which this user cannot read a file it has no permission for: none
+    for a normal user; for root, setpriv dropping the capabilities that bypass permissions."""
+    if os.geteuid() != 0:
+        return ()
+    drop = "-dac_override,-dac_read_search"
+    command = ("setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}")
+    if shutil.which("setpriv") is None or subprocess.run([*command, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, which reads any file, and setpriv cannot drop that capability here")
+    return command
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="file permissions are POSIX's")
+def test_an_unreadable_file_is_a_permission_error(tmp_path, tdm_state):
+    """For real: safetensors alone would report the refused open as FileNotFoundError."""
+    paths = [tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin"]
+    WRITERS["safetensors"](paths[0], tdm_state)
+    WRITERS["zip pickle"](paths[1], tdm_state)
+    for path in paths:
+        path.chmod(0)
+    for path, line in zip(paths, read_in_child(paths, command=without_root_file_access())):
+        assert line.startswith(f"PermissionError | {path} cannot be read: permission denied"), line
+
+
+def corrupt_size_field(path: Path) -> None:
+    """A legacy pickle of 100000 floats whose stored element count says 2**31 - 1: reading it
+    allocates far more than the file holds."""
+    torch.save({"unet.weight": torch.zeros(100_000)}, path, _use_new_zipfile_serialization=False)
+    count = b"J" + struct.pack("<i", 100_000)  # pickle BININT
+    data = path.read_bytes()
+    assert count in data
+    path.write_bytes(data.replace(count, b"J" + struct.pack("<i", 2**31 - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="the address-space limit is read from /proc (Linux)")
+def test_out_of_memory_is_named_and_a_corrupt_size_is_not(tmp_path):
+    """Each file is read in a process whose address space has 16 MiB to spare: the 64 MiB files do
+    not fit (torch 2.x fails its mmap, or its allocator, safetensors raises MemoryError), and the
+    corrupt file's impossible allocation is named as corruption, not as a lack of memory."""
+    state = {"unet.weight": torch.zeros(16 * 2**20)}
+    paths = []
+    for layout in ("zip pickle", "legacy pickle", "safetensors"):
+        path = tmp_path / layout.replace(" ", "_") / ("model.safetensors" if layout == "safetensors" else "pytorch_model.bin")
+        path.parent.mkdir()
+        WRITERS[layout](path, state)
+        paths.append(path)
+    corrupt = tmp_path / "corrupt.bin"
+    corrupt_size_field(corrupt)
+    lines = read_in_child([*paths, corrupt], headroom=16 * 2**20)
+    for path, line in zip(paths, lines[:3]):
+        assert re.search(re.escape(f"| {path} could not be loaded: out of memory (") + ".*" + re.escape(
+            f"Loading takes about the file's size ({path.stat().st_size} bytes) of free memory"), line), line
+    assert re.search(re.escape(f"| {corrupt} could not be read (") + ".*" + re.escape(
+        f"the file ({corrupt.stat().st_size} bytes) is probably truncated or corrupt"), lines[3]), lines[3]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import convert_memory
 import factories
 from facediffuser_core import convert
 from facediffuser_core.__main__ import main
@@ -304,3 +305,24 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys, failure):
     assert main(["convert", str(src), "-o", str(dst)]) == 2
     assert capsys.readouterr().err.startswith("error: " + message.format(src=src, dst=dst))
     assert not dst.exists()
+
+
+# --- peak memory -------------------------------------------------------------------------------
+
+MEMORY_BOUND = 1.3  # peak RSS above an idle interpreter, as a multiple of the input file's size
+
+
+@pytest.mark.skipif(not convert_memory.STATUS.is_file(), reason="peak RSS is read from /proc/self/status (Linux)")
+def test_peak_memory_stays_within_1_3x_the_input(tmp_path):
+    """A 256 MiB official-layout SDM converted by the CLI in a child process, to fp16 (the default)
+    and to fp32 (the largest output); benchmarks/bench_convert.py reports the same numbers."""
+    src = tmp_path / "SDM" / "pytorch_model.bin"
+    convert_memory.write_padded_sdm(src, 256)
+    _, baseline = convert_memory.run_child([])
+    for dtype in ("fp16", "fp32"):
+        dst = tmp_path / f"sdm_{dtype}.safetensors"
+        _, peak = convert_memory.run_child(["convert", str(src), "-o", str(dst), "--dtype", dtype])
+        assert dst.is_file()
+        ratio = (peak - baseline) / src.stat().st_size
+        assert ratio <= MEMORY_BOUND, f"--dtype {dtype}: peak {(peak - baseline) / 2**20:.0f} MiB above an idle interpreter, {ratio:.2f}x the input"
+        dst.unlink()

@@ -8,12 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from PIL import Image
@@ -32,7 +34,7 @@ from facediffuser_core.evaluate import (
     read_prompts,
     run_jobs,
 )
-from facediffuser_core.report import REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
+from facediffuser_core.report import CSV_FIELDS, REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
 from fake_comfy import FakeComfy
 from paths import ROOT
 from workflow_format import API_WORKFLOWS
@@ -306,25 +308,102 @@ def test_csv_round_trip_keeps_commas_and_quotes():
     scores = [ImageScore("j", "j_0.png", job.prompt, job.subjects, 0.25, (0.25, 0.75), 2, -0.125, "s")]
     text = format_rows(scores, header=True)
     assert parse_csv(text) == scores
-    assert parse_csv(text + "j,j_1.png,truncated") == scores  # an incomplete row is left out
+    assert parse_csv(text + "j,j_1.png,truncated") == scores  # a torn last line (no newline) is left out
+
+
+GOOD_ROW = "j,j_1.png,a man,alice+bob,2,0.5,0.5;0.25,2,0.25,s"
+BAD_ROWS = {
+    "too few fields": ("j,j_1.png,a man,alice,1,0.5,0.5,1,0.25", "it has 9 fields, a score has 10 (job, image, "),
+    "too many fields": (GOOD_ROW + ",extra", "it has 11 fields, a score has 10"),
+    "not a number": (GOOD_ROW.replace(",0.5,", ",high,", 1), "its ip is 'high', not a number"),
+    "not a count": (GOOD_ROW.replace(",2,0.25", ",two,0.25"), "its faces is 'two', not a whole number"),
+    "negative count": (GOOD_ROW.replace(",2,0.25", ",-1,0.25"), "its faces is -1: a count of faces cannot be negative"),
+    "subjects disagree": (
+        GOOD_ROW.replace("0.5;0.25", "0.5"),
+        "its subjects ('alice+bob'), num_subjects ('2') and ip_per_subject ('0.5') do not count the same number of subjects",
+    ),
+    "empty image": (GOOD_ROW.replace("j_1.png", ""), "its image is empty"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_ROWS)
+def test_a_bad_row_before_the_last_line_is_an_error_naming_it(bad):
+    row, problem = BAD_ROWS[bad]
+    good = format_rows([score_of(Job("j", "p", ("s",), 3), index) for index in range(3)], header=True).splitlines(keepends=True)
+    text = "".join([*good[:2], row + "\n", *good[2:]])
+    with pytest.raises(EvaluationError, match=r"^out/scores.csv, line 3: " + re.escape(problem) + ".*fix that line"):
+        parse_csv(text, "out/scores.csv")
+    with pytest.raises(EvaluationError, match=r"^out/scores.csv, line 3: "):
+        parse_csv(text + "j,j_9.png,torn", "out/scores.csv")  # a torn last line does not excuse it
+
+
+def test_another_header_is_an_error():
+    with pytest.raises(EvaluationError, match=r"^s.csv, line 1: the header is 'job,image,ip', a scores file's is 'job,image,prompt,"):
+        parse_csv("job,image,ip\nj,j_0.png,0.5\n", "s.csv")
+
+
+def test_only_a_torn_last_line_is_left_out():
+    assert parse_csv("") == [] and parse_csv("job,ima") == []  # killed while writing the header
+    row = GOOD_ROW + "\n"
+    header = ",".join(CSV_FIELDS) + "\n"
+    assert len(parse_csv(header + row + row[:-1])) == 1  # even a torn line that would parse
+    assert len(parse_csv(header + row + "\n" + row)) == 2  # a blank line holds no score
+
+
+def write_rows(out: OutputFolder, jobs: Sequence[Job]) -> None:
+    out.append([score_of(job, index) for job in jobs for index in range(job.images)])
 
 
 def test_resume_keeps_finished_jobs_and_drops_the_rest(tmp_path):
     out = OutputFolder(tmp_path, SETTINGS)
-    finished, partial, no_images = (Job(name, "a man <|image|>", ("s",), 2) for name in ("finished", "partial", "no-images"))
+    finished, partial, images_gone = (Job(name, "a man <|image|>", ("s",), 2) for name in ("finished", "partial", "images-gone"))
     for job in (finished, partial):
         for name in job.image_names():
             out.image_path(name).write_bytes(b"png")
     foreign = ImageScore("old", "old_0.png", "p", ("s",), 0.1, (0.1,), 1, 0.1, "s")  # a job no longer planned
-    out.append([score_of(finished, 0), score_of(finished, 1), score_of(partial, 0), score_of(no_images, 0), score_of(no_images, 1), foreign])
+    out.append([score_of(finished, 0), score_of(finished, 1), score_of(partial, 0), score_of(images_gone, 0), score_of(images_gone, 1), foreign])
     with open(out.scores, "a") as file:
         file.write("finished,finished_1.png,a man")  # a killed write: no newline
-    assert out.resume([finished, partial, no_images]) == {"finished"}
-    kept = out.read_scores()
-    assert [(s.job, s.image) for s in kept] == [("finished", "finished_0.png"), ("finished", "finished_1.png"), ("old", "old_0.png")]
+    # scored jobs stay finished even when their images were deleted: their rows are results
+    assert out.resume([finished, partial, images_gone]) == {"finished", "images-gone"}
+    kept = [(s.job, s.image) for s in out.read_scores()]
+    assert kept == [("finished", "finished_0.png"), ("finished", "finished_1.png"), ("images-gone", "images-gone_0.png"), ("images-gone", "images-gone_1.png"), ("old", "old_0.png")]
     assert out.scores.read_text().endswith("\n")
     out.append([score_of(partial, 0)])
     assert out.read_scores()[-1] == score_of(partial, 0)
+
+
+def test_a_bad_row_stops_resume_and_the_file_keeps_every_row(tmp_path):
+    out = OutputFolder(tmp_path, SETTINGS)
+    first, second = Job("first", "p", ("s",), 2), Job("second", "p", ("s",), 2)
+    write_rows(out, [first])
+    with open(out.scores, "a") as file:
+        file.write(GOOD_ROW.replace(",0.5,", ",,", 1) + "\n")  # an edited row with its ip deleted
+    write_rows(out, [second])
+    before = out.scores.read_bytes()
+    with pytest.raises(EvaluationError, match=re.escape(f"{out.scores}, line 4: its ip is '', not a number")):
+        out.resume([first, second])
+    assert out.scores.read_bytes() == before
+
+
+def test_a_write_killed_inside_a_character_is_a_torn_line(tmp_path):
+    out = OutputFolder(tmp_path, SETTINGS)
+    job = Job("j", "a man <|image|> at a café", ("s",), 1)
+    write_rows(out, [job])
+    row = format_rows([ImageScore("k", "k_0.png", "at a café", ("s",), 0.1, (0.1,), 1, 0.1, "s")], header=False).encode()
+    with open(out.scores, "ab") as file:
+        file.write(row[: row.index("é".encode()) + 1])  # half of the two-byte é
+    assert out.resume([job]) == {"j"}
+    assert out.scores.read_bytes() == format_rows([score_of(job, 0)], header=True).encode()
+
+
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_line(tmp_path):
+    out = OutputFolder(tmp_path, SETTINGS)
+    write_rows(out, [Job("j", "p", ("s",), 2)])
+    lines = out.scores.read_bytes().splitlines(keepends=True)
+    out.scores.write_bytes(lines[0] + lines[1].replace(b"p", b"\xff") + lines[2])
+    with pytest.raises(EvaluationError, match=re.escape(f"{out.scores}, line 2: it is not UTF-8 text (invalid start byte)")):
+        out.read_scores()
 
 
 def test_an_output_folder_keeps_its_settings(tmp_path):
@@ -549,6 +628,24 @@ def test_command_errors_are_reported_cleanly(tmp_path, subjects_dir, capsys):
     prompts.write_text("a man <|image|>\n")
     assert main(["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--server", "127.0.0.1:1"]) == 2
     assert "error: scoring needs --facenet and --clip (or give --no-score to only generate)" in capsys.readouterr().err
+
+
+def test_command_stops_on_a_bad_row_and_keeps_the_scores(tmp_path, subjects_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a man <|image|>\n")
+    out = tmp_path / "out"
+    folder = OutputFolder(out, SETTINGS)
+    (alice, bob) = plan_jobs(read_prompts(prompts), ["alice", "bob"], 2, 10)
+    write_rows(folder, [alice])
+    with open(folder.scores, "a") as file:
+        file.write("j,j_1.png,a man,alice,1,0.5,0.5,1.5,0.25,s\n")  # faces: 1.5
+    write_rows(folder, [bob])
+    before = folder.scores.read_bytes()
+    args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(out), "--server", "127.0.0.1:1", "--no-score"]
+    args += ["--images-per-prompt", "2", "--steps", "3", "--cfg", "4.5", "--size", "64", "--seed", "7"]
+    assert main(args) == 2
+    assert f"error: {folder.scores}, line 4: its faces is '1.5', not a whole number" in capsys.readouterr().err
+    assert folder.scores.read_bytes() == before
 
 
 def test_client_reports_an_unreachable_server():

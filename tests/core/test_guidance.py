@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from facediffuser_core.guidance import Conditionings, cfg, combine, predict_noise
+from facediffuser_core.guidance import Conditionings, cfg, combine, combine_guided, guided_from, predict_noise
 from facediffuser_core.schedule import Stage
-from facediffuser_core.snf import fuse_noise
+from facediffuser_core.snf import fuse_noise, saliency_map
 from toy_models import ToyEpsNet, toy_conditionings
 
 SCALE = 5.0
@@ -89,6 +89,23 @@ def test_cfg_and_combine():
         combine(Stage.FUSION, (neg, pos), None, 3.0)
     with pytest.raises(ValueError, match="scene stage needs the scene model"):
         combine(Stage.SCENE, None, (neg, pos), 3.0)
+
+
+def test_guidance_from_elsewhere_fuses_on_its_own_responses():
+    """A host's guidance (not CFG of anything: e.g. after RescaleCFG or PAG) enters SNF as given:
+    the guided eps, and as response the guided eps minus the negative's eps."""
+    g = torch.Generator().manual_seed(5)
+    neg_scene, guided_scene, neg_subject, guided_subject = (torch.randn(2, 4, 16, 12, generator=g) for _ in range(4))
+    scene, subject = guided_from(neg_scene, guided_scene), guided_from(neg_subject, guided_subject)
+    assert torch.equal(scene[1], guided_scene - neg_scene)
+    assert torch.equal(combine_guided(Stage.SCENE, scene, None).eps, guided_scene)
+    assert torch.equal(combine_guided(Stage.SUBJECT, None, subject).eps, guided_subject)
+    fused = combine_guided(Stage.FUSION, scene, subject)
+    mask = saliency_map(guided_subject - neg_subject) > saliency_map(guided_scene - neg_scene)
+    assert torch.equal(fused.subject_mask, mask) and 0 < mask.float().mean() < 1
+    assert torch.equal(fused.eps, torch.where(mask, guided_subject, guided_scene))
+    with pytest.raises(ValueError, match="fusion stage needs the scene model"):
+        combine_guided(Stage.FUSION, None, subject)
 
 
 def test_conditionings_validation():

@@ -25,6 +25,7 @@ from facediffuser_core.identity import (
     reference_embeddings,
     score_identity,
 )
+from malicious import CodeRunningPickle
 
 MAN1, MAN2, ASTRONAUT = range(3)  # indices into the face_photos fixture
 
@@ -115,17 +116,13 @@ def test_facenet_file_errors(facenet_file, tmp_path):
         load_facenet(tmp_path / "resized.pt")
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path):
-    import pickle
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
+def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"  # the payload creates it (test_checkpoints shows it does when unpickled)
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
-    with pytest.raises(CheckpointError, match="was refused"):
+    torch.save({"x": CodeRunningPickle(marker), "logits.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pt was refused: loading it would run code \((builtins\.)?exec\)"):
         load_facenet(path)
+    assert not marker.exists()
 
 
 def test_single_subject_score_matches_the_independent_pipeline(facenet, detector, oracle, face_photos):

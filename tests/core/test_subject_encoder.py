@@ -204,8 +204,13 @@ def test_forward_with_a_real_photo(encoder: SubjectEncoder, text_cond: torch.Ten
     assert not torch.equal(out[:, 2], text_cond[:, 2])
 
 
-@pytest.mark.parametrize(("count", "positions"), [(2, [4]), (1, [2, 4])])
-def test_one_image_per_marker(encoder: SubjectEncoder, text_cond: torch.Tensor, count: int, positions: list[int]) -> None:
-    message = rf"marks {len(positions)} subject\(s\) with <\|image\|> but {count} reference image\(s\) .* one reference image per marker"
+ONE_IMAGE_PER_MARKER = [
+    pytest.param(1, [2, 4], r"^marker 2 \('woman'\) has no photo: the prompt marks 2 subject\(s\) with <\|image\|> but 1 reference image\(s\) .* one reference image per marker", id="too-few"),
+    pytest.param(2, [4], r"^2 reference image\(s\) were given but the prompt marks only 1 subject\(s\) with <\|image\|> \(marker 1 \('man'\)\): reference image 2 has no marker", id="too-many"),
+]
+
+
+@pytest.mark.parametrize(("count", "positions", "message"), ONE_IMAGE_PER_MARKER)
+def test_one_image_per_marker(encoder: SubjectEncoder, text_cond: torch.Tensor, count: int, positions: list[int], message: str) -> None:
     with pytest.raises(ReferenceImageError, match=message):
-        encoder(text_cond, torch.rand(count, 32, 32, 3), positions)
+        encoder(text_cond, torch.rand(count, 32, 32, 3), positions, words=("man", "woman")[: len(positions)])

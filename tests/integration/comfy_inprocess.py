@@ -36,3 +36,12 @@ def import_pack() -> ModuleType:
     sys.modules[PACK] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_guider(comfy, guider, steps, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, size=16, seed=3):
+    """Sample an empty latent [1,4,size,size] with ``guider`` as SamplerCustomAdvanced does: (latent, noise, sigmas)."""
+    latent = torch.zeros(1, 4, size, size)
+    sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, "cpu", sampler, scheduler, denoise).sigmas
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed, disable_pbar=True)
+    return out, noise, sigmas

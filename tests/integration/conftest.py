@@ -1,14 +1,77 @@
-"""The real-ComfyUI suite: runs when COMFYUI_PATH points at a ComfyUI 0.8 checkout whose
-requirements are installed in this environment; otherwise every test here is skipped."""
+"""The real-ComfyUI suite: runs when COMFYUI_PATH points at a ComfyUI (0.3.75 or newer) checkout whose
+requirements are installed in this environment; otherwise every test here is skipped.
+
+The in-process fixtures (ComfyUI imported into the test process, no server) live here so that every
+module shares one import; each module loads the models once (``loaded``) and frees them afterwards."""
 
 from __future__ import annotations
 
+import gc
+import importlib
 from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 from comfy_suite import comfyui_path, face_pngs, model_files, server, skip_without_comfyui  # noqa: F401 (fixtures)
 
 INTEGRATION = Path(__file__).resolve().parent
+COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
+PACK_MODULES = ("loader", "encode", "subject", "guider", "sampler")
 
 
 def pytest_collection_modifyitems(config, items):
     skip_without_comfyui(items, INTEGRATION, "real-ComfyUI integration suite")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_path):
+    """ComfyUI's modules by last name (``comfy.samplers``, ``nodes`` for its core nodes, ...) and
+    the pack's node modules (``loader``, ``encode``, ``subject``, ``guider``, ``sampler``), imported in-process."""
+    from comfy_inprocess import import_comfy, import_pack
+
+    import_comfy(comfyui_path)
+    import_pack()
+    modules = {name.split(".")[-1]: importlib.import_module(name) for name in COMFY_MODULES}
+    pack = {name: importlib.import_module(f"facediffuser_pack.nodes.{name}") for name in PACK_MODULES}
+    return type("Comfy", (), {**modules, **pack})
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, model_files):
+    """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
+    models = comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
+    yield models
+    del models
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:
+    """A photo as a ComfyUI IMAGE [1, H, W, 3] in 0..1 (resized to ``size`` x ``size`` if given)."""
+    image = Image.open(path).convert("RGB")
+    if size is not None:
+        image = image.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def face() -> torch.Tensor:
+    from paths import FACES
+
+    return image_tensor(FACES / "man1.jpeg")
+
+
+def empty_conditioning(clip):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.fixture(scope="module")
+def conditionings(comfy, loaded, face):
+    """(text, subject, empty) CONDITIONINGs of a one-subject prompt with the man1 photo."""
+    _, _, clip, _, encoder = loaded
+    text, subject = comfy.encode.encode_subjects(clip, encoder, face, "a photo of a man <|image|> in a garden", 512)
+    return text, subject, empty_conditioning(clip)

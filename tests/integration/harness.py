@@ -113,6 +113,10 @@ class ComfyServer:
     def post(self, path: str, body: dict) -> requests.Response:
         return requests.post(self.url + path, json=body, timeout=60)
 
+    def post_files(self, path: str, files: dict) -> requests.Response:
+        """A multipart POST, as the web UI uploads images (``files``: name -> (filename, bytes, type))."""
+        return requests.post(self.url + path, files=files, timeout=60)
+
     def queue(self, prompt: dict, client_id: Optional[str] = None, extra_data: Optional[dict] = None) -> str:
         body: dict = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
         if extra_data:

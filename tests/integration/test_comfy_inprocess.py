@@ -3,64 +3,19 @@ every kind of sampler, model loading and ComfyUI's real SD1 tokenizer."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from comfy_inprocess import run_guider
+from conftest import image_tensor
 from facediffuser_core.guidance import Conditionings
 from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
 from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
+from paths import FACES
 
 SD15_SCALE = 0.18215
-
-
-@pytest.fixture(scope="module")
-def comfy(comfyui_path):
-    from comfy_inprocess import import_comfy, import_pack
-
-    import_comfy(comfyui_path)
-    import_pack()
-    modules = {name: importlib.import_module(name) for name in ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers")}
-    pack = {name: importlib.import_module(f"facediffuser_pack.nodes.{name}") for name in ("loader", "encode", "guider", "sampler")}
-    return type("Comfy", (), {**{k.split(".")[-1]: v for k, v in modules.items()}, **pack})
-
-
-@pytest.fixture(scope="module")
-def loaded(comfy, model_files):
-    """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
-    return comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
-
-
-@pytest.fixture(scope="module")
-def face() -> torch.Tensor:
-    from paths import FACES
-
-    array = np.asarray(Image.open(FACES / "man1.jpeg").convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array)[None]
-
-
-def empty_conditioning(clip):
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
-
-
-@pytest.fixture(scope="module")
-def conditionings(comfy, loaded, face):
-    _, _, clip, _, encoder = loaded
-    text, subject = comfy.encode.encode_subjects(clip, encoder, face, "a photo of a man <|image|> in a garden", 512)
-    return text, subject, empty_conditioning(clip)
-
-
-def run_guider(comfy, guider, steps, sampler="ddim", scheduler="ddim_uniform", denoise=1.0, size=16, seed=3):
-    latent = torch.zeros(1, 4, size, size)
-    sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, "cpu", sampler, scheduler, denoise).sigmas
-    noise = comfy.sample.prepare_noise(latent, seed)
-    out = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=seed, disable_pbar=True)
-    return out, noise, sigmas
 
 
 def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, conditionings):
@@ -168,7 +123,6 @@ def test_both_unets_load_in_one_model_management_call(comfy, loaded, conditionin
     run_guider(comfy, guider, 4, size=8)
     assert any({id(tdm.model), id(sdm.model)} <= ids for ids in loads)
     assert tdm.model.current_patcher is None and sdm.model.current_patcher is None  # both cleaned up
-    assert guider.last_subject_mask is not None and guider.last_subject_mask.shape == (1, 1, 8, 8)
 
 
 def test_guider_refuses_one_model_on_both_inputs(comfy, loaded, conditionings):
@@ -231,3 +185,84 @@ def test_marked_word_past_the_first_chunk_is_an_error(comfy, loaded, face):
     filler = " ".join(["red"] * 80)
     with pytest.raises(ValueError, match="within the first 75 tokens"):
         comfy.encode.encode_subjects(clip, encoder, face, f"{filler} a man <|image|>", 512)
+
+
+def subject_chain(comfy, *people: dict) -> tuple:
+    """The subjects output of Face-diffuser Subject nodes chained in order, one per ``people`` entry
+    (that node's inputs)."""
+    subjects = None
+    for inputs in people:
+        (subjects,) = comfy.subject.FaceDiffuserSubject.execute(**{"combine": "average", **inputs}, previous_subjects=subjects).args
+    return subjects
+
+
+def encode_node(comfy, loaded, prompt: str, **references):
+    _, _, clip, _, encoder = loaded
+    return comfy.encode.FaceDiffuserSubjectEncode.execute(clip=clip, subject_encoder=encoder, prompt=prompt, object_resolution=512, **references).args
+
+
+TWO_PEOPLE = "a man <|image|> and a woman <|image|> in a garden"
+
+
+@pytest.mark.parametrize("combine", ["average", "norm average"])
+def test_one_photo_per_subject_through_the_nodes_is_bit_identical_to_images(comfy, loaded, face, combine):
+    people = torch.cat([face, face.flip(2)])  # two people, same size: one batch on the existing images input
+    text, subject = encode_node(comfy, loaded, TWO_PEOPLE, images=people)
+    subjects = subject_chain(comfy, {"images": face, "combine": combine}, {"images": face.flip(2), "combine": combine})
+    chained_text, chained_subject = encode_node(comfy, loaded, TWO_PEOPLE, subjects=subjects)
+    for old, new in ((text, chained_text), (subject, chained_subject)):
+        assert torch.equal(new[0][0], old[0][0]) and torch.equal(new[0][1]["pooled_output"], old[0][1]["pooled_output"])
+    assert not torch.equal(subject[0][0], text[0][0])
+
+
+def test_two_photos_of_different_sizes_through_the_nodes(comfy, loaded):
+    """man1 (1080x607) on images, man2 (554x704) on images_2: one person whose image embedding is the
+    mean of the two photos' (restated in float64), fused by the postfuse MLP into 'man'."""
+    from facediffuser_core.preprocess import preprocess_references
+
+    first, second = image_tensor(FACES / "man1.jpeg"), image_tensor(FACES / "man2.jpeg")
+    encoder = loaded[4].encoder
+    prompt, man = "a photo of a man <|image|> in a garden", 5  # BOS a photo of a man
+    text, subject = encode_node(comfy, loaded, prompt, subjects=subject_chain(comfy, {"images": first, "images_2": second}))
+    with torch.no_grad():
+        own = torch.cat([encoder.embed(preprocess_references(image)) for image in (first, second)]).double()
+        expected = encoder.postfuse_module(text[0][0], (own.sum(dim=0) / 2).float()[None], [man])
+    torch.testing.assert_close(subject[0][0], expected, rtol=0, atol=1e-5)  # measured 5e-7: float32 batch vs single, mean
+    single = encode_node(comfy, loaded, prompt, images=first)[1]
+    assert (subject[0][0][0, man] - single[0][0][0, man]).abs().max() > 1e-2  # the second photo counts
+
+
+NODE_ERRORS = [
+    pytest.param({"subjects": "one"}, TWO_PEOPLE, "Face-diffuser Subject Encode: marker 2 ('woman') has no photo: the prompt marks 2 subject(s)", id="marker-without-photo"),
+    pytest.param(
+        {"subjects": "two"},
+        "a man <|image|> in a garden",
+        "Face-diffuser Subject Encode: 2 subject(s) were given but the prompt marks only 1 subject(s) with <|image|> (marker 1 ('man')): subject 2 has no marker",
+        id="more-subjects-than-markers",
+    ),
+    pytest.param(
+        {"subjects": "empty"},
+        TWO_PEOPLE,
+        "Face-diffuser Subject Encode: marker 2 ('woman'): the photos in input images_2 of its Face-diffuser Subject node are an empty batch (0 images)",
+        id="empty-batch",
+    ),
+    pytest.param({}, TWO_PEOPLE, "Face-diffuser Subject Encode: connect images (one photo per <|image|> marker) or subjects", id="neither"),
+    pytest.param({"images": True, "subjects": "two"}, TWO_PEOPLE, "Face-diffuser Subject Encode: connect either images", id="both"),
+]
+
+
+@pytest.mark.parametrize(("references", "prompt", "message"), NODE_ERRORS)
+def test_subject_errors_name_the_node_and_the_marker(comfy, loaded, face, references, prompt, message):
+    chains = {
+        "one": [{"images": face}],
+        "two": [{"images": face}, {"images": face}],
+        "empty": [{"images": face}, {"images": face, "images_2": face[:0]}],
+    }
+    inputs = {}
+    if "subjects" in references:
+        inputs["subjects"] = subject_chain(comfy, *chains[references["subjects"]])
+    if "images" in references:
+        inputs["images"] = torch.cat([face, face])
+    with pytest.raises(ValueError) as error:
+        encode_node(comfy, loaded, prompt, **inputs)
+    assert str(error.value).startswith(message), str(error.value)

@@ -10,12 +10,13 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 
@@ -56,6 +57,15 @@ def test_nodes_register_without_import_errors(server, object_info):
         assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"])
 
 
+def test_subject_encode_takes_images_or_chained_subjects(object_info):
+    encode, subject = object_info["FaceDiffuserSubjectEncode"], object_info["FaceDiffuserSubject"]
+    # saved workflows: the same widgets, images still an IMAGE input (now optional, like subjects)
+    assert encode["input_order"] == {"required": ["clip", "subject_encoder", "prompt", "object_resolution"], "optional": ["images", "subjects"]}
+    assert encode["input"]["optional"]["images"][0] == "IMAGE"
+    assert subject["output"] == [encode["input"]["optional"]["subjects"][0]] == [subject["input"]["optional"]["previous_subjects"][0]]
+    assert subject["input"]["required"]["combine"][1]["options"] == ["average", "norm average"]
+
+
 def test_model_folder_lists_converted_official_and_yaml_files(object_info):
     options = object_info["FaceDiffuserLoader"]["input"]["required"]["sdm_name"][1]["options"]
     assert {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors", "sdxl_shaped.safetensors"} <= set(options)
@@ -67,19 +77,87 @@ def test_widget_table_matches_the_live_node_definitions(object_info):
         assert widget_names_from_object_info(object_info[node_type]) == widgets, node_type
 
 
+def output_images(entry: dict, kind: str) -> list[dict]:
+    return [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == kind]
+
+
 @pytest.mark.parametrize("path", sorted(API_WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
 def test_api_workflow_runs_to_an_image(server, path):
-    entry = server.run(small(load(path)))
+    graph = small(load(path))
+    entry = server.run(graph)
     assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
-    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
+    saved = output_images(entry, "output")
     assert len(saved) == 1
     image = Image.open(io.BytesIO(server.view(saved[0])))
-    assert image.size == (SIZE, SIZE)
-    pixels = np.asarray(image.convert("L"))
-    assert pixels.max() > pixels.min()  # not a blank (NaN or constant) image
-    previews = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "temp"]
-    for preview in previews:  # the subject mask: pure black / white
-        assert set(np.unique(np.asarray(Image.open(io.BytesIO(server.view(preview))).convert("L")))) <= {0, 255}
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+    # the PNG is this graph's: SaveImage embedded the queued API workflow, so dropping it on the
+    # canvas reopens exactly what ran
+    embedded = json.loads(image.info["prompt"])  # ComfyUI adds its own keys (is_changed) to each node
+    assert {key: (node["class_type"], node["inputs"]) for key, node in embedded.items()} == {
+        key: (node["class_type"], node["inputs"]) for key, node in graph.items()
+    }
+    pixels = np.asarray(image, dtype=np.float64)
+    assert np.isfinite(pixels).all() and pixels.std() > 2.0  # an image, not a blank (NaN or constant) one
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > SIZE  # many distinct colours, not a flat fill
+    masks = output_images(entry, "temp")
+    assert len(masks) == sum(node["class_type"] == "MaskToImage" for node in graph.values())
+    for preview in masks:  # the subject mask: full size, pure black / white
+        mask = Image.open(io.BytesIO(server.view(preview)))
+        assert mask.size == (SIZE, SIZE)
+        assert set(np.unique(np.asarray(mask.convert("L")))) <= {0, 255}
+
+
+def with_saved_latent(graph: dict) -> dict:
+    """``graph`` plus a SaveLatent of the Face-diffuser Sampler's LATENT (node "latent")."""
+    sampler = next(key for key, node in graph.items() if node["class_type"] == "FaceDiffuserSampler")
+    return {**graph, "latent": {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "facediffuser_test"}}}
+
+
+def sampled_latent(server: ComfyServer, graph: dict):
+    import safetensors.torch
+
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+    (saved,) = entry["outputs"]["latent"]["latents"]
+    return safetensors.torch.load(server.view(saved))["latent_tensor"]
+
+
+def test_same_seed_same_latent_different_seed_different(server, face_pngs):
+    """One workflow queued twice gives bit-identical latents. The second run loads the face from a
+    copy under another name, which makes ComfyUI run every node downstream of it again."""
+    graph = with_saved_latent(small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=21))
+    first = sampled_latent(server, graph)
+    copy_name = f"face_copy_{uuid.uuid4().hex[:8]}.png"
+    with open(face_pngs[0], "rb") as face:
+        assert server.post_files("/upload/image", {"image": (copy_name, face.read(), "image/png")}).ok
+    again = copy.deepcopy(graph)
+    node_of(again, "LoadImage")["inputs"]["image"] = copy_name
+    second = sampled_latent(server, again)
+    assert first.shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert torch.equal(first, second)
+
+    other_seed = copy.deepcopy(graph)
+    node_of(other_seed, "FaceDiffuserSampler")["inputs"]["seed"] = 22
+    assert (sampled_latent(server, other_seed) - first).abs().max() > 0.1 * first.abs().max()
+
+
+def test_memory_stays_flat_over_20_runs(server):
+    """20 runs of the one-subject workflow, each encoding and sampling anew (its prompt and seed
+    change): the server's resident memory after run 20 is within 3 % of that after run 5."""
+    import psutil
+
+    process = psutil.Process(server.process.pid)
+    template = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), steps=2)
+    rss = {}
+    for run in range(1, 21):
+        graph = copy.deepcopy(template)
+        node_of(graph, "FaceDiffuserSampler")["inputs"]["seed"] = 1000 + run
+        node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] += f", take {run}"
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+        rss[run] = process.memory_info().rss
+    growth = rss[20] / rss[5] - 1
+    assert growth <= 0.03, f"RSS grew {growth:.1%} from run 5 to run 20: {[round(v / 2**20) for v in rss.values()]} MiB"
 
 
 def test_official_bin_files_load(server):
@@ -103,7 +181,24 @@ def expect_error(server, graph: dict, node_type: str, *fragments: str) -> str:
 def test_marker_image_count_mismatch(server):
     graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
     node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
-    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode:", "marks 2 subject(s)", "1 reference image(s)")
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "marks 2 subject(s)", "1 reference image(s)")
+
+
+def test_a_marker_without_a_subject(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "1 subject(s) were given")
+
+
+def test_more_subjects_than_markers(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    encode = node_of(graph, "FaceDiffuserSubjectEncode")
+    graph["99"] = {"class_type": "FaceDiffuserSubject", "inputs": {"images": ["3", 0], "combine": "average", "previous_subjects": encode["inputs"]["subjects"]}}
+    encode["inputs"]["subjects"] = ["99", 0]
+    expect_error(
+        server, graph, "FaceDiffuserSubjectEncode",
+        "Face-diffuser Subject Encode: 2 subject(s) were given but the prompt marks only 1 subject(s) with <|image|> (marker 1 ('man')): subject 2 has no marker",
+    )  # fmt: skip
 
 
 def test_swapped_models(server):
