@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 from .errors import FaceDiffuserError
 from .prompt import MAX_SUBJECTS
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION
+from .subjects import DEFAULT_COMBINE
 
 __all__ = [
     "DEFAULT_SDM",
@@ -70,13 +71,15 @@ def _first_line(text: str, limit: int = 500) -> str:
 
 @dataclass(frozen=True)
 class Generation:
-    """One Face-diffuser job: ``faces`` are LoadImage values (uploaded file names), one per
-    ``<|image|>`` marker of ``prompt`` in marker order; sizes in pixels; ``start_merge``/``final``
-    are fractions of the steps; ``sdm``/``tdm`` are model file names (None: :data:`DEFAULT_SDM` /
-    :data:`DEFAULT_TDM`, or a template's own); images are saved under ``filename_prefix``."""
+    """One Face-diffuser job: ``faces`` has the photos of each ``<|image|>`` marker of ``prompt`` in
+    marker order, each a tuple of LoadImage values (uploaded file names, one or more photos of that
+    person, of one size, combined by ``combine``: one of :data:`~facediffuser_core.subjects.COMBINE_MODES`);
+    sizes in pixels; ``start_merge``/``final`` are fractions of the steps; ``sdm``/``tdm`` are model
+    file names (None: :data:`DEFAULT_SDM` / :data:`DEFAULT_TDM`, or a template's own); images are
+    saved under ``filename_prefix``."""
 
     prompt: str
-    faces: tuple[str, ...]
+    faces: tuple[tuple[str, ...], ...]
     negative: str = ""
     seed: int = 0
     steps: int = OFFICIAL_STEPS
@@ -92,6 +95,7 @@ class Generation:
     tdm: Optional[str] = None
     filename_prefix: str = "facediffuser"
     subject_mask: bool = True  # also preview the sampler's subject_mask (MaskToImage -> PreviewImage)
+    combine: str = DEFAULT_COMBINE
 
 
 @dataclass(frozen=True)
@@ -115,21 +119,41 @@ class _GraphBuilder:
         return node_id
 
 
+    def batch(self, links: list[list], title: str) -> list:
+        """One IMAGE link batching ``links`` in order, through chained "Batch Images" (ImageBatch) nodes."""
+        batched = links[0]
+        for number, link in enumerate(links[1:], start=2):
+            batched = [self.add("ImageBatch", f"{title} 1-{number}", image1=batched, image2=link), 0]
+        return batched
+
+
 def build_graph(job: Generation) -> JobGraph:
-    """The API workflow of the shipped ``facediffuser_one_subject.json`` for any 1 to 4 faces: each
-    face a LoadImage, batched in marker order by chained "Batch Images" (ImageBatch) nodes, into
-    Subject Encode and the all-in-one Face-diffuser Sampler; VAE decode, SaveImage, and the subject
-    mask previewed."""
+    """The API workflow of the shipped ``facediffuser_one_subject.json`` for any 1 to 4 faces: with
+    one photo per face, each a LoadImage batched in marker order by chained "Batch Images"
+    (ImageBatch) nodes into Subject Encode's ``images``; with several photos of a person, one chained
+    Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
+    Encode's ``subjects``, as ``facediffuser_two_photos.json``. Then the all-in-one Face-diffuser
+    Sampler, VAE decode, SaveImage, and the subject mask previewed."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
+    if not all(job.faces):
+        raise FaceDiffuserError("every face of a Face-diffuser graph needs at least one photo")
     graph = _GraphBuilder()
     loader = graph.add("FaceDiffuserLoader", "Face-diffuser Loader", sdm_name=job.sdm or DEFAULT_SDM, tdm_name=job.tdm or DEFAULT_TDM, weight_dtype="auto")
-    images: Optional[list] = None
-    for number, face in enumerate(job.faces, start=1):
-        face_link = [graph.add("LoadImage", f"Face {number}", image=face), 0]
-        images = face_link if images is None else [graph.add("ImageBatch", f"Faces 1-{number}", image1=images, image2=face_link), 0]
+    photos = [
+        [[graph.add("LoadImage", f"Face {number}" + (f", photo {index}" if len(faces) > 1 else ""), image=photo), 0] for index, photo in enumerate(faces, start=1)]
+        for number, faces in enumerate(job.faces, start=1)
+    ]  # fmt: skip
+    if all(len(faces) == 1 for faces in job.faces):
+        references = {"images": graph.batch([links[0] for links in photos], "Faces")}
+    else:
+        subjects = None
+        for number, links in enumerate(photos, start=1):
+            chained = {} if subjects is None else {"previous_subjects": subjects}
+            subjects = [graph.add("FaceDiffuserSubject", f"Face-diffuser Subject {number}", images=graph.batch(links, f"Face {number} photos"), combine=job.combine, **chained), 0]
+        references = {"subjects": subjects}
     clip = [loader, 2]
-    encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], images=images, prompt=job.prompt, object_resolution=512)
+    encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], prompt=job.prompt, object_resolution=512, **references)
     negative = graph.add("CLIPTextEncode", "Negative prompt (TDM scene stage)", text=job.negative, clip=clip)
     latent = graph.add("EmptyLatentImage", "Empty Latent Image", width=job.width, height=job.height, batch_size=job.batch)
     sampler = graph.add(
@@ -182,10 +206,14 @@ def fill_template(template: dict, job: Generation, source: str = "workflow") -> 
         for key in [key for key, node in graph.items() if node.get("class_type") == "PreviewImage"]:
             del graph[key]
     encode = graph[_single(graph, "FaceDiffuserSubjectEncode", source)]
+    if "images" not in encode["inputs"]:
+        raise FaceDiffuserError(f"{source}: its Subject Encode must take the faces as images (one LoadImage per face), not as subjects")
     loaders = _image_loaders(graph, encode["inputs"]["images"], source)
     if len(loaders) != len(job.faces):
         raise FaceDiffuserError(f"{source}: the workflow loads {len(loaders)} reference images but the job has {len(job.faces)} faces")
-    for loader, face in zip(loaders, job.faces):
+    if any(len(faces) != 1 for faces in job.faces):
+        raise FaceDiffuserError(f"{source}: a workflow template takes one photo per face")
+    for loader, (face,) in zip(loaders, job.faces):
         loader["inputs"]["image"] = face
     encode["inputs"]["prompt"] = job.prompt
     sampler = _single(graph, "FaceDiffuserSampler", source)

@@ -195,7 +195,7 @@ def job_graph(job: Job, faces: Sequence[str], settings: Settings, templates: Opt
     """The job's graph: built in code, or filled into ``templates[subject count]``; faces are the
     uploaded photos in marker order, images are saved under ``facediffuser_eval/<job id>``."""
     generation = Generation(
-        job.prompt, tuple(faces), seed=settings.seed, steps=settings.steps, cfg=settings.cfg, width=settings.size,
+        job.prompt, tuple((face,) for face in faces), seed=settings.seed, steps=settings.steps, cfg=settings.cfg, width=settings.size,
         height=settings.size, batch=settings.images, sdm=settings.sdm, tdm=settings.tdm,
         filename_prefix=f"{UPLOAD_FOLDER}/{job.id}", subject_mask=False,
     )  # fmt: skip

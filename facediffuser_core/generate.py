@@ -30,8 +30,9 @@ from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
+from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
-__all__ = ["add_arguments", "parse_faces", "one_photo_each", "check_prompt", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
@@ -43,7 +44,7 @@ class UsageError(FaceDiffuserError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     job = parser.add_argument_group("the job")
-    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="a photo of the person of one <|image|> marker; repeat it once per marker, in marker order (one photo per marker for now)")
+    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="the photo of the person of one <|image|> marker, or several photos of that person comma-separated (a1.jpg,a2.jpg); repeat --face once per marker, in marker order")
     job.add_argument("--prompt", required=True, help="the prompt, with <|image|> right after each person's class word, e.g. 'a man <|image|> reading in a cafe'")
     job.add_argument("-o", "--out", type=Path, required=True, help="folder for the images (facediffuser_NNNNN.png) and their subject masks (facediffuser_NNNNN_mask.png)")
     job.add_argument("--negative", default="", help="negative prompt of the scene stage (default: empty, as the official method)")
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--scheduler", default="ddim_uniform", help="ComfyUI scheduler name (default ddim_uniform)")
     job.add_argument("--sdm", default=DEFAULT_SDM, help=f"SDM file in ComfyUI's models/facediffuser (default {DEFAULT_SDM})")
     job.add_argument("--tdm", default=DEFAULT_TDM, help=f"TDM file in ComfyUI's models/facediffuser (default {DEFAULT_TDM})")
+    job.add_argument("--combine", choices=COMBINE_MODES, default=DEFAULT_COMBINE, help=f"how several photos of one person become one face embedding: their average, or norm average (the mean direction at the photos' mean length) (default {DEFAULT_COMBINE})")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
@@ -81,14 +83,12 @@ def parse_faces(values: Sequence[str]) -> list[tuple[Path, ...]]:
     return subjects
 
 
-def one_photo_each(subjects: Sequence[tuple[Path, ...]]) -> list[Path]:
-    """The photo of each subject; several photos of one person are not supported yet."""
+def check_photos(subjects: Sequence[tuple[Path, ...]]) -> None:
+    """Every photo of every subject is a file."""
     for number, photos in enumerate(subjects, start=1):
-        if len(photos) > 1:
-            raise UsageError(f"--face #{number} lists {len(photos)} photos ({', '.join(map(str, photos))}): not supported yet: one photo per marker")
-        if not photos[0].is_file():
-            raise UsageError(f"--face #{number}: no such file {photos[0]}")
-    return [photos[0] for photos in subjects]
+        for photo in photos:
+            if not photo.is_file():
+                raise UsageError(f"--face #{number}: no such file {photo}")
 
 
 def _word_ids(text: str) -> list[int]:
@@ -103,7 +103,7 @@ def check_prompt(prompt: str, faces: int) -> None:
     if count == 0:
         raise UsageError(f"the prompt has no {MARKER} marker; put one right after each person's class word, e.g. 'a man {MARKER} reading in a cafe'")
     if count != faces:
-        raise UsageError(f"the prompt has {count} {MARKER} marker(s) but {faces} --face photo(s) were given; give one --face per marker, in marker order")
+        raise UsageError(f"the prompt has {count} {MARKER} marker(s) but --face was given {faces} time(s); give one --face per marker, in marker order (several photos of one person comma-separated)")
     parse_prompt(prompt, _word_ids, max_subjects=MAX_SUBJECTS, max_position=sys.maxsize)
 
 
@@ -179,16 +179,17 @@ def _comfyui(args: argparse.Namespace, comfyui: Optional[Path]) -> Iterator[str]
 
 
 def generate(args: argparse.Namespace) -> int:
-    faces = one_photo_each(parse_faces(args.face))
+    faces = parse_faces(args.face)
+    check_photos(faces)
     check_prompt(args.prompt, len(faces))
     _check_settings(args)
     comfyui = None if args.server else find_comfyui(args.comfyui)
     margin = None if args.no_crop else DEFAULT_MARGIN
     detector = None if args.no_crop else load_detector("cpu")
-    references = []
-    for number, photo in enumerate(faces, start=1):
+    references = []  # each subject's photos as (file stem, PNG crop)
+    for number, photos in enumerate(faces, start=1):
         try:
-            references.append((photo.stem, reference_png(photo, detector, margin)))
+            references.append([(photo.stem, reference_png(photo, detector, margin)) for photo in photos])
         except FaceNotFoundError as error:
             raise UsageError(f"--face #{number}: {error}; use another photo, or --no-crop to use it whole") from None
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
@@ -197,12 +198,12 @@ def generate(args: argparse.Namespace) -> int:
         with _comfyui(args, comfyui) as server:
             client = ComfyClient(server)
             client.check()
-            uploaded = tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in references)
+            uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
-                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}",
+                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

@@ -39,7 +39,7 @@ def outputs(graph: dict) -> list:
     return sorted(repr(canonical(graph, [key, 0])) for key, node in graph.items() if node["class_type"] in ("SaveImage", "PreviewImage"))
 
 
-@pytest.mark.parametrize("name,faces", [("facediffuser_one_subject.json", ("face_1.png",)), ("facediffuser_two_subjects.json", ("face_1.png", "face_2.png"))])
+@pytest.mark.parametrize("name,faces", [("facediffuser_one_subject.json", (("face_1.png",),)), ("facediffuser_two_subjects.json", (("face_1.png",), ("face_2.png",)))])
 def test_built_graphs_compute_what_the_shipped_workflows_compute(name, faces):
     shipped = json.loads((API_WORKFLOWS / name).read_text())
     prompt = next(n["inputs"]["prompt"] for n in shipped.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
@@ -51,7 +51,7 @@ def test_built_graphs_compute_what_the_shipped_workflows_compute(name, faces):
 
 
 def test_built_graphs_batch_up_to_four_faces_in_marker_order():
-    job = Generation("a <|image|> b <|image|> c <|image|> d <|image|>", ("1.png", "2.png", "3.png", "4.png"), negative="blurry",
+    job = Generation("a <|image|> b <|image|> c <|image|> d <|image|>", (("1.png",), ("2.png",), ("3.png",), ("4.png",)), negative="blurry",
                      seed=9, steps=7, cfg=3.5, start_merge=0.2, final=0.8, width=96, height=64, batch=3, sampler="euler",
                      scheduler="karras", sdm="s.safetensors", tdm="t.safetensors", filename_prefix="out/x", subject_mask=False)  # fmt: skip
     built = build_graph(job)
@@ -72,18 +72,59 @@ def test_built_graphs_batch_up_to_four_faces_in_marker_order():
     assert nodes[built.images]["inputs"]["filename_prefix"] == "out/x"
     assert built.masks is None and not any(n["class_type"] in ("MaskToImage", "PreviewImage") for n in nodes.values())
     with pytest.raises(FaceDiffuserError, match="takes 1 to 4 faces, got 5"):
-        build_graph(Generation("p", ("a.png",) * 5))
+        build_graph(Generation("p", (("a.png",),) * 5))
+    with pytest.raises(FaceDiffuserError, match="every face .* needs at least one photo"):
+        build_graph(Generation("p", (("a.png",), ())))
+
+
+def test_several_photos_of_a_person_go_through_chained_subject_nodes():
+    shipped = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())
+    encode = next(n for n in shipped.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
+    (subject,) = [n["inputs"] for n in shipped.values() if n["class_type"] == "FaceDiffuserSubject"]
+    photos = tuple(shipped[subject[name][0]]["inputs"]["image"] for name in ("images", "images_2"))
+    built = build_graph(Generation(encode["prompt"], (photos,), seed=42, combine=subject["combine"]))
+    nodes = built.nodes
+    (built_subject,) = [n["inputs"] for n in nodes.values() if n["class_type"] == "FaceDiffuserSubject"]
+    # the shipped workflow has its photos in images and images_2 (photos of different sizes); generate's
+    # crops are all one size, so they come batched into images: the same photos in the same order
+    assert canonical(nodes, built_subject["images"]) == ("batch", tuple(canonical(shipped, subject[name]) for name in ("images", "images_2")))
+    assert built_subject["combine"] == subject["combine"] and "previous_subjects" not in built_subject
+    built_encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
+    assert "images" not in built_encode and nodes[built_encode["subjects"][0]]["class_type"] == "FaceDiffuserSubject"
+    sampler = lambda graph: next(n for n in graph.values() if n["class_type"] == "FaceDiffuserSampler")["inputs"]  # noqa: E731
+    without_references = lambda graph: {k: canonical(graph, v) for k, v in sampler(graph).items() if k not in ("text", "subject")}  # noqa: E731
+    assert without_references(nodes) == without_references(shipped)
+
+
+def test_subject_nodes_chain_in_marker_order_with_each_persons_photos():
+    job = Generation("a <|image|> and b <|image|> and c <|image|>", (("a1.png", "a2.png", "a3.png"), ("b.png",), ("c1.png", "c2.png")), combine="norm average")
+    nodes = build_graph(job).nodes
+    encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
+    chain, link = [], encode["subjects"]
+    while link is not None:  # from the last subject back to the first
+        subject = nodes[link[0]]
+        assert subject["class_type"] == "FaceDiffuserSubject" and subject["inputs"]["combine"] == "norm average"
+        tree = canonical(nodes, subject["inputs"]["images"])
+        loads = tree[1] if tree[0] == "batch" else (tree,)
+        chain.insert(0, [dict(load[1])["image"] for load in loads])
+        link = subject["inputs"].get("previous_subjects")
+    assert chain == [["a1.png", "a2.png", "a3.png"], ["b.png"], ["c1.png", "c2.png"]]
 
 
 def test_filled_templates_keep_their_own_settings():
     template = json.loads((API_WORKFLOWS / "facediffuser_one_subject.json").read_text())
-    filled = fill_template(template, Generation("a man <|image|> at sea", ("me.png",), seed=3, steps=4, start_merge=0.1, sampler="euler"))
+    filled = fill_template(template, Generation("a man <|image|> at sea", (("me.png",),), seed=3, steps=4, start_merge=0.1, sampler="euler"))
     sampler = filled.nodes[filled.sampler]["inputs"]
     assert (sampler["seed"], sampler["steps"], sampler["start_merge"], sampler["sampler_name"]) == (3, 4, 0.3, "ddim")
     assert filled.nodes[filled.masks]["class_type"] == "PreviewImage" and filled.nodes["2"]["inputs"]["image"] == "me.png"
-    assert fill_template(template, Generation("p <|image|>", ("x.png",), subject_mask=False)).masks is None
+    assert fill_template(template, Generation("p <|image|>", (("x.png",),), subject_mask=False)).masks is None
     with pytest.raises(FaceDiffuserError, match="the workflow loads 1 reference images but the job has 2 faces"):
-        fill_template(template, Generation("p", ("x.png", "y.png")))
+        fill_template(template, Generation("p", (("x.png",), ("y.png",))))
+    with pytest.raises(FaceDiffuserError, match="a workflow template takes one photo per face"):
+        fill_template(template, Generation("p", (("x.png", "y.png"),)))
+    photos = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())
+    with pytest.raises(FaceDiffuserError, match="must take the faces as images .* not as subjects"):
+        fill_template(photos, Generation("p", (("x.png",),)))
 
 
 # --- the websocket ----------------------------------------------------------------------------
@@ -177,7 +218,7 @@ def fake():
 
 
 def graph_for(prompt: str, **settings) -> Generation:
-    return build_graph(Generation(prompt, ("face.png",), **settings))
+    return build_graph(Generation(prompt, (("face.png",),), **settings))
 
 
 def test_run_passes_the_job_events_and_returns_its_outputs(fake):

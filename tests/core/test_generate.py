@@ -28,7 +28,7 @@ from facediffuser_core.comfy_client import JobError, ServerUnavailable, build_gr
 from facediffuser_core.comfy_launch import LocalComfyUI, find_comfyui
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
 from facediffuser_core.faces import load_detector, reference_png
-from facediffuser_core.generate import StageProgress, UsageError, check_prompt, one_photo_each, parse_faces
+from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
 from fake_comfy import FakeComfy
 from paths import FACES, ROOT, TESTS
 from processes import gone
@@ -56,22 +56,20 @@ def gray_photo(tmp_path) -> Path:
 # --- arguments and prompt ---------------------------------------------------------------------
 
 
-def test_faces_are_one_photo_per_marker_for_now(tmp_path):
+def test_faces_are_one_or_more_photos_per_marker(tmp_path):
     assert parse_faces(["a.jpg", " b.jpg , c.jpg "]) == [(Path("a.jpg"),), (Path("b.jpg"), Path("c.jpg"))]
-    with pytest.raises(UsageError, match=r"--face #2 lists 2 photos \(b.jpg, c.jpg\): not supported yet: one photo per marker"):
-        one_photo_each(parse_faces([str(MAN1), "b.jpg,c.jpg"]))
     with pytest.raises(UsageError, match=r"--face #1 is empty"):
         parse_faces([" , "])
     with pytest.raises(UsageError, match=rf"--face #2: no such file {tmp_path / 'none.jpg'}"):
-        one_photo_each(parse_faces([str(MAN1), str(tmp_path / "none.jpg")]))
-    assert one_photo_each(parse_faces([str(MAN2), str(MAN1)])) == [MAN2, MAN1]
+        check_photos(parse_faces([str(MAN1), f"{MAN2},{tmp_path / 'none.jpg'}"]))
+    check_photos(parse_faces([f"{MAN2},{MAN1}", str(MAN1)]))
 
 
 def test_prompt_markers_are_checked_against_the_photos():
     check_prompt("a man <|image|> and a woman <|image|> at a cafe", 2)
     with pytest.raises(UsageError, match=r"the prompt has no <\|image\|> marker; put one right after each person's class word"):
         check_prompt("a man at a cafe", 1)
-    with pytest.raises(UsageError, match=r"the prompt has 2 <\|image\|> marker\(s\) but 1 --face photo\(s\) were given; give one --face per marker"):
+    with pytest.raises(UsageError, match=r"the prompt has 2 <\|image\|> marker\(s\) but --face was given 1 time\(s\); give one --face per marker"):
         check_prompt("a man <|image|> and a woman <|image|>", 1)
     with pytest.raises(PromptError, match=r"<\|image\|> #1 follows ',' instead of a word"):
         check_prompt("a man, <|image|> at a cafe", 1)
@@ -117,8 +115,9 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 def test_usage_errors_stop_before_any_server_starts(fake_comfyui, gray_photo, tmp_path, capsys):
     common = ["-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui), "--size", "64"]
     cases = [
-        (["--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>"], "the prompt has 2 <|image|> marker(s) but 1 --face photo(s)"),
-        (["--face", f"{MAN1},{MAN2}", "--prompt", "a man <|image|>"], "not supported yet: one photo per marker"),
+        (["--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>"], "the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)"),
+        (["--face", f"{MAN1},{MAN2}", "--face", str(MAN1), "--prompt", "a man <|image|>"], "the prompt has 1 <|image|> marker(s) but --face was given 2 time(s)"),
+        (["--face", f"{MAN1},{gray_photo}", "--prompt", "a man <|image|>"], f"--face #1: no face was found in {gray_photo}"),
         (["--face", str(MAN1), "--prompt", "a man <|image|>", "--size", "60"], "must be a multiple of 8 and at least 64 pixels, got 60x60"),
         (["--face", str(MAN1), "--prompt", "a man <|image|>", "--start-merge", "0.7"], "--start-merge / --final: stage fractions must satisfy"),
         (["--face", str(gray_photo), "--prompt", "a man <|image|>"], f"--face #1: no face was found in {gray_photo}"),
@@ -192,7 +191,7 @@ def test_reference_photos_are_upright_square_face_crops(tmp_path, gray_photo):
 
 
 def test_progress_names_the_stage_of_each_step():
-    graph = build_graph(Generation("a man <|image|>", ("f.png",), steps=10))
+    graph = build_graph(Generation("a man <|image|>", (("f.png",),), steps=10))
     progress = StageProgress(graph, 10, 0.3, 0.6)
     seen = []
     progress("executing", {"node": "1"})
@@ -240,6 +239,27 @@ def test_generate_on_a_running_server(fake, tmp_path, capsys):
     assert code == 0 and stdout.split() == [str(out / "facediffuser_00003.png")]
     seed = int(re.search(r"seed (\d+)", err).group(1))
     assert next(n["inputs"]["seed"] for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserSampler") == seed
+
+
+def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--face", f"{MAN1},{MAN2}", "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess",
+            "-o", str(out), "--server", fake.address, "--steps", "2", "--size", "64", "--seed", "3", "--combine", "norm average"]  # fmt: skip
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    (graph,) = fake.queued
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    chain, link = [], encode["subjects"]
+    while link is not None:  # the Subject nodes, from the last marker's back to the first
+        subject = graph[link[0]]["inputs"]
+        assert subject["combine"] == "norm average"
+        batch = graph[subject["images"][0]]
+        links = [batch["inputs"]["image1"], batch["inputs"]["image2"]] if batch["class_type"] == "ImageBatch" else [subject["images"]]
+        chain.insert(0, [re.sub(r"_[0-9a-f]{10}\.png$", "", graph[load[0]]["inputs"]["image"]) for load in links])
+        link = subject.get("previous_subjects")
+    assert chain == [["facediffuser/man1", "facediffuser/man2"], ["facediffuser/man2"]]
+    names = [name for _, name in fake.uploads]  # every photo's crop uploaded; man2's both times under one name
+    assert len(names) == 3 and len(set(names)) == 2
 
 
 def test_errors_and_exit_codes(fake, tmp_path, capsys):

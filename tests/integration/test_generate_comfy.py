@@ -1,8 +1,8 @@
 """``python -m facediffuser_core generate`` against the real ComfyUI (--cpu, random SD1.5-sized models,
 64 px, 3 steps: the pictures are noise, the pipeline is real): started by the command (--comfyui)
-and a running one (--server, the suite's server), one, two and four faces, a batch, a photo without
-a face, usage errors before any start, Ctrl-C while sampling, and the workflow a PNG carries
-re-queued on another server giving the same picture."""
+and a running one (--server, the suite's server), one, two and four faces, two photos of one person,
+a batch, a photo without a face, usage errors before any start, Ctrl-C while sampling, and the
+workflow a PNG carries re-queued on another server giving the same picture."""
 
 from __future__ import annotations
 
@@ -120,6 +120,23 @@ def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
     assert nodes_of(graph, "EmptyLatentImage")[0]["inputs"]["batch_size"] == 2
 
 
+def test_several_photos_of_one_person(server, tmp_path):
+    def picture(face: str, name: str) -> np.ndarray:
+        result = generate("--face", face, "--prompt", "a man <|image|> on a bench", "-o", str(tmp_path / name), *SMALL, "--seed", "4", "--server", f"127.0.0.1:{server.port}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        (image,) = check_outputs(tmp_path / name, 1)
+        return pixels(image)
+
+    alone, twice, both = picture(str(MAN1), "alone"), picture(f"{MAN1},{MAN1}", "twice"), picture(f"{MAN1},{MAN2}", "both")
+    # the average of one photo's embedding with itself is that embedding (up to the batched encoder's rounding)
+    assert np.abs(twice.astype(int) - alone.astype(int)).max() <= 2
+    assert np.abs(both.astype(int) - alone.astype(int)).max() > 2  # the second photo is used
+    graph = embedded_graph(next((tmp_path / "both").glob("*[0-9].png")))
+    (subject,) = nodes_of(graph, "FaceDiffuserSubject")
+    (batch,) = nodes_of(graph, "ImageBatch")
+    assert graph[subject["inputs"]["images"][0]] == batch and [graph[batch["inputs"][k][0]]["inputs"]["image"].split("_")[0] for k in ("image1", "image2")] == ["facediffuser/man1", "facediffuser/man2"]
+
+
 def test_four_faces_chain_batch_images_nodes(server, tmp_path):
     out = tmp_path / "out"
     prompt = "a man <|image|>, a man <|image|>, a man <|image|> and a man <|image|> on a bench"
@@ -145,7 +162,7 @@ def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):
 def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base, tmp_path):
     result = generate("--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base), timeout=300)
     assert result.returncode == 2
-    assert "error: the prompt has 2 <|image|> marker(s) but 1 --face photo(s) were given" in result.stderr
+    assert "error: the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)" in result.stderr
     assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
 
 
