@@ -122,15 +122,20 @@ def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
 
 def test_several_photos_of_one_person(server, tmp_path):
     def picture(face: str, name: str) -> np.ndarray:
-        result = generate("--face", face, "--prompt", "a man <|image|> on a bench", "-o", str(tmp_path / name), *SMALL, "--seed", "4", "--server", f"127.0.0.1:{server.port}")
+        subject_stage_only = ["--start-merge", "0", "--final", "0"]  # every step on the SDM: the faces count most
+        result = generate("--face", face, "--prompt", "a man <|image|> on a bench", "-o", str(tmp_path / name), *SMALL, *subject_stage_only, "--seed", "4", "--server", f"127.0.0.1:{server.port}")
         assert result.returncode == 0, result.stderr[-3000:]
         (image,) = check_outputs(tmp_path / name, 1)
         return pixels(image)
 
     alone, twice, both = picture(str(MAN1), "alone"), picture(f"{MAN1},{MAN1}", "twice"), picture(f"{MAN1},{MAN2}", "both")
-    # the average of one photo's embedding with itself is that embedding (up to the batched encoder's rounding)
-    assert np.abs(twice.astype(int) - alone.astype(int)).max() <= 2
-    assert np.abs(both.astype(int) - alone.astype(int)).max() > 2  # the second photo is used
+    # The random test models respond weakly to one word's embedding (a different face moves channel
+    # values by about one level), so what is compared is how many of them move: the average of a
+    # photo's embedding with itself is that embedding (up to the batched encoder's float rounding),
+    # while a second, different photo changes the picture far more widely.
+    rounding = int((twice != alone).sum())
+    assert np.abs(twice.astype(int) - alone.astype(int)).max() <= 1 and rounding <= 16
+    assert (both != alone).sum() > 10 * max(rounding, 1)
     graph = embedded_graph(next((tmp_path / "both").glob("*[0-9].png")))
     (subject,) = nodes_of(graph, "FaceDiffuserSubject")
     (batch,) = nodes_of(graph, "ImageBatch")
