@@ -42,7 +42,7 @@ def check_sd1(model, role: str, source: str) -> None:
     config = getattr(model.model, "model_config", None)
     if type(config) is not comfy.supported_models.SD15:
         found = type(config).__name__ if config is not None else type(model.model).__name__
-        raise FaceDiffuserError(f"the model on {role} is {found}, not SD1.x; connect {source}")
+        raise FaceDiffuserError(f"{role}: the model is {found}, not SD1.x; connect {source}")
 
 
 def check_scene_conditioning(tdm, name: str, conditioning) -> None:
@@ -87,8 +87,9 @@ def check_model_pair(tdm, sdm) -> None:
 
 class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
     """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
-    text prompt as negative. The scene model (TDM, or any SD1.x model) may have its own prompt pair. The SDM is the primary model; the TDM is registered as an additional
-    model so ComfyUI loads both in one model-management call. Stages follow the step index of each
+    text prompt as negative. The scene model (the TDM, or any SD1.x model) may have its own prompt
+    pair. The SDM is the primary model; the TDM is registered as an additional model so ComfyUI
+    loads both in one model-management call. Stages follow the step index of each
     evaluation in the sigma schedule, so every sampler and scheduler works. Each model is guided with
     its own options: by ComfyUI's CFG chain when it carries guidance hooks, by the official eps-space
     CFG otherwise; the fusion stage compares the responses after the hooks."""
@@ -189,7 +190,7 @@ MODEL_INPUTS = [
     io.Model.Input("sdm", tooltip="Subject-augmented model (Face-diffuser Loader: sdm)."),
     io.Conditioning.Input("text", tooltip="Subject Encode: text. Positive for the TDM, negative for the SDM."),
     io.Conditioning.Input("subject", tooltip="Subject Encode: subject. Positive for the SDM."),
-    io.Conditioning.Input("negative", tooltip="The TDM's negative: the official method uses an empty prompt (CLIP Text Encode with no text)."),
+    io.Conditioning.Input("negative", tooltip="The TDM's negative: the official method uses an empty prompt (CLIP Text Encode with no text). Not used while scene_negative is connected."),
 ]
 SCENE_INPUTS = [
     io.Conditioning.Input(

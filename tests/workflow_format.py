@@ -33,6 +33,7 @@ WIDGETS: dict[str, list[str]] = {
     "SamplerCustomAdvanced": [],
     "CheckpointLoaderSimple": ["ckpt_name"],
     "LoraLoader": ["lora_name", "strength_model", "strength_clip"],
+    "FastComposerGuider": ["cfg", "start_merge"],
 }
 
 

@@ -19,6 +19,7 @@ SDM_FILE = "facediffuser_sdm.safetensors"  # the names the README tells users to
 TDM_FILE = "facediffuser_tdm.safetensors"
 SCENE_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the names the scene-checkpoint workflow ships with
 SCENE_LORA = "sd15_style_lora.safetensors"
+FASTCOMPOSER_FILE = "fastcomposer.safetensors"  # the name the README and the FastComposer workflow use
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,17 @@ def ensure_model_files() -> ModelFiles:
     _sdxl_shaped(files.sdxl_shaped)
     marker.write_text("ok\n")
     return files
+
+
+def ensure_fastcomposer_file(files: ModelFiles) -> Path:
+    """The SDM test weights converted as FastComposer's model (the same layout; the kind recorded in
+    its metadata), as the README tells users to convert the official file (a minute, once)."""
+    from facediffuser_core.checkpoints import ModelKind
+
+    path = files.root / FASTCOMPOSER_FILE
+    if not path.exists():
+        convert_checkpoint(files.sdm, path, dtype=None, progress=False, kind=ModelKind.FASTCOMPOSER)
+    return path
 
 
 def ensure_scene_files(files: ModelFiles, comfyui_path: Path) -> tuple[Path, Path]:

@@ -115,9 +115,9 @@ def tiny_model(model_type: str):
 def test_a_scene_model_that_is_not_sd1_is_refused_with_its_type(comfy, loaded, conditionings, model_type):
     sdm = loaded[1]
     other = tiny_model(model_type)
-    with pytest.raises(ValueError, match=rf"^Face-diffuser Sampler: the model on tdm is {model_type}, not SD1.x; connect the Face-diffuser Loader's tdm or an SD1.5 checkpoint"):
+    with pytest.raises(ValueError, match=rf"^Face-diffuser Sampler: tdm: the model is {model_type}, not SD1.x; connect the Face-diffuser Loader's tdm or an SD1.5 checkpoint"):
         comfy.sampler.FaceDiffuserSampler.execute(other, sdm, *conditionings, LATENT, 5, 2, 5.0, "ddim", "ddim_uniform", 0.3, 0.6, 1.0)
-    with pytest.raises(ValueError, match=rf"^Face-diffuser Guider: the model on sdm is {model_type}, not SD1.x"):
+    with pytest.raises(ValueError, match=rf"^Face-diffuser Guider: sdm: the model is {model_type}, not SD1.x"):
         comfy.guider.FaceDiffuserGuider.execute(loaded[0], other, *conditionings, 5.0, 0.3, 0.6)
 
 
