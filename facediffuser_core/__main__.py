@@ -1,7 +1,7 @@
 """Command line (also installed as ``facediffuser``):
 
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
-- ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32]``
+- ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32] [--kind sdm|tdm|fastcomposer]``
 
 Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
 """
@@ -16,15 +16,21 @@ from typing import Optional, Sequence
 from .comfy_client import JobError, ServerUnavailable
 from .errors import FaceDiffuserError
 
+KINDS = {"sdm": "SDM", "tdm": "TDM", "fastcomposer": "FastComposer"}  # convert --kind -> ModelKind value
+
 
 def _convert(args: argparse.Namespace) -> int:
+    from .checkpoints import ModelKind
     from .convert import convert_checkpoint
 
-    report = convert_checkpoint(args.input, args.output, dtype=None if args.dtype == "keep" else args.dtype)
+    kind = None if args.kind is None else ModelKind(KINDS[args.kind])
+    report = convert_checkpoint(args.input, args.output, dtype=None if args.dtype == "keep" else args.dtype, kind=kind)
     print(
-        f"wrote {report.dst} ({report.kind.value}, {report.tensors} tensors, "
+        f"wrote {report.dst} ({report.kind.description}, {report.tensors} tensors, "
         f"{report.input_bytes / 2**30:.2f} GiB -> {report.output_bytes / 2**30:.2f} GiB), verified"
     )
+    if report.kind is ModelKind.SDM and kind is None:
+        print("note: Face-diffuser's SDM and FastComposer's model have the same layout; this one was taken for an SDM (pass --kind fastcomposer if it is FastComposer's)")
     return 0
 
 
@@ -55,9 +61,15 @@ def parser() -> argparse.ArgumentParser:
         description="Convert an official Face-diffuser SDM or TDM checkpoint to safetensors (same keys), "
         "verifying that the written file reads back identical.",
     )
-    convert.add_argument("input", help="pytorch_model.bin, or the SDM/ or TDM/ folder holding it")
+    convert.add_argument("input", help="pytorch_model.bin, or the SDM/, TDM/ or fastcomposer/ folder holding it")
     convert.add_argument("-o", "--output", required=True, help="output file, e.g. models/facediffuser/facediffuser_sdm.safetensors")
     convert.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16", help="floating-point dtype to store (default fp16)")
+    convert.add_argument(
+        "--kind",
+        choices=list(KINDS),
+        help="what the file is (default: from its name and components; FastComposer's model has the SDM's keys, "
+        "so a file without 'fastcomposer' in its name or folder needs --kind fastcomposer)",
+    )
     convert.set_defaults(run=_convert)
     return main_parser
 

@@ -52,10 +52,20 @@ _DERIVED_BUFFERS = ("embeddings.position_ids",)  # saved by old transformers, re
 class ModelKind(str, Enum):
     SDM = "SDM"  # subject-augmented model: UNet + text encoder + VAE + image encoder + postfuse
     TDM = "TDM"  # text-driven model: UNet + text encoder + VAE
+    FASTCOMPOSER = "FastComposer"  # FastComposer's one model: exactly the SDM's components and keys
 
     @property
     def description(self) -> str:
-        return "subject-augmented model (SDM)" if self is ModelKind.SDM else "text-driven model (TDM)"
+        return {
+            ModelKind.SDM: "subject-augmented model (SDM)",
+            ModelKind.TDM: "text-driven model (TDM)",
+            ModelKind.FASTCOMPOSER: "FastComposer model (the SDM's layout)",
+        }[self]
+
+    @property
+    def layout(self) -> "ModelKind":
+        """The kind whose components and keys this kind's files have (SDM or TDM)."""
+        return ModelKind.SDM if self is ModelKind.FASTCOMPOSER else self
 
 
 @dataclass
@@ -265,23 +275,50 @@ def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str, new_prefix: str 
     }
 
 
-def split_checkpoint(state_dict: Mapping[str, torch.Tensor], path: PathLike = "checkpoint") -> FaceDiffuserCheckpoint:
-    """Split an official-layout state dict into components (tensors are shared, not copied)."""
-    kind = classify(state_dict, path)
+def declared_kind(path: PathLike) -> Optional[ModelKind]:
+    """The kind a file says it is, where keys cannot tell (an SDM and FastComposer's model share
+    them): the converter's ``facediffuser_kind`` metadata of a .safetensors, else "fastcomposer" in
+    its name or its folder's (the official download is ``fastcomposer/pytorch_model.bin``); None
+    when it says nothing."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            recorded = (file.metadata() or {}).get("facediffuser_kind")
+        if recorded in {kind.value for kind in ModelKind}:
+            return ModelKind(recorded)
+    return ModelKind.FASTCOMPOSER if "fastcomposer" in f"{path.parent.name}/{path.name}".lower() else None
+
+
+def resolve_kind(layout: ModelKind, declared: Optional[ModelKind], source: PathLike = "checkpoint") -> ModelKind:
+    """The kind of a file whose keys have ``layout`` (SDM or TDM) and that declares ``declared``."""
+    if declared is None:
+        return layout
+    if declared.layout is not layout:
+        raise CheckpointError(f"{source} was given as a {declared.description} but its components are those of a {layout.description}")
+    return declared
+
+
+def split_checkpoint(state_dict: Mapping[str, torch.Tensor], path: PathLike = "checkpoint", kind: Optional[ModelKind] = None) -> FaceDiffuserCheckpoint:
+    """Split an official-layout state dict into components (tensors are shared, not copied);
+    ``kind`` is what the file declares (:func:`declared_kind`), checked against its components."""
+    kind = resolve_kind(classify(state_dict, path), kind, path)
     text = _strip(state_dict, TEXT_ENCODER)
     if not any(k.startswith("text_model.") for k in text):
         text = {"text_model." + k: v for k, v in text.items()}
     subject = None
-    if kind is ModelKind.SDM:
+    if kind.layout is ModelKind.SDM:
         subject = {k: v for k, v in state_dict.items() if k.startswith(_SUBJECT_PREFIXES) and not k.endswith(_DERIVED_BUFFERS)}
     return FaceDiffuserCheckpoint(Path(path), kind, _strip(state_dict, UNET), text, _strip(state_dict, VAE), subject)
 
 
 def load_checkpoint(path: PathLike, expect: Optional[ModelKind] = None) -> FaceDiffuserCheckpoint:
-    """Read and split a checkpoint; with ``expect``, an SDM given for a TDM (or back) is an error."""
+    """Read and split a checkpoint; with ``expect``, a file of another layout (an SDM given for a
+    TDM, or back) is an error; FastComposer's model is accepted where an SDM is expected."""
     resolved = resolve_checkpoint_path(path)
-    checkpoint = split_checkpoint(read_state_dict(resolved), resolved)
-    if expect is not None and checkpoint.kind is not expect:
+    checkpoint = split_checkpoint(read_state_dict(resolved), resolved, declared_kind(resolved))
+    if expect is not None and checkpoint.kind.layout is not expect.layout:
         raise CheckpointError(
             f"{resolved} is a {checkpoint.kind.description}, but a {ModelKind(expect).description} was expected "
             f"here; check that the SDM and TDM files are not swapped"

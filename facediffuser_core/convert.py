@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .checkpoints import ModelKind, PathLike, StateDict, classify, read_state_dict, resolve_checkpoint_path
+from .checkpoints import ModelKind, PathLike, StateDict, classify, declared_kind, read_state_dict, resolve_checkpoint_path, resolve_kind
 from .errors import CheckpointError
 
 __all__ = ["DTYPES", "ConversionReport", "convert_checkpoint"]
@@ -161,10 +161,12 @@ def _verify(path: Path, layout: StateDict, digests: dict[str, bytes], metadata: 
                     bar.update()
 
 
-def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp16", progress: bool = True) -> ConversionReport:
+def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp16", progress: bool = True, kind: Optional[ModelKind] = None) -> ConversionReport:
     """Write ``src`` (official .bin, a folder holding it, or a .safetensors) to ``dst`` as safetensors.
 
-    ``dtype`` (fp16 | bf16 | fp32 | None to keep) applies to floating-point tensors only.
+    ``dtype`` (fp16 | bf16 | fp32 | None to keep) applies to floating-point tensors only. The kind
+    (``kind``, else what ``src`` declares, else its components: SDM or TDM) is recorded in the
+    metadata (``facediffuser_kind``): FastComposer's model has the SDM's keys, so only that tells them apart.
     Raises :class:`CheckpointError` for files that are not an SDM/TDM, for values that
     overflow the target dtype, and when the read-back check fails; ``dst`` is then left as it was.
     """
@@ -178,7 +180,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, dtype: Optional[str] = "fp1
     if dst_path.resolve() == src_path.resolve():
         raise CheckpointError(f"{dst_path}: the output must not overwrite the input")
     state = read_state_dict(src_path)
-    kind = classify(state, src_path)
+    kind = resolve_kind(classify(state, src_path), kind or declared_kind(src_path), src_path)
     metadata = {"format": "pt", "facediffuser_kind": kind.value, "source": src_path.name}
     layout = {name: torch.empty(t.shape, dtype=_output_dtype(t, target), device="meta") for name, t in state.items()}
     header = _header(layout, metadata, src_path)

@@ -8,6 +8,10 @@ prompt, ct the text prompt (markers removed) and ca the subject-augmented prompt
 - fusion:  both, fused per pixel by :func:`facediffuser_core.snf.fuse_noise` on the
   responses ``s * (TDM(ct) - TDM(c0))`` and ``s * (SDM(ca) - SDM(ct))``.
 
+Any SD1.x model can stand in for the TDM with its own prompt pair (its own CLIP, LoRA ...): the
+scene conditionings then replace ``c0`` and ``ct`` for the scene model only; the SDM keeps ``ct``
+as its negative.
+
 A host that guides each model itself (ComfyUI's CFG hooks: RescaleCFG, PAG, ...) hands its
 guided eps to :func:`combine_guided` through :func:`guided_from`; a model's response is then
 its guided eps minus the eps of its negative.
@@ -35,11 +39,20 @@ Guided = tuple[torch.Tensor, torch.Tensor]  # (guided eps, response = guided eps
 
 @dataclass(frozen=True)
 class Conditionings:
-    """Text embeddings [1 or B, L, D]: empty prompt, text prompt, subject-augmented prompt."""
+    """Text embeddings [1 or B, L, D]: empty prompt, text prompt, subject-augmented prompt; and
+    optionally the scene model's own negative and positive (None: ``empty`` and ``text``)."""
 
     empty: torch.Tensor
     text: torch.Tensor
     subject: torch.Tensor
+    scene_negative: Optional[torch.Tensor] = None
+    scene_positive: Optional[torch.Tensor] = None
+
+    @property
+    def scene_pair(self) -> Pair:
+        """The scene model's (negative, positive) conditionings."""
+        negative = self.empty if self.scene_negative is None else self.scene_negative
+        return negative, self.text if self.scene_positive is None else self.scene_positive
 
     def __post_init__(self) -> None:
         if self.text.shape != self.subject.shape:
@@ -51,6 +64,10 @@ class Conditionings:
             raise ValueError(
                 f"empty conditioning must be [B,L,{self.text.shape[-1]}], got {tuple(self.empty.shape)}"
             )
+        for name in ("scene_negative", "scene_positive"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 3 or value.shape[-1] != self.text.shape[-1]):
+                raise ValueError(f"{name} conditioning must be [B,L,{self.text.shape[-1]}], got {tuple(value.shape)}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,6 @@ def predict_noise(
 ) -> GuidedNoise:
     """Guided noise of one step; each model used by ``stage`` is called exactly once (batch 2B)."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-    scene_pair = _paired_call(scene_model, x, t, conds.empty, conds.text) if stage.uses_scene_model else None
+    scene_pair = _paired_call(scene_model, x, t, *conds.scene_pair) if stage.uses_scene_model else None
     subject_pair = _paired_call(subject_model, x, t, conds.text, conds.subject) if stage.uses_subject_model else None
     return combine(stage, scene_pair, subject_pair, scale)

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 from .errors import ReferenceImageError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ENCODER_RESOLUTION", "DEFAULT_OBJECT_RESOLUTION", "to_rgb", "pad_to_square", "resize_square", "preprocess_references"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ENCODER_RESOLUTION", "DEFAULT_OBJECT_RESOLUTION", "FASTCOMPOSER_OBJECT_RESOLUTION", "to_rgb", "pad_to_square", "resize_square", "preprocess_references"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ENCODER_RESOLUTION = 224
 DEFAULT_OBJECT_RESOLUTION = 512
+FASTCOMPOSER_OBJECT_RESOLUTION = 224  # FastComposer's inference setting
 _RANGE_TOLERANCE = 1e-3
 
 

@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from .common import register_model_folder
 from .encode import FaceDiffuserSubjectEncode
 from .faces import FaceDiffuserFaceCrop
+from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
 from .sampler import FaceDiffuserSampler
@@ -29,6 +30,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserSubjectEncode,
             FaceDiffuserGuider,
             FaceDiffuserSampler,
+            FastComposerGuider,
             FaceDiffuserFaceCrop,
             FaceDiffuserIdentityScore,
             FaceDiffuserPromptConsistency,

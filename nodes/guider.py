@@ -9,6 +9,7 @@ import torch
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
+import comfy.supported_models
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import FaceDiffuserError
@@ -24,6 +25,7 @@ from ..facediffuser_core.schedule import (
     validate_fractions,
 )
 from .common import CATEGORY, errors_named
+from .loader import NO_TDM
 
 NAME = "Face-diffuser Guider"
 TDM_KEY = "facediffuser_tdm"
@@ -35,8 +37,33 @@ def has_guidance_hooks(model_options: dict) -> bool:
     return any(model_options.get(key) for key in GUIDANCE_HOOKS)
 
 
+def check_sd1(model, role: str, source: str) -> None:
+    """A model on the ``role`` input must be plain SD1.x (SD1.5 and its fine-tunes)."""
+    config = getattr(model.model, "model_config", None)
+    if type(config) is not comfy.supported_models.SD15:
+        found = type(config).__name__ if config is not None else type(model.model).__name__
+        raise FaceDiffuserError(f"{role}: the model is {found}, not SD1.x; connect {source}")
+
+
+def check_scene_conditioning(tdm, name: str, conditioning) -> None:
+    """A scene conditioning must be encoded for the scene model's cross-attention width."""
+    width = tdm.model.model_config.unet_config.get("context_dim")
+    for embedding, _ in conditioning:
+        if embedding.shape[-1] != width:
+            raise FaceDiffuserError(
+                f"{name} has {embedding.shape[-1]}-wide embeddings but the scene model takes {width}; "
+                "encode it with the scene model's own CLIP (the CLIP output of the loader of the model on tdm)"
+            )
+
+
 def check_model_pair(tdm, sdm) -> None:
-    """The two UNets must be distinct models sampled on one noise schedule."""
+    """The two UNets must be distinct SD1.x models sampled on one noise schedule."""
+    if tdm is None:
+        raise FaceDiffuserError(
+            f"tdm has no model: the Face-diffuser Loader's tdm_name is '{NO_TDM}'; connect the scene model (e.g. Load Checkpoint's MODEL) to tdm, or pick the TDM file"
+        )
+    check_sd1(tdm, "tdm", "the Face-diffuser Loader's tdm or an SD1.5 checkpoint (e.g. Load Checkpoint)")
+    check_sd1(sdm, "sdm", "the Face-diffuser Loader's sdm")
     if tdm.model is sdm.model:
         raise FaceDiffuserError(
             "tdm and sdm are the same model; connect the Face-diffuser Loader's tdm and sdm outputs to them"
@@ -60,8 +87,9 @@ def check_model_pair(tdm, sdm) -> None:
 
 class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
     """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
-    text prompt as negative. The SDM is the primary model; the TDM is registered as an additional
-    model so ComfyUI loads both in one model-management call. Stages follow the step index of each
+    text prompt as negative. The scene model (the TDM, or any SD1.x model) may have its own prompt
+    pair. The SDM is the primary model; the TDM is registered as an additional model so ComfyUI
+    loads both in one model-management call. Stages follow the step index of each
     evaluation in the sigma schedule, so every sampler and scheduler works. Each model is guided with
     its own options: by ComfyUI's CFG chain when it carries guidance hooks, by the official eps-space
     CFG otherwise; the fusion stage compares the responses after the hooks."""
@@ -76,8 +104,14 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
         self.start_fraction, self.final_fraction = start_fraction, final_fraction
         self.last_subject_mask: Optional[torch.Tensor] = None  # bool [B,1,h,w] of the latest fusion step
 
-    def set_conds(self, negative, text, subject) -> None:
-        self.inner_set_conds({"negative": negative, "text": text, "subject": subject})
+    def set_conds(self, negative, text, subject, scene_positive=None, scene_negative=None) -> None:
+        """The SDM's pair is (text, subject); the scene model's (negative, text), or its own
+        ``scene_negative`` / ``scene_positive`` where given."""
+        conds = {"negative": negative, "text": text, "subject": subject}
+        own = {"scene_negative": scene_negative, "scene_positive": scene_positive}
+        conds.update({name: value for name, value in own.items() if value is not None})
+        self.scene_pair = ("scene_negative" if scene_negative is not None else "negative", "scene_positive" if scene_positive is not None else "text")
+        self.inner_set_conds(conds)
 
     @property
     def tdm(self):
@@ -104,7 +138,7 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
         stage = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds)
         # each model with its own (negative, positive) pair and its own options (hooks, patches)
-        scene = (self.tdm.model, "negative", "text", self.tdm_model_options)
+        scene = (self.tdm.model, *self.scene_pair, self.tdm_model_options)
         subject = (self.inner_model, "text", "subject", model_options)
         if stage is not Stage.FUSION:
             model, negative, positive, options = scene if stage is Stage.SCENE else subject
@@ -152,11 +186,23 @@ def sigma_like(timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 MODEL_INPUTS = [
-    io.Model.Input("tdm", tooltip="Text-driven model (Face-diffuser Loader: tdm)."),
+    io.Model.Input("tdm", tooltip="Scene model: the Face-diffuser Loader's tdm (text-driven model), or any SD1.5 model (Load Checkpoint, with LoRAs) given its own prompts in scene_positive / scene_negative."),
     io.Model.Input("sdm", tooltip="Subject-augmented model (Face-diffuser Loader: sdm)."),
     io.Conditioning.Input("text", tooltip="Subject Encode: text. Positive for the TDM, negative for the SDM."),
     io.Conditioning.Input("subject", tooltip="Subject Encode: subject. Positive for the SDM."),
-    io.Conditioning.Input("negative", tooltip="The TDM's negative: the official method uses an empty prompt (CLIP Text Encode with no text)."),
+    io.Conditioning.Input("negative", tooltip="The TDM's negative: the official method uses an empty prompt (CLIP Text Encode with no text). Not used while scene_negative is connected."),
+]
+SCENE_INPUTS = [
+    io.Conditioning.Input(
+        "scene_positive",
+        optional=True,
+        tooltip="Optional: the scene model's own prompt, encoded with its own CLIP (e.g. Load Checkpoint + LoRA into CLIP Text Encode). Replaces text for the scene model only; the SDM keeps text and subject.",
+    ),
+    io.Conditioning.Input(
+        "scene_negative",
+        optional=True,
+        tooltip="Optional: the scene model's own negative, encoded with its own CLIP. Replaces negative for the scene model only.",
+    ),
 ]
 CFG_INPUT = io.Float.Input("cfg", default=OFFICIAL_GUIDANCE, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale of both models (official: 5).")
 STAGE_INPUTS = [
@@ -179,9 +225,12 @@ STAGE_INPUTS = [
 ]
 
 
-def build_guider(tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float) -> FaceDiffuserCFGGuider:
+def build_guider(tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float, scene_positive=None, scene_negative=None) -> FaceDiffuserCFGGuider:
     guider = FaceDiffuserCFGGuider(tdm, sdm, cfg, start_merge, final)
-    guider.set_conds(negative, text, subject)
+    for name, conditioning in (("scene_positive", scene_positive), ("scene_negative", scene_negative)):
+        if conditioning is not None:
+            check_scene_conditioning(tdm, name, conditioning)
+    guider.set_conds(negative, text, subject, scene_positive, scene_negative)
     return guider
 
 
@@ -194,12 +243,13 @@ class FaceDiffuserGuider(io.ComfyNode):
             category=CATEGORY,
             description="A GUIDER for SamplerCustomAdvanced that runs Face-diffuser's three stages: the TDM builds "
             "the scene, then both models are fused per pixel by saliency, then the SDM refines the people. "
-            "Works with every sampler and scheduler; stage boundaries are fractions of the steps.",
-            inputs=[*MODEL_INPUTS, CFG_INPUT, *STAGE_INPUTS],
+            "Works with every sampler and scheduler; stage boundaries are fractions of the steps. "
+            "The scene model may be any SD1.5 model with its own prompts (scene_positive, scene_negative).",
+            inputs=[*MODEL_INPUTS, CFG_INPUT, *STAGE_INPUTS, *SCENE_INPUTS],
             outputs=[io.Guider.Output("guider", display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float) -> io.NodeOutput:
+    def execute(cls, tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float, scene_positive=None, scene_negative=None) -> io.NodeOutput:
         with errors_named(NAME):
-            return io.NodeOutput(build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final))
+            return io.NodeOutput(build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final, scene_positive, scene_negative))

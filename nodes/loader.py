@@ -21,6 +21,7 @@ from ..facediffuser_core.subjects import References
 from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded
 
 NAME = "Face-diffuser Loader"
+NO_TDM = "none (another scene model)"  # tdm_name when a Load Checkpoint model builds the scene
 WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 SubjectEncoderType = io.Custom("FACEDIFFUSER_SUBJECT_ENCODER")
@@ -83,16 +84,17 @@ def load_clip(checkpoint: FaceDiffuserCheckpoint):
     )
 
 
-def load_models(sdm_path: str, tdm_path: str, weight_dtype: str = "auto"):
-    """Load the SDM and TDM files; returns ``(tdm, sdm, clip, vae, subject_encoder)``.
+def load_models(sdm_path: str, tdm_path: Optional[str], weight_dtype: str = "auto"):
+    """Load the SDM and TDM files (no TDM when ``tdm_path`` is None: its output is None); returns
+    ``(tdm, sdm, clip, vae, subject_encoder)``.
 
     CLIP and VAE come from the SDM, whose text encoder the official pipeline uses for every prompt.
     """
     dtype = WEIGHT_DTYPES[weight_dtype]
     sdm = load_checkpoint(sdm_path, expect=ModelKind.SDM)
-    tdm = load_checkpoint(tdm_path, expect=ModelKind.TDM)
+    tdm = None if tdm_path is None else load_unet(load_checkpoint(tdm_path, expect=ModelKind.TDM), dtype)
     encoder = SubjectEncoderModel(SubjectEncoder.from_state_dict(sdm.subject_encoder), dtype)
-    return load_unet(tdm, dtype), load_unet(sdm, dtype), load_clip(sdm), comfy.sd.VAE(sd=dict(sdm.vae)), encoder
+    return tdm, load_unet(sdm, dtype), load_clip(sdm), comfy.sd.VAE(sd=dict(sdm.vae)), encoder
 
 
 class FaceDiffuserLoader(io.ComfyNode):
@@ -108,11 +110,16 @@ class FaceDiffuserLoader(io.ComfyNode):
             "CLIP and VAE come from the SDM file, so no separate SD1.5 checkpoint is needed.",
             inputs=[
                 io.Combo.Input("sdm_name", options=files, tooltip="The SDM file (e.g. facediffuser_sdm.safetensors or SDM/pytorch_model.bin) in models/facediffuser."),
-                io.Combo.Input("tdm_name", options=files, tooltip="The TDM file (e.g. facediffuser_tdm.safetensors or TDM/pytorch_model.bin) in models/facediffuser."),
+                io.Combo.Input(
+                    "tdm_name",
+                    options=[*files, NO_TDM],
+                    tooltip=f"The TDM file (e.g. facediffuser_tdm.safetensors or TDM/pytorch_model.bin) in models/facediffuser; "
+                    f"'{NO_TDM}' loads none when another SD1.5 model (Load Checkpoint) builds the scene.",
+                ),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto", tooltip="Dtype of both UNets and the subject encoder. auto lets ComfyUI choose (fp16 on most GPUs, fp32 on CPU)."),
             ],
             outputs=[
-                io.Model.Output("tdm", display_name="tdm", tooltip="Text-driven model: builds the scene."),
+                io.Model.Output("tdm", display_name="tdm", tooltip=f"Text-driven model: builds the scene (nothing with tdm_name '{NO_TDM}')."),
                 io.Model.Output("sdm", display_name="sdm", tooltip="Subject-augmented model: renders the reference people."),
                 io.Clip.Output("clip", display_name="clip", tooltip="The SDM's CLIP text encoder (SD1.5 CLIP-L)."),
                 io.Vae.Output("vae", display_name="vae", tooltip="The SDM's VAE."),
@@ -124,5 +131,5 @@ class FaceDiffuserLoader(io.ComfyNode):
     def execute(cls, sdm_name: str, tdm_name: str, weight_dtype: str) -> io.NodeOutput:
         with errors_named(NAME):
             sdm_path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, sdm_name)
-            tdm_path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, tdm_name)
+            tdm_path = None if tdm_name == NO_TDM else folder_paths.get_full_path_or_raise(MODEL_FOLDER, tdm_name)
             return io.NodeOutput(*load_models(sdm_path, tdm_path, weight_dtype))

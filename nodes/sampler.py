@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..facediffuser_core.schedule import OFFICIAL_STEPS
 from .common import CATEGORY, errors_named
-from .guider import CFG_INPUT, MODEL_INPUTS, STAGE_INPUTS, build_guider
+from .guider import CFG_INPUT, MODEL_INPUTS, SCENE_INPUTS, STAGE_INPUTS, build_guider
 
 NAME = "Face-diffuser Sampler"
 LATENT_SCALE = 8  # SD1.5 VAE downscale factor
@@ -38,7 +38,8 @@ class FaceDiffuserSampler(io.ComfyNode):
             display_name=NAME,
             category=CATEGORY,
             description="Samples with Face-diffuser (TDM scene stage, saliency-adaptive fusion, SDM subject stage) "
-            "in one node, like KSampler. Also outputs where the subject model owned the image in the last fusion step.",
+            "in one node, like KSampler. Also outputs where the subject model owned the image in the last fusion step. "
+            "The scene model may be any SD1.5 model with its own prompts (scene_positive, scene_negative).",
             inputs=[
                 *MODEL_INPUTS,
                 io.Latent.Input("latent_image", tooltip="Empty Latent Image for text-to-image, or an encoded image with denoise < 1."),
@@ -49,6 +50,7 @@ class FaceDiffuserSampler(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform", tooltip="Scheduler; ddim_uniform gives the official timesteps."),
                 *STAGE_INPUTS,
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Amount of noise to add and remove; stages are fractions of the steps actually run."),
+                *SCENE_INPUTS,
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="LATENT", tooltip="The sampled latent."),
@@ -57,9 +59,11 @@ class FaceDiffuserSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tdm, sdm, text, subject, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, start_merge, final, denoise) -> io.NodeOutput:
+    def execute(
+        cls, tdm, sdm, text, subject, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, start_merge, final, denoise, scene_positive=None, scene_negative=None
+    ) -> io.NodeOutput:
         with errors_named(NAME):
-            guider = build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final)
+            guider = build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final, scene_positive, scene_negative)
         latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, guider.model_patcher.load_device, sampler_name, scheduler, denoise).sigmas

@@ -67,9 +67,12 @@ def face_pngs(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
-    converted files under the README's names and the official SDM/ and TDM/ folders; an SDXL-shaped
-    file in a folder of extra_model_paths.yaml; face_1.png and face_2.png in input/."""
+    converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
+    folders; an SD1.5 checkpoint and a LoRA under the scene-checkpoint workflow's names in
+    models/checkpoints and models/loras; an SDXL-shaped file in a folder of extra_model_paths.yaml;
+    face_1.png and face_2.png in input/."""
     from harness import ComfyServer, make_base_directory
+    from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
 
     base = tmp_path_factory.mktemp("comfy-base")
     make_base_directory(
@@ -79,8 +82,10 @@ def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
             "facediffuser_tdm.safetensors": model_files.tdm,
             "SDM": model_files.sdm_official.parent,
             "TDM": model_files.tdm_official.parent,
+            FASTCOMPOSER_FILE: ensure_fastcomposer_file(model_files),
         },
         face_pngs,
+        dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
     )
     extra = tmp_path_factory.mktemp("extra-models")
     (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)

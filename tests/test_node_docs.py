@@ -25,5 +25,5 @@ def test_one_help_page_per_node():
 def test_help_pages_start_with_the_node_title_and_describe_inputs_and_outputs():
     for path in DOCS.glob("*.md"):
         text = path.read_text()
-        assert re.match(r"# Face-diffuser \S", text), path.name
+        assert re.match(r"# (Face-diffuser|FastComposer) \S", text), path.name
         assert "## Inputs" in text and "## Outputs" in text, path.name

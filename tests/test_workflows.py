@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -43,12 +43,39 @@ def test_ui_graph_is_well_formed(ui_path):
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
 def test_models_are_the_converted_files_the_readme_names(ui_path, api_path):
-    loaders = [n for n in load(api_path).values() if n["class_type"] == "FaceDiffuserLoader"]
+    api = load(api_path)
+    loaders = [n for n in api.values() if n["class_type"] == "FaceDiffuserLoader"]
     assert len(loaders) == 1
-    assert {loaders[0]["inputs"]["sdm_name"], loaders[0]["inputs"]["tdm_name"]} == MODEL_FILES
-    assert loaders[0]["inputs"]["sdm_name"] == "facediffuser_sdm.safetensors"
     readme = (REPO / "README.md").read_text()
     assert all(name in readme for name in MODEL_FILES)
+    if loaders[0]["inputs"]["sdm_name"] == "fastcomposer.safetensors":  # FastComposer's one model, no TDM
+        assert "fastcomposer.safetensors" in readme and loaders[0]["inputs"]["tdm_name"] == "none (another scene model)"
+        assert {n["class_type"] for n in api.values()} >= {"FastComposerGuider"} and not any("FaceDiffuser" + kind in {n["class_type"] for n in api.values()} for kind in ("Guider", "Sampler"))
+        return
+    assert loaders[0]["inputs"]["sdm_name"] == "facediffuser_sdm.safetensors"
+    if loaders[0]["inputs"]["tdm_name"] == "facediffuser_tdm.safetensors":
+        return
+    # no TDM loaded: an SD1.5 checkpoint (through a LoRA) is the scene model of every Face-diffuser sampler
+    assert loaders[0]["inputs"]["tdm_name"] == "none (another scene model)"
+    samplers = [n for n in api.values() if n["class_type"] in ("FaceDiffuserSampler", "FaceDiffuserGuider")]
+    assert samplers
+    for sampler in samplers:
+        source = api[sampler["inputs"]["tdm"][0]]
+        while source["class_type"] == "LoraLoader":
+            source = api[source["inputs"]["model"][0]]
+        assert source["class_type"] == "CheckpointLoaderSimple" and source["inputs"]["ckpt_name"] in readme
+
+
+def test_the_scene_checkpoint_workflow_encodes_the_scene_prompts_with_the_scene_models_clip():
+    api = load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
+    lora = sampler["tdm"][0]  # the scene model through its LoRA: its CLIP output is the scene model's CLIP
+    assert api[lora]["class_type"] == "LoraLoader"
+    for name in ("scene_positive", "scene_negative"):
+        assert api[sampler[name][0]]["class_type"] == "CLIPTextEncode" and api[sampler[name][0]]["inputs"]["clip"] == [lora, 1]
+    (encoder,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    scene_prompt = api[sampler["scene_positive"][0]]["inputs"]["text"]
+    assert "<|image|>" not in scene_prompt and encoder["prompt"].replace(" <|image|>", "") in scene_prompt
 
 
 PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # Face-diffuser Subject's
@@ -99,3 +126,15 @@ def test_the_multi_photo_workflow_gives_one_person_two_photos_of_different_sizes
     (subject,) = [n for n in api.values() if n["class_type"] == "FaceDiffuserSubject"]
     # two Load Image nodes on two inputs: photos of different sizes cannot share one IMAGE batch
     assert [api[subject["inputs"][name][0]]["inputs"]["image"] for name in ("images", "images_2")] == ["face_1.png", "face_2.png"]
+
+
+def test_the_fastcomposer_workflow_has_fastcomposers_settings():
+    api = load(API_WORKFLOWS / "facediffuser_fastcomposer.json")
+    (guider,) = [n["inputs"] for n in api.values() if n["class_type"] == "FastComposerGuider"]
+    assert (guider["cfg"], guider["start_merge"]) == (5.0, 0.2)  # step 10 of 50
+    assert api[guider["model"][0]]["class_type"] == "FaceDiffuserLoader" and guider["model"][1] == 1  # its sdm output
+    (encoder,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    assert encoder["object_resolution"] == 224 and api[guider["negative"][0]]["inputs"]["text"] == ""
+    scheduler = next(n["inputs"] for n in api.values() if n["class_type"] == "BasicScheduler")
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "KSamplerSelect")
+    assert (sampler["sampler_name"], scheduler["scheduler"], scheduler["steps"]) == ("ddim", "ddim_uniform", 50)

@@ -31,6 +31,9 @@ WIDGETS: dict[str, list[str]] = {
     "BasicScheduler": ["scheduler", "steps", "denoise"],
     "RandomNoise": ["noise_seed", "$control_after_generate"],
     "SamplerCustomAdvanced": [],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "LoraLoader": ["lora_name", "strength_model", "strength_clip"],
+    "FastComposerGuider": ["cfg", "start_merge"],
 }
 
 

@@ -264,11 +264,38 @@ def test_cli_converts_with_progress_and_summary(official_files, tmp_path, dtype)
     done = run_cli("convert", official_files["SDM"].parent, "-o", dst, "--dtype", dtype)
     assert done.returncode == 0, done.stderr
     tensors = len(read_state_dict(official_files["SDM"]))
-    assert re.fullmatch(rf"wrote {re.escape(str(dst))} \(SDM, {tensors} tensors, \d+\.\d\d GiB -> \d+\.\d\d GiB\), verified\n", done.stdout)
+    summary, note = done.stdout.splitlines()
+    assert re.fullmatch(rf"wrote {re.escape(str(dst))} \(subject-augmented model \(SDM\), {tensors} tensors, \d+\.\d\d GiB -> \d+\.\d\d GiB\), verified", summary)
+    assert note.startswith("note: Face-diffuser's SDM and FastComposer's model have the same layout") and "--kind fastcomposer" in note
     assert re.search(r"convert: 100%.*B/s", done.stderr) and re.search(r"verify: 100%", done.stderr)
     converted = read_state_dict(dst)
     assert converted["unet.conv_in.weight"].dtype == (torch.float16 if dtype == "fp16" else torch.float32)
     assert converted["text_encoder.final_layer_norm.weight"].dtype == (torch.float16 if dtype == "fp16" else torch.bfloat16)
+
+
+def test_fastcomposer_files_are_told_by_name_or_kind_and_recorded(official_files, tmp_path):
+    """FastComposer's model has the SDM's keys: its kind comes from its path or --kind, is recorded in
+    the metadata, and the converted file declares it wherever it is afterwards."""
+    named = tmp_path / "fastcomposer" / "pytorch_model.bin"  # the official download's folder name
+    named.parent.mkdir()
+    named.symlink_to(official_files["SDM"])
+    done = run_cli("convert", named.parent, "-o", tmp_path / "fc.safetensors")
+    assert done.returncode == 0, done.stderr
+    assert "(FastComposer model (the SDM's layout)," in done.stdout and "note:" not in done.stdout
+    moved = tmp_path / "renamed.safetensors"  # the name no longer says it: the metadata does
+    (tmp_path / "fc.safetensors").rename(moved)
+    with safe_open(str(moved), framework="pt") as written:
+        assert written.metadata()["facediffuser_kind"] == "FastComposer"
+    checkpoint = load_checkpoint(moved, expect=ModelKind.SDM)  # usable wherever an SDM is
+    assert checkpoint.kind is ModelKind.FASTCOMPOSER and checkpoint.subject_encoder
+    assert convert_checkpoint(moved, tmp_path / "again.safetensors", progress=False).kind is ModelKind.FASTCOMPOSER
+
+    done = run_cli("convert", official_files["SDM"], "-o", tmp_path / "kind.safetensors", "--kind", "fastcomposer")
+    assert done.returncode == 0 and "FastComposer model" in done.stdout
+    done = run_cli("convert", official_files["TDM"], "-o", tmp_path / "bad.safetensors", "--kind", "fastcomposer")
+    assert done.returncode == 2 and "was given as a FastComposer model (the SDM's layout) but its components are those of a text-driven model (TDM)" in done.stderr
+    with pytest.raises(CheckpointError, match=r"is a FastComposer model \(the SDM's layout\), but a text-driven model \(TDM\) was expected"):
+        load_checkpoint(moved, expect=ModelKind.TDM)
 
 
 def test_cli_bad_input_exits_2_naming_the_file(tmp_path):

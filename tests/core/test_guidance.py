@@ -69,6 +69,32 @@ def test_negative_first_positive_second():
     assert sdm_ctx[:, 0, 0].tolist() == [1.0, 2.0]  # SDM: text (its negative), subject
 
 
+def test_the_scene_models_own_prompts_replace_empty_and_text_for_it_alone():
+    seen = []
+
+    def recorder(x, t, context):
+        seen.append(context.clone())
+        return torch.zeros_like(x)
+
+    empty, text, subject, scene_negative, scene_positive = (torch.full((1, 3, 2), v) for v in (0.0, 1.0, 2.0, 3.0, 4.0))
+    conds = Conditionings(empty, text, subject, scene_negative=scene_negative, scene_positive=scene_positive)
+    predict_noise(Stage.FUSION, torch.zeros(1, 4, 8, 8), 5, recorder, recorder, conds, SCALE)
+    tdm_ctx, sdm_ctx = seen
+    assert tdm_ctx[:, 0, 0].tolist() == [3.0, 4.0]  # scene model: its own negative, its own positive
+    assert sdm_ctx[:, 0, 0].tolist() == [1.0, 2.0]  # SDM: unchanged, text (its negative) and subject
+    seen.clear()
+    predict_noise(Stage.SCENE, torch.zeros(1, 4, 8, 8), 5, recorder, recorder, Conditionings(empty, text, subject, scene_positive=scene_positive), SCALE)
+    assert seen[0][:, 0, 0].tolist() == [0.0, 4.0]  # only the positive given: the empty prompt stays its negative
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_scene_prompts_equal_to_the_defaults_change_nothing(setup, stage):
+    tdm, sdm, conds, x, t = setup
+    same = Conditionings(conds.empty, conds.text, conds.subject, scene_negative=conds.empty.clone(), scene_positive=conds.text.clone())
+    got, want = predict_noise(stage, x, t, tdm, sdm, same, SCALE), predict_noise(stage, x, t, tdm, sdm, conds, SCALE)
+    assert torch.equal(got.eps, want.eps)
+
+
 def test_long_prompt_conditionings_are_repeated_to_common_length():
     seen = []
 
@@ -113,6 +139,8 @@ def test_conditionings_validation():
         Conditionings(torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), torch.zeros(1, 154, 8))
     with pytest.raises(ValueError, match="empty conditioning"):
         Conditionings(torch.zeros(1, 77, 4), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8))
+    with pytest.raises(ValueError, match=r"scene_positive conditioning must be \[B,L,8\], got \(1, 77, 4\)"):
+        Conditionings(torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), scene_positive=torch.zeros(1, 77, 4))
     conds = Conditionings(torch.zeros(3, 77, 8), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8))
     with pytest.raises(ValueError, match="batch of 3 does not fit a latent batch of 2"):
         predict_noise(Stage.SCENE, torch.zeros(2, 4, 8, 8), 1, ToyEpsNet(0, width=8), ToyEpsNet(1, width=8), conds, SCALE)

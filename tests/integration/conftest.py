@@ -19,7 +19,7 @@ from comfy_suite import comfyui_path, face_pngs, model_files, server, skip_witho
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
-PACK_MODULES = ("loader", "encode", "subject", "guider", "sampler")
+PACK_MODULES = ("loader", "encode", "subject", "guider", "sampler", "fastcomposer")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy(comfyui_path):
     """ComfyUI's modules by last name (``comfy.samplers``, ``nodes`` for its core nodes, ...) and
-    the pack's node modules (``loader``, ``encode``, ``subject``, ``guider``, ``sampler``), imported in-process."""
+    the pack's node modules (``loader``, ``encode``, ``subject``, ``guider``, ``sampler``, ``fastcomposer``),
+    imported in-process."""
     from comfy_inprocess import import_comfy, import_pack
 
     import_comfy(comfyui_path)

@@ -35,19 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_directory(base: Path, models: dict[str, Path], inputs: list[Path]) -> Path:
+def make_base_directory(base: Path, models: dict[str, Path], inputs: list[Path], other_models: dict[str, Path] | None = None) -> Path:
     """A ComfyUI ``--base-directory`` with the pack linked into custom_nodes, ``models`` linked into
-    models/facediffuser (name -> file or folder) and ``inputs`` copied into input/."""
+    models/facediffuser (name -> file or folder), ``other_models`` into models/ (``checkpoints/x``
+    -> file) and ``inputs`` copied into input/."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_NAME
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     folder = base / "models" / "facediffuser"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, target in models.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        if not (folder / name).exists():
-            (folder / name).symlink_to(target)
+    links = {folder / name: target for name, target in models.items()}
+    links.update({base / "models" / name: target for name, target in (other_models or {}).items()})
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(target)
     (base / "input").mkdir(exist_ok=True)
     for path in inputs:
         shutil.copy(path, base / "input" / path.name)

@@ -4,6 +4,8 @@ outside the repo (``$FACEDIFFUSER_TEST_CACHE`` or ``~/.cache/facediffuser-tests`
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from facediffuser_core.convert import convert_checkpoint
 CACHE_VERSION = "sd15-v1"  # bump when the generated files change
 SDM_FILE = "facediffuser_sdm.safetensors"  # the names the README tells users to create
 TDM_FILE = "facediffuser_tdm.safetensors"
+SCENE_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the names the scene-checkpoint workflow ships with
+SCENE_LORA = "sd15_style_lora.safetensors"
+FASTCOMPOSER_FILE = "fastcomposer.safetensors"  # the name the README and the FastComposer workflow use
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,27 @@ def ensure_model_files() -> ModelFiles:
     _sdxl_shaped(files.sdxl_shaped)
     marker.write_text("ok\n")
     return files
+
+
+def ensure_fastcomposer_file(files: ModelFiles) -> Path:
+    """The SDM test weights converted as FastComposer's model (the same layout; the kind recorded in
+    its metadata), as the README tells users to convert the official file (a minute, once)."""
+    from facediffuser_core.checkpoints import ModelKind
+
+    path = files.root / FASTCOMPOSER_FILE
+    if not path.exists():
+        convert_checkpoint(files.sdm, path, dtype=None, progress=False, kind=ModelKind.FASTCOMPOSER)
+    return path
+
+
+def ensure_scene_files(files: ModelFiles, comfyui_path: Path) -> tuple[Path, Path]:
+    """A single-file SD1.5 checkpoint and a LoRA for it (scene_checkpoint.py, with ComfyUI's key
+    maps; seconds, once): (checkpoint, lora)."""
+    checkpoint, lora = files.root / SCENE_CHECKPOINT, files.root / SCENE_LORA
+    if not (checkpoint.exists() and lora.exists()):
+        script = Path(__file__).with_name("scene_checkpoint.py")
+        subprocess.run([sys.executable, str(script), str(comfyui_path), str(files.tdm), str(checkpoint), str(lora)], check=True)
+    return checkpoint, lora
 
 
 if __name__ == "__main__":

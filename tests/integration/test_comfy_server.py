@@ -16,7 +16,7 @@ from PIL import Image
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 
@@ -217,6 +217,26 @@ def test_sdxl_shaped_model(server):
     graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
     node_of(graph, "FaceDiffuserLoader")["inputs"]["sdm_name"] = "sdxl_shaped.safetensors"
     expect_error(server, graph, "FaceDiffuserLoader", "sdxl_shaped.safetensors", "2048 (SDXL-shaped)")
+
+
+def test_the_scene_checkpoint_and_its_lora_shape_only_the_scene_and_fusion_stages(server):
+    """The shipped scene-checkpoint workflow (a generated single-file SD1.5 checkpoint and LoRA): the
+    LoRA's strength changes the picture; with every step in the subject stage it cannot."""
+    graph = with_saved_latent(small(load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")))
+    assert node_of(graph, "FaceDiffuserLoader")["inputs"]["tdm_name"] == "none (another scene model)"
+    without_lora = copy.deepcopy(graph)
+    node_of(without_lora, "LoraLoader")["inputs"].update(strength_model=0.0, strength_clip=0.0)
+    assert not torch.equal(sampled_latent(server, graph), sampled_latent(server, without_lora))
+    for variant in (graph, without_lora):
+        node_of(variant, "FaceDiffuserSampler")["inputs"].update(start_merge=0.0, final=0.0)
+    assert torch.equal(sampled_latent(server, graph), sampled_latent(server, without_lora))
+
+
+def test_no_tdm_loaded_and_none_connected(server, object_info):
+    assert object_info["FaceDiffuserLoader"]["input"]["required"]["tdm_name"][1]["options"][-1] == "none (another scene model)"
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserLoader")["inputs"]["tdm_name"] = "none (another scene model)"
+    expect_error(server, graph, "FaceDiffuserSampler", "Face-diffuser Sampler: tdm has no model", "tdm_name is 'none (another scene model)'", "connect the scene model")
 
 
 def test_widget_values_out_of_range_are_rejected_at_queue_time(server):

@@ -1,0 +1,85 @@
+"""FastComposer Guider: FastComposer's one model with its delayed subject conditioning, as a GUIDER."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..facediffuser_core.preprocess import FASTCOMPOSER_OBJECT_RESOLUTION
+from ..facediffuser_core.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage, bounds_from_fractions, stage_at, step_index, validate_fractions
+from .common import CATEGORY, errors_named
+from .guider import check_sd1
+
+NAME = "FastComposer Guider"
+
+
+class FastComposerCFGGuider(comfy.samplers.CFGGuider):
+    """CFG on one model, always against ``negative`` (the empty prompt): the positive is the text
+    prompt while the step index is <= the start step (delayed subject conditioning), the
+    subject-augmented prompt afterwards. Each step is ComfyUI's own CFG, hooks and patches included,
+    so with every step on one side it is a stock CFG guider on that pair."""
+
+    def __init__(self, model, cfg: float, start_fraction: float) -> None:
+        check_sd1(model, "model", "the Face-diffuser Loader's sdm, loaded from a FastComposer file")
+        validate_fractions(start_fraction, start_fraction)
+        super().__init__(model)
+        self.set_cfg(cfg)
+        self.start_fraction = start_fraction
+
+    def set_conds(self, negative, text, subject) -> None:
+        self.inner_set_conds({"negative": negative, "text": text, "subject": subject})
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
+        self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.start_fraction)
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        finally:
+            del self.schedule, self.bounds
+
+    def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
+        delayed = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds) is Stage.SCENE
+        positive = self.conds["text" if delayed else "subject"]
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds["negative"], positive, self.cfg, model_options=model_options, seed=seed)
+
+
+def build_fastcomposer_guider(model, text, subject, negative, cfg: float, start_merge: float) -> FastComposerCFGGuider:
+    guider = FastComposerCFGGuider(model, cfg, start_merge)
+    guider.set_conds(negative, text, subject)
+    return guider
+
+
+class FastComposerGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastComposerGuider",
+            display_name=NAME,
+            category=CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced that samples FastComposer's one model (MIT license) with its "
+            "delayed subject conditioning: the text prompt for the first steps, then the prompt with the faces fused in, "
+            "always against the empty prompt. Load the FastComposer file with the Face-diffuser Loader (as sdm, tdm_name none).",
+            inputs=[
+                io.Model.Input("model", tooltip="The Face-diffuser Loader's sdm, loaded from a FastComposer file (sdm_name; tdm_name 'none (another scene model)')."),
+                io.Conditioning.Input("text", tooltip=f"Subject Encode's text (FastComposer encodes the faces at object_resolution {FASTCOMPOSER_OBJECT_RESOLUTION}): the positive of the first steps."),
+                io.Conditioning.Input("subject", tooltip="Subject Encode's subject: the positive after start_merge."),
+                io.Conditioning.Input("negative", tooltip="The negative of every step: FastComposer uses an empty prompt (CLIP Text Encode with no text)."),
+                io.Float.Input("cfg", default=OFFICIAL_GUIDANCE, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale (FastComposer: 5)."),
+                io.Float.Input(
+                    "start_merge",
+                    default=FASTCOMPOSER_START_FRACTION,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="End of the text-only steps, as a fraction of the steps: 0.20 of 50 steps is FastComposer's step 10. 0 = the faces from the first step.",
+                ),
+            ],
+            outputs=[io.Guider.Output("guider", display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, text, subject, negative, cfg: float, start_merge: float) -> io.NodeOutput:
+        with errors_named(NAME):
+            return io.NodeOutput(build_fastcomposer_guider(model, text, subject, negative, cfg, start_merge))
