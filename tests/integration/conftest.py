@@ -6,8 +6,10 @@ module shares one import; each module loads the models once (``loaded``) and fre
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,16 @@ def loaded(comfy, model_files):
     models = comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
     yield models
     del models
+    release_models(comfy)
+
+
+def release_models(comfy) -> None:
+    """Unload every model and give the freed memory back to the system: the servers the later
+    modules start need it (glibc otherwise keeps freed heap pages in this process)."""
     comfy.model_management.unload_all_models()
     gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:

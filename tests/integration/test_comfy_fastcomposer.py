@@ -4,14 +4,13 @@ DDIM, and against the stock KSampler when every step is on one side of start_mer
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
 import torch
 
 from comfy_inprocess import run_guider
-from conftest import empty_conditioning
+from conftest import empty_conditioning, release_models
 from facediffuser_core.checkpoints import ModelKind, declared_kind
 from facediffuser_core.sampler import ddim_timesteps, sd15_alphas_cumprod
 
@@ -31,8 +30,7 @@ def fastcomposer(comfy, model_files):
     assert tdm is None
     yield models
     del models
-    comfy.model_management.unload_all_models()
-    gc.collect()
+    release_models(comfy)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,10 @@
 64 px, 3 steps: the pictures are noise, the pipeline is real): started by the command (--comfyui)
 and a running one (--server, the suite's server), one, two and four faces, two photos of one person,
 a batch, a photo without a face, usage errors before any start, Ctrl-C while sampling, and the
-workflow a PNG carries re-queued on another server giving the same picture."""
+workflow a PNG carries re-queued on another server giving the same picture.
+
+The tests that start a ComfyUI which loads the models come first, before the suite's server has
+loaded its own copy: two loaded SD1.5-sized ComfyUIs at once would need about 20 GB."""
 
 from __future__ import annotations
 
@@ -78,6 +81,30 @@ def check_outputs(out: Path, count: int) -> list[Path]:
         mask = pixels(image.with_name(f"{image.stem}_mask.png"))
         assert mask.shape == (64, 64, 3) and set(np.unique(mask)) <= {0, 255}
     return images
+
+
+def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
+    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
+               "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 900
+    while b"scene stage" not in stderr and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"scene stage" in stderr, stderr.decode(errors="replace")[-3000:]  # sampling has begun
+    process.send_signal(signal.SIGINT)
+    process.wait(120)
+    reader.join(10)
+    text = stderr.decode(errors="replace")
+    assert process.returncode == 130, text[-3000:]
+    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in text
+    pid, port = started_pid(text), int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
+    assert gone(pid) and port_closed(port)
+    with pytest.raises(ProcessLookupError):  # nothing is left in its process group either
+        os.killpg(pid, 0)
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_face_with_comfyui_started_and_its_png_requeued_elsewhere_gives_the_same_picture(comfyui_path, base, server, tmp_path):
@@ -169,27 +196,3 @@ def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base
     assert result.returncode == 2
     assert "error: the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)" in result.stderr
     assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
-
-
-def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
-    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
-               "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stderr = bytearray()
-    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 900
-    while b"scene stage" not in stderr and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert b"scene stage" in stderr, stderr.decode(errors="replace")[-3000:]  # sampling has begun
-    process.send_signal(signal.SIGINT)
-    process.wait(120)
-    reader.join(10)
-    text = stderr.decode(errors="replace")
-    assert process.returncode == 130, text[-3000:]
-    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in text
-    pid, port = started_pid(text), int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
-    assert gone(pid) and port_closed(port)
-    with pytest.raises(ProcessLookupError):  # nothing is left in its process group either
-        os.killpg(pid, 0)
-    assert not (tmp_path / "out").exists()
