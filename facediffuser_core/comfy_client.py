@@ -118,7 +118,6 @@ class _GraphBuilder:
         self.nodes[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
         return node_id
 
-
     def batch(self, links: list[list], title: str) -> list:
         """One IMAGE link batching ``links`` in order, through chained "Batch Images" (ImageBatch) nodes."""
         batched = links[0]

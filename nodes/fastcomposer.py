@@ -8,14 +8,14 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..facediffuser_core.preprocess import FASTCOMPOSER_OBJECT_RESOLUTION
-from ..facediffuser_core.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage, bounds_from_fractions, stage_at, step_index, validate_fractions
+from ..facediffuser_core.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage
 from .common import CATEGORY, errors_named
-from .guider import check_sd1
+from .guider import StagedCFGGuider, check_sd1
 
 NAME = "FastComposer Guider"
 
 
-class FastComposerCFGGuider(comfy.samplers.CFGGuider):
+class FastComposerCFGGuider(StagedCFGGuider):
     """CFG on one model, always against ``negative`` (the empty prompt): the positive is the text
     prompt while the step index is <= the start step (delayed subject conditioning), the
     subject-augmented prompt afterwards. Each step is ComfyUI's own CFG, hooks and patches included,
@@ -23,24 +23,13 @@ class FastComposerCFGGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, model, cfg: float, start_fraction: float) -> None:
         check_sd1(model, "model", "the Face-diffuser Loader's sdm, loaded from a FastComposer file")
-        validate_fractions(start_fraction, start_fraction)
-        super().__init__(model)
-        self.set_cfg(cfg)
-        self.start_fraction = start_fraction
+        super().__init__(model, cfg, start_fraction, start_fraction)  # no fusion stage
 
     def set_conds(self, negative, text, subject) -> None:
         self.inner_set_conds({"negative": negative, "text": text, "subject": subject})
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
-        self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
-        self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.start_fraction)
-        try:
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
-        finally:
-            del self.schedule, self.bounds
-
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
-        delayed = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds) is Stage.SCENE
+        delayed = self.stage_of(timestep) is Stage.SCENE
         positive = self.conds["text" if delayed else "subject"]
         return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds["negative"], positive, self.cfg, model_options=model_options, seed=seed)
 

@@ -85,7 +85,31 @@ def check_model_pair(tdm, sdm) -> None:
         raise FaceDiffuserError("tdm and sdm use different latent formats; both must be SD1.5 models")
 
 
-class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
+class StagedCFGGuider(comfy.samplers.CFGGuider):
+    """A CFG guider whose model evaluations know their stage: the step index of the evaluation's
+    sigma in this run's schedule, against bounds at fractions of its steps (so every sampler and
+    scheduler works)."""
+
+    def __init__(self, model, cfg: float, start_fraction: float, final_fraction: float) -> None:
+        validate_fractions(start_fraction, final_fraction)
+        super().__init__(model)
+        self.set_cfg(cfg)
+        self.start_fraction, self.final_fraction = start_fraction, final_fraction
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
+        self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        finally:
+            del self.schedule, self.bounds
+
+    def stage_of(self, timestep: torch.Tensor) -> Stage:
+        """The stage of a model evaluation at ``timestep`` (its sigmas [B])."""
+        return stage_at(step_index(float(timestep[0]), self.schedule), self.bounds)
+
+
+class FaceDiffuserCFGGuider(StagedCFGGuider):
     """Scene stage: TDM with CFG; fusion stage: both models fused by SNF; subject stage: SDM with the
     text prompt as negative. The scene model (the TDM, or any SD1.x model) may have its own prompt
     pair. The SDM is the primary model; the TDM is registered as an additional model so ComfyUI
@@ -96,12 +120,9 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, tdm, sdm, cfg: float, start_fraction: float, final_fraction: float) -> None:
         check_model_pair(tdm, sdm)
-        validate_fractions(start_fraction, final_fraction)
         primary = sdm.clone()
         primary.set_additional_models(TDM_KEY, [tdm])
-        super().__init__(primary)
-        self.set_cfg(cfg)
-        self.start_fraction, self.final_fraction = start_fraction, final_fraction
+        super().__init__(primary, cfg, start_fraction, final_fraction)
         self.last_subject_mask: Optional[torch.Tensor] = None  # bool [B,1,h,w] of the latest fusion step
 
     def set_conds(self, negative, text, subject, scene_positive=None, scene_negative=None) -> None:
@@ -125,18 +146,16 @@ class FaceDiffuserCFGGuider(comfy.samplers.CFGGuider):
             comfy.patcher_extension.merge_nested_dicts(transformer_options.setdefault(name, {}), registry, copy_dict1=False)
         transformer_options["sample_sigmas"] = sigmas
         self.tdm_model_options = options
-        self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
-        self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
         self.last_subject_mask = None
         tdm.pre_run()
         try:
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
             tdm.cleanup()
-            del self.tdm_model_options, self.schedule, self.bounds
+            del self.tdm_model_options
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
-        stage = stage_at(step_index(float(timestep[0]), self.schedule), self.bounds)
+        stage = self.stage_of(timestep)
         # each model with its own (negative, positive) pair and its own options (hooks, patches)
         scene = (self.tdm.model, *self.scene_pair, self.tdm_model_options)
         subject = (self.inner_model, "text", "subject", model_options)
