@@ -1,9 +1,18 @@
-"""Whether processes have ended, for the tests that start servers and must leave nothing behind."""
+"""Whether processes have ended, for the tests that start servers and must leave nothing behind, and
+how the Ctrl-C tests start their command."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
+
+
+def sigint_default() -> None:
+    """A ``preexec_fn`` giving the child SIGINT at its default disposition, so that Python turns Ctrl-C
+    into KeyboardInterrupt there. A suite started from a background shell inherits SIGINT ignored,
+    and a Ctrl-C test would then test the shell, not the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def alive(pid: int) -> bool:

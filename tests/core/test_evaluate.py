@@ -37,6 +37,7 @@ from facediffuser_core.evaluate import (
 from facediffuser_core.report import CSV_FIELDS, REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
 from fake_comfy import FakeComfy
 from paths import ROOT
+from processes import sigint_default
 from workflow_format import API_WORKFLOWS
 
 SETTINGS = Settings(images=2, steps=3, cfg=4.5, size=64, seed=7)
@@ -600,7 +601,9 @@ def test_ctrl_c_keeps_finished_jobs_cancels_the_running_one_and_says_how_to_resu
     out = tmp_path / "out"
     server = FakeComfy(generated_png)
     args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(out), "--server", server.address, "--no-score", "--images-per-prompt", "2", "--size", "64"]
-    command = subprocess.Popen([sys.executable, "-m", "facediffuser_core.evaluate", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "facediffuser_core.evaluate", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default
+    )
     deadline = time.monotonic() + 600
     while not any("hang" in json.dumps(graph) for graph in server.queued) and command.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -31,7 +31,7 @@ from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
 from fake_comfy import FakeComfy
 from paths import FACES, ROOT, TESTS
-from processes import gone
+from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
 PACK = "ComfyUI-FaceDiffuser"
@@ -319,7 +319,7 @@ def test_auto_start_finds_the_comfyui_the_pack_is_in_and_stops_it(fake_comfyui, 
 
 def test_ctrl_c_stops_the_comfyui_it_started(fake_comfyui, tmp_path):
     command, env, installed = generate_command(fake_comfyui, tmp_path / "out", "a man <|image|>, hang")
-    process = subprocess.Popen(command, cwd=installed, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=installed, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.monotonic() + 300
     while not (fake_comfyui / "started.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
