@@ -2,6 +2,7 @@
 
 :func:`find_comfyui` looks at ``--comfyui``, then ``COMFYUI_PATH``, then the pack's own place
 (``ComfyUI/custom_nodes/<pack>/facediffuser_core``, also when the pack folder is a symlink).
+:func:`device_args` adds ``--cpu`` where torch finds no GPU and the user chose no device.
 :class:`LocalComfyUI` starts ``main.py`` with this Python on 127.0.0.1 and a free port, in a process
 group of its own, waits until it answers, and stops the whole group again, on errors and Ctrl-C too.
 """
@@ -22,10 +23,16 @@ from typing import Callable, Mapping, Optional, Sequence
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
 
-__all__ = ["find_comfyui", "free_port", "LocalComfyUI"]
+__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# ComfyUI's options that choose the device (comfy/cli_args.py, where the VRAM modes from --gpu-only
+# to --novram are mutually exclusive with --cpu): a user who gives one has chosen
+DEVICE_OPTIONS = frozenset({
+    "--cpu", "--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram",
+    "--directml", "--cuda-device", "--default-device", "--oneapi-device-selector",
+})  # fmt: skip
 
 
 def _is_comfyui(path: Path) -> bool:
@@ -69,6 +76,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def accelerator_available() -> bool:
+    """Whether torch (imported here: the launcher itself does not need it) finds a CUDA, MPS or XPU
+    device; a CUDA build of torch on a machine without the NVIDIA driver finds none."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def device_args(comfyui_args: Sequence[str]) -> list[str]:
+    """The arguments to add to the user's ``comfyui_args`` for the ComfyUI to start: ``["--cpu"]``
+    when torch finds no GPU (:func:`accelerator_available`) and ``comfyui_args`` chooses no device
+    (none of :data:`DEVICE_OPTIONS`, also as ``--option=value``), else ``[]``: the user's choice wins,
+    and a ComfyUI without a GPU would otherwise die at import."""
+    if any(arg.split("=", 1)[0] in DEVICE_OPTIONS for arg in comfyui_args):
+        return []
+    return [] if accelerator_available() else ["--cpu"]
 
 
 def _stop_with_parent() -> Callable[[], None]:

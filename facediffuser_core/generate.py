@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
-from .comfy_launch import LocalComfyUI, find_comfyui
+from .comfy_launch import LocalComfyUI, device_args, find_comfyui
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
     server.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI folder to start (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
-    server.add_argument("--comfyui-args", default="", metavar="ARGS", help="extra arguments for the ComfyUI it starts, one string: --comfyui-args='--cpu' or --comfyui-args='--lowvram --base-directory /data/comfy'")
+    server.add_argument("--comfyui-args", default="", metavar="ARGS", help="extra arguments for the ComfyUI it starts, one string: --comfyui-args='--cpu' or --comfyui-args='--lowvram --base-directory /data/comfy'; without a device option in it (--cpu, --lowvram, --cuda-device, --directml, ...), --cpu is added when torch finds no CUDA, MPS or XPU device")
     server.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the started ComfyUI (default 600)")
     server.add_argument("--timeout", type=float, help="seconds the job may take, queue included (default: no limit)")
 
@@ -170,7 +170,11 @@ def _comfyui(args: argparse.Namespace, comfyui: Optional[Path]) -> Iterator[str]
     if comfyui is None:
         yield args.server
         return
-    launcher = LocalComfyUI(comfyui, shlex.split(args.comfyui_args), args.startup_timeout)
+    chosen = shlex.split(args.comfyui_args)
+    added = device_args(chosen)
+    if added:
+        print(f"no CUDA, MPS or XPU device found: starting ComfyUI with {' '.join(added)} (give a device option in --comfyui-args to choose yourself)", file=sys.stderr)
+    launcher = LocalComfyUI(comfyui, [*chosen, *added], args.startup_timeout)
     print(f"starting ComfyUI from {comfyui} on {launcher.server} (its log: {launcher.log})", file=sys.stderr)
     with launcher as server:
         print(f"ComfyUI is up (pid {launcher.pid})", file=sys.stderr)

@@ -2,7 +2,7 @@
 starts), reference photos (real MTCNN), the stage progress bar, outputs and exit codes against the
 fake server of tests/fake_comfy.py, and the auto-start of a fake ComfyUI folder whose main.py serves
 that fake (found from the pack's place through a symlink, stopped with everything it started, on
-Ctrl-C too)."""
+Ctrl-C too), with --cpu added where torch finds no GPU and the user chose no device."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from PIL import Image
 
 from facediffuser_core.__main__ import exit_code, main
 from facediffuser_core.comfy_client import JobError, ServerUnavailable, build_graph, Generation
-from facediffuser_core.comfy_launch import LocalComfyUI, find_comfyui
+from facediffuser_core import comfy_launch
+from facediffuser_core.comfy_launch import LocalComfyUI, accelerator_available, device_args, find_comfyui
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
 from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
@@ -35,6 +37,7 @@ from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
 PACK = "ComfyUI-FaceDiffuser"
+NO_DEVICE = "no CUDA, MPS or XPU device found: starting ComfyUI with --cpu (give a device option in --comfyui-args to choose yourself)\n"
 
 
 def png(colour: tuple[int, int, int], size: int = 64) -> bytes:
@@ -278,6 +281,36 @@ def test_errors_and_exit_codes(fake, tmp_path, capsys):
 # --- starting ComfyUI -------------------------------------------------------------------------
 
 
+def test_accelerator_available_asks_torch_for_cuda_mps_and_xpu(monkeypatch):
+    import torch
+
+    backends = [torch.cuda, torch.backends.mps] + ([torch.xpu] if hasattr(torch, "xpu") else [])
+    for backend in backends:
+        monkeypatch.setattr(backend, "is_available", lambda: False)
+    assert accelerator_available() is False
+    for backend in backends:
+        monkeypatch.setattr(backend, "is_available", lambda: True)
+        assert accelerator_available() is True
+        monkeypatch.setattr(backend, "is_available", lambda: False)
+    monkeypatch.delattr(torch, "xpu", raising=False)  # a torch older than its XPU support
+    assert accelerator_available() is False
+
+
+def test_cpu_is_added_without_a_device_unless_the_user_chose_one(monkeypatch):
+    monkeypatch.setattr(comfy_launch, "accelerator_available", lambda: False)
+    assert device_args([]) == ["--cpu"]
+    assert device_args(["--base-directory", "/data/comfy", "--cpu-vae"]) == ["--cpu"]  # no device chosen
+    for chosen in (["--cpu"], ["--directml"], ["--cuda-device", "0"], ["--cuda-device=0"], ["--lowvram", "--base-directory", "/d"],
+                   ["--oneapi-device-selector", "level_zero:0"], ["--default-device", "1"], ["--gpu-only"]):  # fmt: skip
+        assert device_args(chosen) == [], chosen
+
+
+def test_nothing_is_added_when_torch_finds_a_device(monkeypatch):
+    monkeypatch.setattr(comfy_launch, "accelerator_available", lambda: True)
+    assert device_args([]) == []
+    assert device_args(["--base-directory", "/data/comfy"]) == []
+
+
 def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
     (fake_comfyui / "mode.txt").write_text("crash")
     with pytest.raises(ServerUnavailable, match=r"exited with code 3 while starting:\nboom: something is missing"):
@@ -292,15 +325,18 @@ def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
     assert gone(started["pid"], started["child"]) and not launcher.log.exists()
 
 
-def generate_command(fake_comfyui: Path, out: Path, prompt: str) -> tuple[list[str], dict, Path]:
+def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: Optional[str] = "--cpu --base-directory /somewhere") -> tuple[list[str], dict, Path]:
     """``python -m facediffuser_core generate`` run from inside ComfyUI/custom_nodes/<pack>, a symlink to
-    this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH."""
+    this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH and no CUDA device
+    visible (``CUDA_VISIBLE_DEVICES`` empty, as on a machine without the NVIDIA driver)."""
     installed = fake_comfyui / "custom_nodes" / PACK
     installed.symlink_to(ROOT, target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
-    env["PWD"] = str(installed)
+    env["PWD"], env["CUDA_VISIBLE_DEVICES"] = str(installed), ""
     command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", prompt, "-o", str(out),
-               "--size", "64", "--steps", "3", "--comfyui-args=--cpu --base-directory /somewhere", "--startup-timeout", "300"]  # fmt: skip
+               "--size", "64", "--steps", "3", "--startup-timeout", "300"]  # fmt: skip
+    if comfyui_args is not None:
+        command.append(f"--comfyui-args={comfyui_args}")
     return command, env, installed
 
 
@@ -310,11 +346,24 @@ def test_auto_start_finds_the_comfyui_the_pack_is_in_and_stops_it(fake_comfyui, 
     assert result.returncode == 0, result.stderr
     started = json.loads((fake_comfyui / "started.json").read_text())
     assert started["argv"][:5] == ["--listen", "127.0.0.1", "--port", started["argv"][3], "--disable-auto-launch"]
-    assert started["argv"][5:] == ["--cpu", "--base-directory", "/somewhere"]
+    assert started["argv"][5:] == ["--cpu", "--base-directory", "/somewhere"]  # the user's --cpu, not a second one
+    assert "no CUDA, MPS or XPU device found" not in result.stderr
     assert f"starting ComfyUI from {fake_comfyui} on 127.0.0.1:{started['argv'][3]}" in result.stderr
     assert f"ComfyUI is up (pid {started['pid']})" in result.stderr and "ComfyUI stopped" in result.stderr
     assert (tmp_path / "out" / "facediffuser_00001.png").read_bytes() == IMAGE
     assert gone(started["pid"], started["child"])  # nothing left running
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="MPS cannot be hidden from torch")
+def test_without_a_gpu_the_comfyui_it_starts_gets_cpu(fake_comfyui, tmp_path):
+    command, env, installed = generate_command(fake_comfyui, tmp_path / "out", "a man <|image|> on a boat", comfyui_args=None)
+    result = subprocess.run(command, cwd=installed, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    started = json.loads((fake_comfyui / "started.json").read_text())
+    assert started["argv"][5:] == ["--cpu"]
+    assert result.stderr.count(NO_DEVICE) == 1
+    assert result.stderr.index(NO_DEVICE) < result.stderr.index("starting ComfyUI from")  # said before it starts
+    assert (tmp_path / "out" / "facediffuser_00001.png").read_bytes() == IMAGE
 
 
 def test_ctrl_c_stops_the_comfyui_it_started(fake_comfyui, tmp_path):
