@@ -1,6 +1,10 @@
 """ComfyUI's web UI in a Playwright page: what a user does (menus, the Run button, the template
 browser, the node info button) plus read-outs of the frontend's graph (``window.app``, the ComfyApp of
-comfyui-frontend-package 1.35.9: ``app.graph._nodes``, ``app.graphToPrompt()``)."""
+comfyui-frontend-package: ``app.graph._nodes``, ``app.graphToPrompt()``).
+
+Controls are found by role and accessible name, not CSS class (the frontend restyles often); checked
+with web UI 1.35.9 (ComfyUI 0.3.75), 1.49.6 (0.33.0) and 1.58.1. Node ids are compared as strings:
+1.49.6 gives them as strings ('10'), older versions as numbers."""
 
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 # Everything but the ComfyUI server is blocked: the frontend asks for release notes and the like.
 OUTSIDE = re.compile(r"^https?://(?!127\.0\.0\.1[:/])")
-RUN_BUTTON = "[data-testid='queue-button']"
-MENU_BUTTON = ".comfy-menu-button-wrapper"
+RUN_BUTTON = "Run"  # the queue button's text
+MENU_BUTTON = "Menu"  # the main menu's button (1.58); older versions show the logo alone, by its alt text
+MENU_LOGO = "ComfyUI Logo"
 INFO_BUTTON = "[data-testid='info-button']"
 ALERTS = ".p-dialog:visible, .p-toast-message:visible"
 
@@ -39,7 +45,7 @@ GRAPH_REPORT_JS = """() => app.graph._nodes.map(node => {
     }
   }
   return {
-    id: node.id, type: node.type, title: node.title,
+    id: String(node.id), type: node.type, title: node.title,
     registered: node.type in LiteGraph.registered_node_types,
     has_errors: !!node.has_errors, problems,
     widgets: Object.fromEntries((node.widgets ?? []).filter(w => w.type !== 'button').map(w => [w.name, w.value])),
@@ -87,13 +93,25 @@ class ComfyPage:
         """Load the UI and wait until it has set up and opened its first workflow."""
         self.page.goto(self.url)
         self.page.wait_for_function("() => window.app?.graph && window.app.graph._nodes.length > 0", timeout=120_000)
-        self.page.locator(RUN_BUTTON).wait_for()
+        self.run_button.wait_for()
+
+    @property
+    def run_button(self):
+        return self.page.get_by_role("button", name=RUN_BUTTON, exact=True).first  # 1.49.6 also labels its options button "Run"
 
     def menu(self, *path: str) -> None:
         """Click through the main menu (the Comfy logo): ``menu("File", "Open")``."""
-        self.page.locator(MENU_BUTTON).click()
-        for label in path[:-1]:
-            self.page.get_by_role("menuitem", name=label, exact=True).first.hover()
+        button = self.page.get_by_role("button", name=MENU_BUTTON, exact=True)
+        button.or_(self.page.get_by_alt_text(MENU_LOGO, exact=True)).first.click()
+        for label, child in zip(path, path[1:]):
+            item, submenu = (self.page.get_by_role("menuitem", name=name, exact=True).first for name in (label, child))
+            for _ in range(5):  # a hover while the menu still opens can miss its submenu
+                item.hover()
+                try:
+                    submenu.wait_for(state="visible", timeout=2_000)
+                    break
+                except PlaywrightTimeout:
+                    self.page.mouse.move(0, 0)
         self.page.get_by_role("menuitem", name=path[-1], exact=True).first.click()
 
     def open_workflow_file(self, path: Path) -> None:
@@ -105,10 +123,8 @@ class ComfyPage:
         self.wait_for_graph(json.loads(path.read_text()))
 
     def wait_for_graph(self, workflow: dict) -> None:
-        ids = sorted(node["id"] for node in workflow["nodes"])
-        self.page.wait_for_function(
-            "(ids) => JSON.stringify(app.graph._nodes.map(n => n.id).sort((a, b) => a - b)) === JSON.stringify(ids)", arg=ids
-        )
+        ids = sorted(str(node["id"]) for node in workflow["nodes"])
+        self.page.wait_for_function("(ids) => JSON.stringify(app.graph._nodes.map(n => String(n.id)).sort()) === JSON.stringify(ids)", arg=ids)
         self.page.wait_for_timeout(500)  # let the canvas draw and any dialog or toast show up
 
     def set_widgets(self, changes: dict[str, dict[str, Any]]) -> list[str]:
@@ -116,7 +132,7 @@ class ComfyPage:
         return self.page.evaluate(SET_WIDGETS_JS, changes)
 
     def click_run(self) -> None:
-        self.page.locator(RUN_BUTTON).click()
+        self.run_button.click()
 
     def show_node_info(self, node_id: int) -> str:
         """Select a node on the canvas and press the selection toolbox's info button; returns the
@@ -162,7 +178,7 @@ class ComfyPage:
         )
         self.page.wait_for_timeout(500)
 
-    def node_image_sizes(self, node_ids: list[int]) -> dict[int, list[int]]:
+    def node_image_sizes(self, node_ids: list[int]) -> dict[str, list[int]]:
         return self.page.evaluate(
             "(ids) => Object.fromEntries(ids.map(id => { const img = app.graph.getNodeById(id).imgs[0]; return [id, [img.naturalWidth, img.naturalHeight]] }))",
             node_ids,

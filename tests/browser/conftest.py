@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_suite import comfyui_path, model_files, server, skip_without_comfyui  # noqa: F401 (fixtures; face_pngs is below)
+from comfy_suite import comfyui_path, model_files, skip_without_comfyui, start_server  # noqa: F401 (fixtures; face_pngs is below)
 
 BROWSER = Path(__file__).resolve().parent
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
@@ -76,6 +76,14 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
+    """The browser suite's ComfyUI server (see ``comfy_suite.start_server``), with the drawn faces."""
+    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory)
+    yield comfy
+    comfy.stop()
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def assert_clean_graph(ui: ComfyPage, workflow: dict) -> list[dict]:
     registered and configured, every widget value acceptable to its widget, nothing thrown."""
     assert ui.alerts() == []
     report = ui.graph_report()
-    assert sorted((n["id"], n["type"]) for n in report) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
+    assert sorted((n["id"], n["type"]) for n in report) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
     for node in report:
         assert node["registered"], f"node {node['id']}: the UI does not know the node type {node['type']}"
         assert not node["has_errors"], f"node {node['id']} ({node['type']}) is flagged with errors"
@@ -44,6 +44,7 @@ def assert_clean_graph(ui: ComfyPage, workflow: dict) -> list[dict]:
     return report
 
 
+@pytest.mark.oldest_host
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_opens_without_missing_nodes_or_bad_widgets(ui, name, screenshots):
     path = WORKFLOWS / f"{name}.json"
@@ -58,6 +59,7 @@ def test_workflow_opens_without_missing_nodes_or_bad_widgets(ui, name, screensho
     save_thumbnail(image, screenshots / f"{name}.jpg")
 
 
+@pytest.mark.oldest_host
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_from_the_run_button(ui, server, name, screenshots):
     path = WORKFLOWS / f"{name}.json"
