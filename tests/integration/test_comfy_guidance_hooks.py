@@ -110,7 +110,7 @@ def one_stage(stage: str, tdm, sdm, conditionings):
     return {"scene": (1.0, tdm, text, negative), "subject": (0.0, sdm, subject, text)}[stage]
 
 
-@pytest.mark.parametrize("patch", [None, *PATCHES])
+@pytest.mark.parametrize("patch", [pytest.param(None, marks=pytest.mark.oldest_host), *PATCHES])
 @pytest.mark.parametrize("stage", ["scene", "subject"])
 def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, conditionings, lora_file, stage, patch):
     """start_merge = final = 1: KSampler(tdm, positive=text, negative=empty); start_merge = final = 0:

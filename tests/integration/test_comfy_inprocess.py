@@ -3,21 +3,17 @@ every kind of sampler, model loading and ComfyUI's real SD1 tokenizer."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from comfy_inprocess import run_guider
+from comfy_inprocess import headless_reference, run_guider
 from conftest import image_tensor
 from facediffuser_core.guidance import Conditionings
-from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
 from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
 from paths import FACES
 
-SD15_SCALE = 0.18215
 
-
+@pytest.mark.oldest_host
 def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, conditionings):
     """Same UNets, noise and conditionings; 10 steps cover all three stages (bounds 3 / 6).
 
@@ -31,28 +27,16 @@ def test_guider_in_comfy_ddim_matches_the_headless_sampler(comfy, loaded, condit
     steps = 10
     guider = comfy.guider.build_guider(tdm, sdm, text, subject, negative, 5.0, 0.3, 0.6)
     comfy_latent, noise, _ = run_guider(comfy, guider, steps)
-
-    comfy.model_management.load_models_gpu([tdm, sdm])
-
-    def eps_model(patcher):
-        unet = patcher.model.diffusion_model
-        return lambda x, t, context: unet(x, timesteps=t.float(), context=context, transformer_options={})
-
     conds = Conditionings(negative[0][0], text[0][0], subject[0][0])
-    start = noise * math.sqrt(1 - float(sd15_alphas_cumprod()[ddim_timesteps(steps)[0]]))
-
-    def headless(bounds):
-        x0 = []
-        sample(eps_model(tdm), eps_model(sdm), conds, start, steps, 5.0, bounds, callback=lambda i, n, x, pred: x0.append(pred))
-        return x0[-1] / SD15_SCALE
 
     bounds = bounds_from_fractions(steps, 0.3, 0.6)
     assert (bounds.start_merge_step, bounds.final_step) == (3, 6)
-    reference = headless(bounds)
+    reference = headless_reference(comfy, tdm, sdm, conds, noise, steps, 5.0, bounds)
     scale = reference.abs().max().item()
     difference = (comfy_latent - reference).abs().max().item()
     assert difference <= 2e-3 * scale, f"max |difference| {difference:.3g} vs max |latent| {scale:.3g}"
-    shifted = headless(type(bounds)(bounds.start_merge_step + 1, bounds.final_step))  # stage mapping off by one
+    off_by_one = type(bounds)(bounds.start_merge_step + 1, bounds.final_step)  # stage mapping off by one
+    shifted = headless_reference(comfy, tdm, sdm, conds, noise, steps, 5.0, off_by_one)
     assert (comfy_latent - shifted).abs().max().item() > 10 * max(difference, 1e-6 * scale)
 
 
@@ -71,6 +55,7 @@ def recorded_calls(comfy, loaded, monkeypatch):
     return calls
 
 
+@pytest.mark.oldest_host
 @pytest.mark.parametrize(
     "sampler, scheduler, denoise",
     [
@@ -170,11 +155,14 @@ def test_subject_conditioning_changes_only_marked_tokens_even_past_77_tokens(com
     assert changed.nonzero().flatten().tolist() == [2]  # BOS, "a", "man"
 
 
+@pytest.mark.oldest_host
 def test_subject_encoder_runs_under_model_management(comfy, loaded, face, monkeypatch):
     _, _, clip, _, encoder = loaded
     loads = []
-    original = comfy.model_management.load_model_gpu
-    monkeypatch.setattr(comfy.model_management, "load_model_gpu", lambda m: (loads.append(m), original(m))[1])
+    original = comfy.model_management.load_models_gpu
+    # every load funnels through load_models_gpu: ComfyUI 0.3.75's CLIP.load_model calls load_model_gpu
+    # (which calls it), 0.33's calls it directly
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda models, *a, **k: (loads.extend(models), original(models, *a, **k))[1])
     comfy.encode.encode_subjects(clip, encoder, face, "a man <|image|>", 512)
     assert encoder.patcher in loads and clip.patcher in loads  # each loaded through ComfyUI
     assert next(encoder.encoder.parameters()).device == encoder.patcher.load_device

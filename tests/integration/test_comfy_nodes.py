@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfy_inprocess import run_sampler
 from conftest import image_tensor
 from facediffuser_core.sampler import initial_noise
 from paths import FACES
@@ -14,16 +15,6 @@ from paths import FACES
 SIZE = 64  # pixels: 8x8 latents keep the SD1.5-sized UNets quick on a CPU
 SUBJECT_STAGE_ONLY = {"start_merge": 0.0, "final": 0.0}
 SCENE_STAGE_ONLY = {"start_merge": 1.0, "final": 1.0}
-
-
-def run_sampler(comfy, loaded, conditionings, latent: dict, *, seed=5, steps=4, denoise=1.0, start_merge=0.3, final=0.6):
-    """The Face-diffuser Sampler node: returns (LATENT dict, subject MASK [B, H, W])."""
-    tdm, sdm, *_ = loaded
-    text, subject, negative = conditionings
-    output = comfy.sampler.FaceDiffuserSampler.execute(
-        tdm, sdm, text, subject, negative, latent, seed, steps, 5.0, "ddim", "ddim_uniform", start_merge, final, denoise
-    )
-    return output.result
 
 
 def stock_ksampler(comfy, model, positive, negative, latent: dict, *, seed=5, steps=4, denoise=1.0) -> torch.Tensor:

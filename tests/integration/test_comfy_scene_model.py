@@ -4,19 +4,15 @@ and the headless sampler), nothing changes while they are unconnected, and what 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from comfy_inprocess import run_guider
+from comfy_inprocess import headless_reference, run_guider, run_sampler
 from conftest import empty_conditioning
 from facediffuser_core.guidance import Conditionings
-from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
 from facediffuser_core.schedule import bounds_from_fractions
 from test_comfy_nodes import SCENE_STAGE_ONLY, SUBJECT_STAGE_ONLY, assert_same, stock_ksampler
 
-SD15_SCALE = 0.18215
 LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
 
 
@@ -32,39 +28,30 @@ def scene_prompts(loaded):
     return encode(clip, "an oil painting of a man in a garden, impressionism"), encode(clip, "blurry, photo")
 
 
-def run_sampler(comfy, loaded, conditionings, scene=(None, None), *, start_merge=0.3, final=0.6, seed=5, steps=4):
-    tdm, sdm, *_ = loaded
-    text, subject, negative = conditionings
-    output = comfy.sampler.FaceDiffuserSampler.execute(
-        tdm, sdm, text, subject, negative, LATENT, seed, steps, 5.0, "ddim", "ddim_uniform", start_merge, final, 1.0, *scene
-    )
-    return output.result[0]["samples"], output.result[1]
-
-
 def test_in_the_scene_stage_the_scene_model_samples_its_own_prompts_as_a_stock_ksampler(comfy, loaded, conditionings, scene_prompts):
     tdm, *_ = loaded
     positive, negative = scene_prompts
-    ours, _ = run_sampler(comfy, loaded, conditionings, (positive, negative), **SCENE_STAGE_ONLY)
-    assert_same(ours, stock_ksampler(comfy, tdm, positive, negative, LATENT))
+    ours, _ = run_sampler(comfy, loaded, conditionings, LATENT, scene=(positive, negative), **SCENE_STAGE_ONLY)
+    assert_same(ours["samples"], stock_ksampler(comfy, tdm, positive, negative, LATENT))
     # only the positive connected: the negative input stays the scene model's negative
-    ours, _ = run_sampler(comfy, loaded, conditionings, (positive, None), **SCENE_STAGE_ONLY)
-    assert_same(ours, stock_ksampler(comfy, tdm, positive, conditionings[2], LATENT))
+    ours, _ = run_sampler(comfy, loaded, conditionings, LATENT, scene=(positive, None), **SCENE_STAGE_ONLY)
+    assert_same(ours["samples"], stock_ksampler(comfy, tdm, positive, conditionings[2], LATENT))
 
 
 def test_in_the_subject_stage_the_scene_prompts_are_not_used(comfy, loaded, conditionings, scene_prompts):
     sdm = loaded[1]
     text, subject, _ = conditionings
-    ours, _ = run_sampler(comfy, loaded, conditionings, scene_prompts, **SUBJECT_STAGE_ONLY)
-    assert_same(ours, stock_ksampler(comfy, sdm, subject, text, LATENT))
+    ours, _ = run_sampler(comfy, loaded, conditionings, LATENT, scene=scene_prompts, **SUBJECT_STAGE_ONLY)
+    assert_same(ours["samples"], stock_ksampler(comfy, sdm, subject, text, LATENT))
 
 
 def test_unconnected_scene_prompts_change_nothing_bit_for_bit(comfy, loaded, conditionings, scene_prompts):
     text, _, negative = conditionings
-    today, today_mask = run_sampler(comfy, loaded, conditionings)
-    same, same_mask = run_sampler(comfy, loaded, conditionings, (text, negative))  # the pair it uses anyway
-    assert torch.equal(today, same) and torch.equal(today_mask, same_mask)
-    other, _ = run_sampler(comfy, loaded, conditionings, scene_prompts)
-    assert not torch.equal(today, other)
+    today, today_mask = run_sampler(comfy, loaded, conditionings, LATENT)
+    same, same_mask = run_sampler(comfy, loaded, conditionings, LATENT, scene=(text, negative))  # the pair it uses anyway
+    assert torch.equal(today["samples"], same["samples"]) and torch.equal(today_mask, same_mask)
+    other, _ = run_sampler(comfy, loaded, conditionings, LATENT, scene=scene_prompts)
+    assert not torch.equal(today["samples"], other["samples"])
 
 
 def test_three_stages_with_scene_prompts_match_the_headless_sampler(comfy, loaded, conditionings, scene_prompts):
@@ -76,29 +63,17 @@ def test_three_stages_with_scene_prompts_match_the_headless_sampler(comfy, loade
     guider = comfy.guider.build_guider(tdm, sdm, text, subject, negative, 5.0, 0.3, 0.6, positive, scene_negative)
     comfy_latent, noise, _ = run_guider(comfy, guider, steps)
 
-    comfy.model_management.load_models_gpu([tdm, sdm])
-
-    def eps_model(patcher):
-        unet = patcher.model.diffusion_model
-        return lambda x, t, context: unet(x, timesteps=t.float(), context=context, transformer_options={})
-
-    start = noise * math.sqrt(1 - float(sd15_alphas_cumprod()[ddim_timesteps(steps)[0]]))
-
-    def headless(conds: Conditionings) -> torch.Tensor:
-        x0 = []
-        sample(eps_model(tdm), eps_model(sdm), conds, start, steps, 5.0, bounds_from_fractions(steps, 0.3, 0.6), callback=lambda i, n, x, pred: x0.append(pred))
-        return x0[-1] / SD15_SCALE
-
-    def agreeing(reference: torch.Tensor) -> float:
-        """The fraction of latent values within 2e-3 of the latent's scale of ``reference``."""
+    def agreeing(conds: Conditionings) -> float:
+        """The fraction of latent values within 2e-3 of the latent's scale of the headless sampler's on ``conds``."""
+        reference = headless_reference(comfy, tdm, sdm, conds, noise, steps, 5.0, bounds_from_fractions(steps, 0.3, 0.6))
         return ((comfy_latent - reference).abs() <= 2e-3 * reference.abs().max()).float().mean().item()
 
     own = Conditionings(negative[0][0], text[0][0], subject[0][0], scene_negative=scene_negative[0][0], scene_positive=positive[0][0])
     # Where the two models' saliencies are nearly equal, float rounding (ComfyUI runs the UNet on
     # sigma-scaled inputs, the headless sampler on DDIM's) can flip the noise fusion's choice at a
     # pixel, so a few values may differ more; every other value agrees to float precision.
-    assert agreeing(headless(own)) >= 0.99
-    assert agreeing(headless(Conditionings(negative[0][0], text[0][0], subject[0][0]))) < 0.5  # the scene prompts were used
+    assert agreeing(own) >= 0.99
+    assert agreeing(Conditionings(negative[0][0], text[0][0], subject[0][0])) < 0.5  # the scene prompts were used
 
 
 def tiny_model(model_type: str):
