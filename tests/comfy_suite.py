@@ -1,7 +1,8 @@
 """What the suites that run a real ComfyUI share (``tests/integration``, ``tests/browser``): they run
 when COMFYUI_PATH points at a ComfyUI (0.3.75 or newer) checkout whose requirements are installed in this
 environment, and report themselves skipped otherwise. Each suite's conftest imports the fixtures
-from here; the server helpers live in ``tests/integration/harness.py`` and ``models.py``."""
+from here and starts its server with :func:`start_server`; the server helpers live in
+``tests/integration/harness.py`` and ``models.py``."""
 
 from __future__ import annotations
 
@@ -64,13 +65,26 @@ def face_pngs(tmp_path_factory) -> list[Path]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
+STARTED: list = []  # every suite server started (harness.ComfyServer), for quiet_servers()
+
+
+# The suites' servers keep only the current prompt's outputs, dropping the last prompt's models before
+# loading the next ones. ComfyUI 0.33's default cache (by RAM pressure) drops them after the first node
+# of the next prompt has run, the Loader, so that a change of workflow briefly holds both model sets
+# (12-13 GB here); a test keeps the default (test_comfy_server.py).
+CACHE_ARGS = ["--cache-classic"]
+
+
+def start_server(
+    comfyui_path: Path, model_files, face_pngs: list[Path], tmp_path_factory, inputs: list[Path] = (),
+    models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS,
+):  # fmt: skip
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
     converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
     folders; an SD1.5 checkpoint and a LoRA under the scene-checkpoint workflow's names in
-    models/checkpoints and models/loras; an SDXL-shaped file in a folder of extra_model_paths.yaml;
-    face_1.png and face_2.png in input/."""
+    models/checkpoints and models/loras, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in
+    a folder of extra_model_paths.yaml; face_1.png, face_2.png and ``inputs`` in input/. Stop it
+    with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default)."""
     from harness import ComfyServer, make_base_directory
     from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
 
@@ -84,14 +98,24 @@ def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
             "TDM": model_files.tdm_official.parent,
             FASTCOMPOSER_FILE: ensure_fastcomposer_file(model_files),
         },
-        face_pngs,
-        dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
+        [*face_pngs, *inputs],
+        {
+            **dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
+            **(models or {}),
+        },
     )
     extra = tmp_path_factory.mktemp("extra-models")
     (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
-    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml)])
-    comfy.start()
-    yield comfy
-    comfy.stop()
+    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml), *cache_args])
+    STARTED.append(comfy)
+    return comfy.start()
+
+
+def quiet_servers() -> None:
+    """Unload the models of every running suite server (before a test loads its own, in this process
+    or in a ComfyUI it starts): one loaded SD1.5-sized set at a time keeps the suite within 12 GB."""
+    for comfy in STARTED:
+        if comfy.running:
+            comfy.free()

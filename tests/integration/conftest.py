@@ -2,7 +2,9 @@
 requirements are installed in this environment; otherwise every test here is skipped.
 
 The in-process fixtures (ComfyUI imported into the test process, no server) live here so that every
-module shares one import; each module loads the models once (``loaded``) and frees them afterwards."""
+module shares one import; each module loads the models once (``loaded``) and frees them afterwards.
+The modules that need a server share one (``server``), which unloads its models whenever a test loads
+its own (``quiet_servers``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_suite import comfyui_path, face_pngs, model_files, server, skip_without_comfyui  # noqa: F401 (fixtures)
+from comfy_suite import comfyui_path, face_pngs, model_files, quiet_servers, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
@@ -42,9 +44,26 @@ def comfy(comfyui_path):
     return type("Comfy", (), {**modules, **pack})
 
 
+@pytest.fixture(scope="session")
+def server(comfyui_path, model_files, face_pngs, facenet_file, tiny_clip_folder, tmp_path_factory):
+    """The integration suite's ComfyUI server (see ``comfy_suite.start_server``), with random FaceNet
+    weights in models/facenet, the tiny CLIP folder in models/clip_eval and a face-less blank.png in input/."""
+    from models import CLIP, FACENET
+
+    blank = tmp_path_factory.mktemp("blank") / "blank.png"
+    Image.new("RGB", (128, 128), (100, 100, 100)).save(blank)
+    comfy = start_server(
+        comfyui_path, model_files, face_pngs, tmp_path_factory, [blank],
+        {f"facenet/{FACENET}": facenet_file, f"clip_eval/{CLIP.split('/')[0]}": tiny_clip_folder},
+    )  # fmt: skip
+    yield comfy
+    comfy.stop()
+
+
 @pytest.fixture(scope="module")
 def loaded(comfy, model_files):
     """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
+    quiet_servers()
     models = comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
     yield models
     del models

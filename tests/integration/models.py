@@ -20,6 +20,8 @@ TDM_FILE = "facediffuser_tdm.safetensors"
 SCENE_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the names the scene-checkpoint workflow ships with
 SCENE_LORA = "sd15_style_lora.safetensors"
 FASTCOMPOSER_FILE = "fastcomposer.safetensors"  # the name the README and the FastComposer workflow use
+FACENET = "facenet-random.pt"  # the score models as the suite's server lists them (models/facenet, models/clip_eval)
+CLIP = "tiny-clip/model.safetensors"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfy_inprocess import run_guider
+from comfy_suite import quiet_servers
 from conftest import empty_conditioning, release_models
 from facediffuser_core.checkpoints import ModelKind, declared_kind
 from facediffuser_core.sampler import ddim_timesteps, sd15_alphas_cumprod
@@ -26,6 +27,7 @@ def fastcomposer(comfy, model_files):
 
     path = ensure_fastcomposer_file(model_files)
     assert declared_kind(path) is ModelKind.FASTCOMPOSER
+    quiet_servers()
     tdm, *models = comfy.loader.load_models(str(path), None, "fp32")
     assert tdm is None
     yield models

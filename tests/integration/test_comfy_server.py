@@ -46,6 +46,7 @@ def node_of(graph: dict, class_type: str) -> dict:
     return next(node for node in graph.values() if node["class_type"] == class_type)
 
 
+@pytest.mark.oldest_host
 def test_nodes_register_without_import_errors(server, object_info):
     assert "IMPORT FAILED" not in server.log()
     for name in NODES:
@@ -81,6 +82,7 @@ def output_images(entry: dict, kind: str) -> list[dict]:
     return [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == kind]
 
 
+@pytest.mark.oldest_host
 @pytest.mark.parametrize("path", sorted(API_WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
 def test_api_workflow_runs_to_an_image(server, path):
     graph = small(load(path))
@@ -158,6 +160,42 @@ def test_memory_stays_flat_over_20_runs(server):
         rss[run] = process.memory_info().rss
     growth = rss[20] / rss[5] - 1
     assert growth <= 0.03, f"RSS grew {growth:.1%} from run 5 to run 20: {[round(v / 2**20) for v in rss.values()]} MiB"
+
+
+@pytest.fixture(scope="module")
+def default_cache_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory):
+    """A server like the suite's, with ComfyUI's default cache."""
+    from comfy_suite import quiet_servers, start_server
+
+    quiet_servers()
+    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory, cache_args=[])
+    yield comfy
+    comfy.stop()
+
+
+@pytest.mark.oldest_host
+def test_the_default_cache_releases_an_earlier_workflows_models(default_cache_server):
+    """ComfyUI's default cache (0.33: by RAM pressure, which evicts the outputs of earlier prompts, old
+    model patchers first, while free RAM is under its inactive headroom, by default all of RAM; 0.3.75:
+    classic, which keeps the current prompt's outputs only) releases the Loader's models once another
+    workflow runs: after a prompt that loads no model, the server is back near its memory before the
+    one-subject workflow, and that workflow queued again loads its models anew."""
+    server = default_cache_server
+    idle = server.rss()
+    one_subject = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), steps=2)
+    entry = server.run(one_subject)
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+    loaded = server.rss()
+    no_model = {"1": {"class_type": "LoadImage", "inputs": {"image": "face_1.png"}}, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    entry = server.run(no_model)
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+    deadline = time.monotonic() + 30  # ComfyUI collects garbage between prompts every 10 s
+    while (released := server.rss()) - idle >= (loaded - idle) / 4 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert released - idle < (loaded - idle) / 4, f"idle {idle / 2**30:.2f} GB, loaded {loaded / 2**30:.2f} GB, after {released / 2**30:.2f} GB"
+    entry = server.run(one_subject)
+    assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
+    assert "1" not in status_message(entry, "execution_cached")["nodes"]  # the Loader ran again
 
 
 def test_official_bin_files_load(server):

@@ -17,35 +17,17 @@ import pytest
 from PIL import Image
 
 from facediffuser_core.evaluate import OutputFolder, Settings, plan_jobs, read_prompts
-from harness import ComfyServer, make_base_directory, status_message
+from harness import ComfyServer, status_message
+from models import CLIP, FACENET
 from paths import FACES, ROOT
 
 NODES = ["FaceDiffuserFaceCrop", "FaceDiffuserIdentityScore", "FaceDiffuserPromptConsistency"]
-FACENET = "facenet-random.pt"
-CLIP = "tiny-clip/model.safetensors"
 SETTINGS = Settings(images=1, steps=2, cfg=5.0, size=64, seed=0)
 PROMPTS = "a photo of a man <|image|> in a park\na man <|image|> and a man <|image|> playing chess\n"
 
 
-@pytest.fixture(scope="module")
-def eval_server(comfyui_path, model_files, face_pngs, facenet_file, tiny_clip_folder, tmp_path_factory):
-    """ComfyUI with the converted models, random FaceNet weights in models/facenet, the tiny CLIP
-    folder in models/clip_eval, face_1.png / face_2.png and a face-less blank.png in input/."""
-    base = tmp_path_factory.mktemp("comfy-eval")
-    blank = tmp_path_factory.mktemp("blank") / "blank.png"
-    Image.new("RGB", (128, 128), (100, 100, 100)).save(blank)
-    make_base_directory(base, {"facediffuser_sdm.safetensors": model_files.sdm, "facediffuser_tdm.safetensors": model_files.tdm}, [*face_pngs, blank])
-    for folder, name, target in (("facenet", FACENET, facenet_file), ("clip_eval", "tiny-clip", tiny_clip_folder)):
-        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        (base / "models" / folder / name).symlink_to(target)
-    comfy = ComfyServer(comfyui_path, base)
-    comfy.start()
-    yield comfy
-    comfy.stop()
-
-
-def test_face_nodes_register_with_their_model_folders(eval_server):
-    info = eval_server.get("/object_info")
+def test_face_nodes_register_with_their_model_folders(server):
+    info = server.get("/object_info")
     for name in NODES:
         node = info[name]
         assert node["category"] == "Face-diffuser" and node["description"] and node["display_name"].startswith("Face-diffuser ")
@@ -68,27 +50,27 @@ def face_graph(photo: str, if_no_face: str = "error") -> dict:
     }
 
 
-def test_face_nodes_run_in_a_workflow(eval_server):
-    entry = eval_server.run(face_graph("face_1.png"))
+def test_face_nodes_run_in_a_workflow(server):
+    entry = server.run(face_graph("face_1.png"))
     assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
     (crop,) = entry["outputs"]["3"]["images"]
-    assert Image.open(io.BytesIO(eval_server.view(crop))).size == (256, 256)
+    assert Image.open(io.BytesIO(server.view(crop))).size == (256, 256)
     (preview,) = entry["outputs"]["6"]["images"]
-    assert Image.open(io.BytesIO(eval_server.view(preview))).size == Image.open(FACES / "man1.jpeg").size
+    assert Image.open(io.BytesIO(server.view(preview))).size == Image.open(FACES / "man1.jpeg").size
     (identity,) = entry["outputs"]["4"]["text"]
     assert identity.startswith("image 1: IP ") and "(face 1)" in identity and "mean IP of 1 image(s)" in identity
     (consistency,) = entry["outputs"]["5"]["text"]
     assert consistency.startswith("image 1: PC ") and 'for "a man in a suit"' in consistency
 
 
-def test_a_photo_without_a_face(eval_server):
-    entry = eval_server.run(face_graph("blank.png"))
+def test_a_photo_without_a_face(server):
+    entry = server.run(face_graph("blank.png"))
     error = status_message(entry, "execution_error")
     assert entry["status"]["status_str"] == "error" and error["node_type"] == "FaceDiffuserFaceCrop"
     assert "Face-diffuser Face Crop: no face was found in image 1 of 1 (batch index 0)" in error["exception_message"]
     graph = face_graph("blank.png", "pass through")
     del graph["4"]  # the blank reference has no face for the identity score
-    entry = eval_server.run(graph)
+    entry = server.run(graph)
     assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
 
 
@@ -103,7 +85,7 @@ def queued_jobs(server: ComfyServer) -> list[str]:
     return ids
 
 
-def test_evaluation_command_killed_and_resumed(eval_server, facenet_file, tiny_clip_folder, tmp_path):
+def test_evaluation_command_killed_and_resumed(server, facenet_file, tiny_clip_folder, tmp_path):
     subjects = tmp_path / "subjects"
     for name, photo in (("alice", "man1.jpeg"), ("bob", "man2.jpeg")):
         (subjects / name).mkdir(parents=True)
@@ -113,7 +95,7 @@ def test_evaluation_command_killed_and_resumed(eval_server, facenet_file, tiny_c
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "facediffuser_core.evaluate", "--subjects", str(subjects), "--prompts", str(prompts),
-        "--server", f"127.0.0.1:{eval_server.port}", "--out", str(out), "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder),
+        "--server", f"127.0.0.1:{server.port}", "--out", str(out), "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder),
         "--images-per-prompt", "1", "--steps", "2", "--size", "64", "--device", "cpu",
     ]  # fmt: skip
     jobs = plan_jobs(read_prompts(prompts), ["alice", "bob"], 1, 10)
@@ -143,7 +125,7 @@ def test_evaluation_command_killed_and_resumed(eval_server, facenet_file, tiny_c
     for name, stat in images.items():  # finished before the kill: untouched
         now = (out / "images" / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    runs = queued_jobs(eval_server)
+    runs = queued_jobs(server)
     for job in jobs:  # a job finished before the kill was queued once, by the first run only
         assert runs.count(job.id) == 1 if job.id in done_first else runs.count(job.id) >= 1, (job.id, runs)
     for score in scores:
@@ -155,18 +137,18 @@ def test_evaluation_command_killed_and_resumed(eval_server, facenet_file, tiny_c
     assert Image.open(out / "ip_pc.png").format == "PNG"
     assert (out / "failures.csv").read_text().strip() == "job,prompt,subjects,server,error"
     assert json.loads((out / "settings.json").read_text())["steps"] == 2
-    uploaded = {p.name.split("_")[0] for p in (eval_server.base / "input" / "facediffuser_eval").iterdir()}
+    uploaded = {p.name.split("_")[0] for p in (server.base / "input" / "facediffuser_eval").iterdir()}
     assert uploaded == {"alice", "bob"}
 
 
-def test_evaluation_with_the_shipped_workflows(eval_server, tmp_path):
+def test_evaluation_with_the_shipped_workflows(server, tmp_path):
     (tmp_path / "subjects" / "carol").mkdir(parents=True)
     (tmp_path / "subjects" / "carol" / "photo.jpeg").write_bytes((FACES / "man2.jpeg").read_bytes())
     (tmp_path / "prompts.txt").write_text("a man <|image|> on a bench\n")
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "facediffuser_core.evaluate", "--subjects", str(tmp_path / "subjects"), "--prompts", str(tmp_path / "prompts.txt"),
-        "--server", f"127.0.0.1:{eval_server.port}", "--out", str(out), "--workflow-dir", str(ROOT / "workflows" / "api"),
+        "--server", f"127.0.0.1:{server.port}", "--out", str(out), "--workflow-dir", str(ROOT / "workflows" / "api"),
         "--no-score", "--images-per-prompt", "1", "--steps", "2", "--size", "64",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -174,6 +156,6 @@ def test_evaluation_with_the_shipped_workflows(eval_server, tmp_path):
     (job,) = plan_jobs(read_prompts(tmp_path / "prompts.txt"), ["carol"], 1, 10)
     assert Image.open(out / "images" / job.image_names()[0]).size == (64, 64)
     template = json.loads((ROOT / "workflows" / "api" / "facediffuser_one_subject.json").read_text())
-    (graph,) = [entry["prompt"][2] for entry in eval_server.get("/history").values() if job.id in json.dumps(entry["prompt"][2])]
+    (graph,) = [entry["prompt"][2] for entry in server.get("/history").values() if job.id in json.dumps(entry["prompt"][2])]
     assert set(graph) == set(template) - {"10"}  # the template's nodes, its mask preview dropped
     assert graph["2"]["inputs"]["image"].startswith("facediffuser_eval/carol_") and graph["8"]["inputs"]["filename_prefix"] == f"facediffuser_eval/{job.id}"

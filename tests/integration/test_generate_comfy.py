@@ -4,8 +4,8 @@ and a running one (--server, the suite's server), one, two and four faces, two p
 a batch, a photo without a face, usage errors before any start, Ctrl-C while sampling, and the
 workflow a PNG carries re-queued on another server giving the same picture.
 
-The tests that start a ComfyUI which loads the models come first, before the suite's server has
-loaded its own copy: two loaded SD1.5-sized ComfyUIs at once would need about 20 GB."""
+The tests that start a ComfyUI have the suite's server unload its models first (``quiet_servers``):
+one loaded SD1.5-sized set at a time. The ComfyUI they start runs as the suite's servers do."""
 
 from __future__ import annotations
 
@@ -26,12 +26,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import make_base_directory
+from comfy_suite import quiet_servers
+from harness import LOW_MEMORY_ENV, SERVER_ARGS, make_base_directory
 from paths import FACES, ROOT
-from processes import gone
+from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
 SMALL = ["--size", "64", "--steps", "3"]  # 0.3 / 0.6 of 3 steps: two scene steps, one fusion step
+COMMAND_ENV = {**os.environ, **LOW_MEMORY_ENV, "CUDA_VISIBLE_DEVICES": ""}  # no GPU for the command, as on CI
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,15 @@ def base(model_files, tmp_path_factory) -> Path:
 
 
 def auto_start(comfyui_path: Path, base: Path) -> list[str]:
-    return ["--comfyui", str(comfyui_path), f"--comfyui-args=--cpu --base-directory {base}"]
+    """generate's arguments to start ``comfyui_path`` on ``base``, once the suite's server is quiet. No
+    device option: generate adds --cpu itself where torch finds no GPU (the subprocess sees none)."""
+    quiet_servers()
+    return ["--comfyui", str(comfyui_path), f"--comfyui-args=--base-directory {base} {' '.join(SERVER_ARGS)}"]
 
 
 def generate(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "facediffuser_core", "generate", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=COMMAND_ENV)
 
 
 def started_pid(stderr: str) -> int:
@@ -86,7 +91,7 @@ def check_outputs(out: Path, count: int) -> list[Path]:
 def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
     command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
                "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default, env=COMMAND_ENV)
     stderr = bytearray()
     reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
     reader.start()
@@ -112,6 +117,7 @@ def test_one_face_with_comfyui_started_and_its_png_requeued_elsewhere_gives_the_
     result = generate("--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5", *auto_start(comfyui_path, base))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
+    assert result.stderr.count("no CUDA, MPS or XPU device found: starting ComfyUI with --cpu") == 1
     pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
     assert gone(pid) and port_closed(port)
     (image,) = check_outputs(out, 1)
