@@ -1,0 +1,103 @@
+"""Run a command and report the peak memory of it and every process it starts (servers included).
+
+    python .ci/peak_memory.py LABEL -- COMMAND [ARGS...]
+
+Samples every 0.2 s the command's process tree (Linux /proc): the peak of its summed anonymous memory
+(RssAnon + RssShmem: what needs RAM or swap) and of its summed resident set size (RSS, which also
+counts the pages of memory-mapped files such as model files, page cache the kernel can reclaim).
+Shared pages count once per process, so both figures are upper bounds. Prints one line at the end
+and appends it to $PEAK_MEMORY_LOG when set (CI prints those lines last). Exits with the command's code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(anonymous, resident) bytes of one process, from /proc/PID/status."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields.get("RssAnon", 0) + fields.get("RssShmem", 0), fields.get("VmRSS", 0)
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(children.get(pid, []))
+    return tree
+
+
+def tree_memory(root: int) -> tuple[int, int, str]:
+    """(summed anonymous bytes, summed RSS bytes, the largest process as 'name pid: N.N GB') of
+    ``root`` and its descendants."""
+    anonymous, resident, largest, name = 0, 0, 0, ""
+    for pid in descendants(root):
+        try:
+            anon, rss = memory(pid)
+            if anon > largest:
+                largest, name = anon, f"{Path(f'/proc/{pid}/comm').read_text().strip()} {pid}: {anon / GIB:.1f} GB"
+        except OSError:
+            continue
+        anonymous += anon
+        resident += rss
+    return anonymous, resident, name
+
+
+def main() -> int:
+    label, separator, *command = sys.argv[1:]
+    if separator != "--" or not command:
+        sys.exit(__doc__)
+    child = subprocess.Popen(command)
+    peak = {"anonymous": 0, "largest": "", "resident": 0}
+    started = time.monotonic()
+
+    def sample() -> None:
+        while child.poll() is None:
+            anonymous, resident, largest = tree_memory(child.pid)
+            if anonymous > peak["anonymous"]:
+                peak.update(anonymous=anonymous, largest=largest)
+            peak["resident"] = max(peak["resident"], resident)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        code = child.wait()
+    sampler.join()
+    line = (
+        f"{label}: peak memory {peak['anonymous'] / GIB:.1f} GB (largest process then: {peak['largest']}); "
+        f"peak RSS with mapped files {peak['resident'] / GIB:.1f} GB; {(time.monotonic() - started) / 60:.1f} min, exit {code}"
+    )
+    print(line, flush=True)
+    if os.environ.get("PEAK_MEMORY_LOG"):
+        with open(os.environ["PEAK_MEMORY_LOG"], "a") as log:
+            log.write(line + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
