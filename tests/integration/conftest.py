@@ -8,10 +8,7 @@ its own (``quiet_servers``)."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_suite import comfyui_path, face_pngs, model_files, quiet_servers, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
+from comfy_suite import comfyui_path, face_pngs, model_files, quiet_servers, release_memory, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
@@ -64,19 +61,18 @@ def server(comfyui_path, model_files, face_pngs, facenet_file, tiny_clip_folder,
 def loaded(comfy, model_files):
     """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
     quiet_servers()
-    models = comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32")
+    models = list(comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32"))
     yield models
-    del models
-    release_models(comfy)
+    release_models(comfy, models)
 
 
-def release_models(comfy) -> None:
-    """Unload every model and give the freed memory back to the system: the servers the later
-    modules start need it (glibc otherwise keeps freed heap pages in this process)."""
+def release_models(comfy, models: list) -> None:
+    """Drop a fixture's models (emptied in place: pytest still holds the yielded list while the
+    fixture tears down), unload every model and give the freed memory back to the system, which
+    the servers of the later modules need."""
+    models.clear()
     comfy.model_management.unload_all_models()
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory()
 
 
 def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:

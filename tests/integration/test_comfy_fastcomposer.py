@@ -31,8 +31,7 @@ def fastcomposer(comfy, model_files):
     tdm, *models = comfy.loader.load_models(str(path), None, "fp32")
     assert tdm is None
     yield models
-    del models
-    release_models(comfy)
+    release_models(comfy, models)
 
 
 @pytest.fixture(scope="module")
