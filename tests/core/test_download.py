@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from facediffuser_core import download as download_module
 from facediffuser_core.__main__ import main
 from facediffuser_core.checkpoints import ModelKind
+from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from facediffuser_core.convert import convert_checkpoint
+from facediffuser_core.generate import UsageError, check_models
 from facediffuser_core.model_folders import comfyui_model_folders
 from fake_hub import FakeHub
 
@@ -79,6 +81,15 @@ def test_download_converts_the_official_files_into_the_comfyuis_model_folder(hub
     )
     assert out.count(FACEDIFFUSER_LICENSE) == 2  # before each download
     assert lines[-1] == f"the models are in {folder}"
+
+
+def test_the_command_generate_names_for_missing_models_fixes_it(hub, comfyui, capsys):
+    with pytest.raises(UsageError, match="download it with: ") as missing:
+        check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])
+    command = str(missing.value).split("download it with: ")[1].split()
+    assert command[:4] == ["python", "-m", "facediffuser_core", "download"]
+    assert main(command[3:]) == 0, capsys.readouterr().err
+    check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])  # generate now finds both
 
 
 def test_a_second_run_fetches_nothing_and_says_so(hub, tmp_path, capsys):
