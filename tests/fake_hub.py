@@ -5,7 +5,8 @@
 ``X-Linked-Etag`` (the SHA-256, as the hub reports LFS files), ``X-Linked-Size`` and ``Content-Length``;
 ``GET`` honours ``Range: bytes=N-`` with a 206. Every request is logged as (method, path, Range).
 Faults, by path: ``cut[path] = N`` sends the first N bytes of the next GET and drops the connection;
-``served[path] = bytes`` serves other bytes than the advertised size and SHA-256 describe.
+``served[path] = bytes`` serves other bytes than the advertised size and SHA-256 describe;
+``hold[path] = N`` sends the first N bytes of the next GET and then waits until ``release`` is set.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class FakeHub:
         self.requests: list[tuple[str, str, Optional[str]]] = []
         self.cut: dict[str, int] = {}
         self.served: dict[str, bytes] = {}
+        self.hold: dict[str, int] = {}
+        self.release = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,9 +85,16 @@ class FakeHub:
         if key in self.cut:
             payload = payload[: self.cut.pop(key)]
             handler.close_connection = True
+        if key in self.hold:
+            handler.wfile.write(payload[: self.hold.pop(key)])
+            handler.wfile.flush()
+            self.release.wait(60)
+            handler.close_connection = True
+            return
         handler.wfile.write(payload)
         handler.wfile.flush()
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()

@@ -5,6 +5,10 @@ refused, too little disk space refused before any byte, and the folders ComfyUI 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from facediffuser_core.convert import convert_checkpoint
 from facediffuser_core.generate import UsageError, check_models
 from facediffuser_core.model_folders import comfyui_model_folders
 from fake_hub import FakeHub
+from paths import ROOT
+from processes import sigint_default
 
 SDM_KEY, TDM_KEY, FASTCOMPOSER_KEY = "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin", "CodeGoat24/Face-diffuser/TDM/pytorch_model.bin", "mit-han-lab/fastcomposer/pytorch_model.bin"
 FACEDIFFUSER_LICENSE = "license of CodeGoat24/Face-diffuser: non-commercial academic use only"
@@ -121,6 +127,37 @@ def test_a_cut_download_resumes_with_a_ranged_request_and_ends_byte_identical(hu
     assert (folder / "SDM" / "pytorch_model.bin").read_bytes() == official_files["SDM"].read_bytes()
     assert (folder / "TDM" / "pytorch_model.bin").read_bytes() == official_files["TDM"].read_bytes()
     assert_same_model(folder / "facediffuser_sdm.safetensors", reference(official_files["SDM"], tmp_path, ModelKind.SDM))
+
+
+def test_ctrl_c_stops_with_130_and_the_next_run_resumes(hub, official_files, tmp_path, capsys):
+    folder = tmp_path / "models"
+    size = len(hub.files[SDM_KEY])
+    hub.hold[SDM_KEY] = size - 1000  # huggingface_hub writes its first 10 MB chunk, then waits for the rest
+    command = [sys.executable, "-m", "facediffuser_core", "download", "--to", str(folder)]
+    process = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    deadline = time.monotonic() + 120
+    while not any(path.stat().st_size for path in tmp_path.rglob("*.incomplete")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(subprocess.signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    hub.release.set()
+    assert process.returncode == 130, err
+    assert "interrupted: nothing half-written is left in the model folder; run the command again to resume the download" in out
+    assert model_files(folder) == []
+    (partial,) = tmp_path.rglob("*.incomplete")
+    have = partial.stat().st_size
+    hub.requests.clear()
+    code, _, err = run(capsys, "--to", str(folder))
+    assert code == 0, err
+    assert [request[2] for request in hub.byte_requests() if "/SDM/" in request[1]] == [f"bytes={have}-"]
+    assert_same_model(folder / "facediffuser_sdm.safetensors", reference(official_files["SDM"], tmp_path, ModelKind.SDM))
+
+
+def test_an_unreachable_hub_is_an_error_naming_hf_endpoint(hub, tmp_path, capsys, monkeypatch):
+    hub.close()
+    code, _, err = run(capsys, "--to", str(tmp_path / "models"))
+    assert code == 2 and "error: cannot reach SDM/pytorch_model.bin of CodeGoat24/Face-diffuser on the hub" in err
+    assert "(HF_ENDPOINT for a mirror, HF_TOKEN for a token)" in err and not (tmp_path / "models").exists()
 
 
 def test_a_corrupted_file_is_refused_removed_and_never_converted(hub, tmp_path, capsys):
