@@ -1,6 +1,7 @@
 """Command line (also installed as ``facediffuser``):
 
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
+- ``python -m facediffuser_core download [--fastcomposer] [--all] [--to DIR] [--keep-original]``
 - ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32] [--kind sdm|tdm|fastcomposer]``
 
 Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
@@ -40,7 +41,14 @@ def _generate(args: argparse.Namespace) -> int:
     return generate(args)
 
 
+def _download(args: argparse.Namespace) -> int:
+    from .download import download
+
+    return download(args)
+
+
 def parser() -> argparse.ArgumentParser:
+    from . import download
     from .generate import add_arguments
 
     main_parser = argparse.ArgumentParser(prog="python -m facediffuser_core", description="Face-diffuser tools")
@@ -55,6 +63,17 @@ def parser() -> argparse.ArgumentParser:
     )
     add_arguments(generate)
     generate.set_defaults(run=_generate)
+    fetch = commands.add_parser(
+        "download",
+        help="the official models from the Hugging Face Hub, converted into ComfyUI's models/facediffuser",
+        description="Download the official models (Face-diffuser's SDM and TDM by default) from the Hugging Face Hub "
+        "(HF_ENDPOINT and HF_TOKEN apply) and convert them to safetensors under the names the nodes and generate "
+        "use, in the model folder of the ComfyUI this pack is installed in. A model already there is skipped; a "
+        "download that was cut off resumes.",
+        epilog="Example: python -m facediffuser_core download --all",
+    )
+    download.add_arguments(fetch)
+    fetch.set_defaults(run=_download)
     convert = commands.add_parser(
         "convert",
         help="official pytorch_model.bin -> .safetensors",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import re
 import shlex
@@ -28,11 +29,12 @@ from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, Job
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
+from .model_folders import comfyui_model_folders, find_model
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
-__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "check_models", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
@@ -123,6 +125,32 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--start-merge / --final: {error}") from None
 
 
+def download_command(file: str, comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> Optional[str]:
+    """The ``download`` command that puts ``file`` where the ComfyUI at ``comfyui`` (``explicit``: given
+    with --comfyui or COMFYUI_PATH) started with ``comfyui_args`` finds it; None for a file it does not make."""
+    from .download import MODELS
+
+    flags = {model.target: "--fastcomposer" if name == "fastcomposer" else "" for name, model in MODELS.items()}
+    if file not in flags:
+        return None
+    folders = comfyui_model_folders(comfyui, comfyui_args)
+    default = comfyui_model_folders(comfyui)[0]  # where download writes for that ComfyUI
+    where = [] if folders[0] == default else ["--to", str(folders[0])]
+    where += ["--comfyui", str(comfyui)] if explicit and not where else []
+    return shlex.join(["python", "-m", "facediffuser_core", "download", *filter(None, [flags[file]]), *where])
+
+
+def check_models(files: Sequence[str], comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> None:
+    """Each model file is in a folder the ComfyUI will search (see :mod:`.model_folders`); the error
+    for a missing one names the file, the folders and the command that downloads it."""
+    folders = comfyui_model_folders(comfyui, comfyui_args)
+    for file in files:
+        if find_model(folders, file) is None:
+            command = download_command(file, comfyui, explicit, comfyui_args)
+            fix = f"download it with: {command}" if command else "put it in one of them"
+            raise UsageError(f"no model file {file} in the folders ComfyUI searches for Face-diffuser models ({', '.join(map(str, folders))}); {fix}")
+
+
 class StageProgress:
     """A progress bar over the sampler's steps from ComfyUI's events, named by the stage (scene,
     fusion, subject) of the step just done; before sampling it names the node that is running
@@ -188,6 +216,8 @@ def generate(args: argparse.Namespace) -> int:
     check_prompt(args.prompt, len(faces))
     _check_settings(args)
     comfyui = None if args.server else find_comfyui(args.comfyui)
+    if comfyui is not None:
+        check_models([args.sdm, args.tdm], comfyui, explicit=bool(args.comfyui or os.environ.get("COMFYUI_PATH")), comfyui_args=shlex.split(args.comfyui_args))
     margin = None if args.no_crop else DEFAULT_MARGIN
     detector = None if args.no_crop else load_detector("cpu")
     references = []  # each subject's photos as (file stem, PNG crop)

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from facediffuser_core.__main__ import exit_code, main
-from facediffuser_core.comfy_client import JobError, ServerUnavailable, build_graph, Generation
+from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM, JobError, ServerUnavailable, build_graph, Generation
 from facediffuser_core import comfy_launch
 from facediffuser_core.comfy_launch import LocalComfyUI, accelerator_available, device_args, find_comfyui
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
@@ -80,13 +80,24 @@ def test_prompt_markers_are_checked_against_the_photos():
         check_prompt(" ".join(["a man <|image|>"] * 5), 5)
 
 
+def add_models(base: Path) -> Path:
+    """Empty files under the default model names in ``base/models/facediffuser`` (the fake server
+    loads nothing; generate checks that they are there); returns the folder."""
+    folder = base / "models" / "facediffuser"
+    folder.mkdir(parents=True)
+    for name in (DEFAULT_SDM, DEFAULT_TDM):
+        (folder / name).touch()
+    return folder
+
+
 @pytest.fixture
 def fake_comfyui(tmp_path) -> Path:
-    """A ComfyUI folder whose main.py records how it was started, starts a child process in its
-    process group, and serves the fake server (``mode.txt``: ``crash`` exits at once, ``no-pack``
-    serves without the Face-diffuser nodes)."""
+    """A ComfyUI folder with (empty) model files, whose main.py records how it was started, starts a
+    child process in its process group, and serves the fake server (``mode.txt``: ``crash`` exits at
+    once, ``no-pack`` serves without the Face-diffuser nodes)."""
     root = tmp_path / "ComfyUI"
     (root / "comfy").mkdir(parents=True)
+    add_models(root)
     (root / "custom_nodes").mkdir()
     (root / "main.py").write_text(textwrap.dedent(f"""
         import argparse, json, os, pathlib, subprocess, sys, time
@@ -131,6 +142,32 @@ def test_usage_errors_stop_before_any_server_starts(fake_comfyui, gray_photo, tm
         assert "starting ComfyUI" not in err
     assert not (fake_comfyui / "started.json").exists()
     assert "use another photo, or --no-crop to use it whole" in err
+
+
+def test_a_missing_model_is_named_with_the_folders_and_the_download_command(fake_comfyui, tmp_path, capsys):
+    """Checked before any server starts, in the folders that ComfyUI will search."""
+    (fake_comfyui / "models" / "facediffuser" / DEFAULT_TDM).unlink()
+    common = ["--face", str(MAN1), "--prompt", "a man <|image|>", "-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui)]
+    code, _, err = run_main(capsys, *common)
+    default = fake_comfyui / "models" / "facediffuser"
+    assert code == 2
+    assert f"error: no model file {DEFAULT_TDM} in the folders ComfyUI searches for Face-diffuser models ({default}); download it with: python -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    desk = tmp_path / "desk"
+    add_models(desk)
+    (desk / "models" / "facediffuser" / DEFAULT_SDM).unlink()
+    (fake_comfyui / "extra_model_paths.yaml").write_text(f"other:\n  base_path: {tmp_path / 'elsewhere'}\n  facediffuser: fd\n")
+    code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--sdm", "fastcomposer.safetensors")
+    searched = f"{tmp_path / 'elsewhere' / 'fd'}, {desk / 'models' / 'facediffuser'}"
+    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: python -m facediffuser_core download --fastcomposer --comfyui {fake_comfyui}\n" in err
+    code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}")
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: python -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    (fake_comfyui / "extra_model_paths.yaml").unlink()
+    code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: python -m facediffuser_core download --to {desk / 'models' / 'facediffuser'}\n" in err
+    (desk / "models" / "facediffuser" / DEFAULT_SDM).touch()
+    code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
+    assert f"no model file mine.safetensors in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); put it in one of them\n" in err
+    assert not (fake_comfyui / "started.json").exists()
 
 
 def test_no_comfyui_to_start_says_what_to_pass(tmp_path, monkeypatch):
@@ -325,10 +362,13 @@ def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
     assert gone(started["pid"], started["child"]) and not launcher.log.exists()
 
 
-def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: Optional[str] = "--cpu --base-directory /somewhere") -> tuple[list[str], dict, Path]:
+def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: Optional[str] = "--cpu --base-directory {desk}") -> tuple[list[str], dict, Path]:
     """``python -m facediffuser_core generate`` run from inside ComfyUI/custom_nodes/<pack>, a symlink to
     this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH and no CUDA device
-    visible (``CUDA_VISIBLE_DEVICES`` empty, as on a machine without the NVIDIA driver)."""
+    visible (``CUDA_VISIBLE_DEVICES`` empty, as on a machine without the NVIDIA driver). ``{desk}`` in
+    ``comfyui_args``: a base directory with the models, as the desktop app's."""
+    desk = fake_comfyui.parent / "desk"
+    add_models(desk)
     installed = fake_comfyui / "custom_nodes" / PACK
     installed.symlink_to(ROOT, target_is_directory=True)
     env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
@@ -336,7 +376,7 @@ def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: O
     command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", prompt, "-o", str(out),
                "--size", "64", "--steps", "3", "--startup-timeout", "300"]  # fmt: skip
     if comfyui_args is not None:
-        command.append(f"--comfyui-args={comfyui_args}")
+        command.append(f"--comfyui-args={comfyui_args.format(desk=desk)}")
     return command, env, installed
 
 
@@ -346,7 +386,7 @@ def test_auto_start_finds_the_comfyui_the_pack_is_in_and_stops_it(fake_comfyui, 
     assert result.returncode == 0, result.stderr
     started = json.loads((fake_comfyui / "started.json").read_text())
     assert started["argv"][:5] == ["--listen", "127.0.0.1", "--port", started["argv"][3], "--disable-auto-launch"]
-    assert started["argv"][5:] == ["--cpu", "--base-directory", "/somewhere"]  # the user's --cpu, not a second one
+    assert started["argv"][5:] == ["--cpu", "--base-directory", str(fake_comfyui.parent / "desk")]  # the user's --cpu, not a second one
     assert "no CUDA, MPS or XPU device found" not in result.stderr
     assert f"starting ComfyUI from {fake_comfyui} on 127.0.0.1:{started['argv'][3]}" in result.stderr
     assert f"ComfyUI is up (pid {started['pid']})" in result.stderr and "ComfyUI stopped" in result.stderr

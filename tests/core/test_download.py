@@ -1,0 +1,237 @@
+"""The ``download`` command against a fake hub on 127.0.0.1 (tests/fake_hub.py, through HF_ENDPOINT)
+serving tiny random official-layout files: download and conversion into the ComfyUI's model folder,
+a second run that fetches nothing, a cut-off download resumed with a ranged request, a corrupted file
+refused, too little disk space refused before any byte, and the folders ComfyUI searches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from facediffuser_core import download as download_module
+from facediffuser_core.__main__ import main
+from facediffuser_core.checkpoints import ModelKind
+from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM
+from facediffuser_core.convert import convert_checkpoint
+from facediffuser_core.generate import UsageError, check_models
+from facediffuser_core.model_folders import comfyui_model_folders
+from fake_hub import FakeHub
+from paths import ROOT
+from processes import sigint_default
+
+SDM_KEY, TDM_KEY, FASTCOMPOSER_KEY = "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin", "CodeGoat24/Face-diffuser/TDM/pytorch_model.bin", "mit-han-lab/fastcomposer/pytorch_model.bin"
+FACEDIFFUSER_LICENSE = "license of CodeGoat24/Face-diffuser: non-commercial academic use only"
+
+
+@pytest.fixture
+def hub(official_files, monkeypatch):
+    """The fake hub with the tiny SDM and TDM (and the SDM's bytes as FastComposer's model)."""
+    sdm, tdm = official_files["SDM"].read_bytes(), official_files["TDM"].read_bytes()
+    server = FakeHub({SDM_KEY: sdm, TDM_KEY: tdm, FASTCOMPOSER_KEY: sdm})
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def comfyui(tmp_path) -> Path:
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "main.py").write_text("")
+    return root
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["download", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def reference(source: Path, tmp_path: Path, kind: ModelKind) -> Path:
+    """``source`` converted by the pack's converter, as ``convert`` writes it."""
+    return convert_checkpoint(source, tmp_path / "reference" / f"{kind.value}.safetensors", progress=False, kind=kind).dst
+
+
+def assert_same_model(written: Path, expected: Path) -> None:
+    actual, wanted = load_file(written), load_file(expected)
+    assert actual.keys() == wanted.keys() and len(actual) > 10
+    assert all(actual[name].dtype == wanted[name].dtype and actual[name].equal(wanted[name]) for name in wanted)
+    with safe_open(str(written), "pt") as a, safe_open(str(expected), "pt") as b:
+        assert a.metadata() == b.metadata()
+
+
+def model_files(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()) if folder.exists() else []
+
+
+def test_download_converts_the_official_files_into_the_comfyuis_model_folder(hub, comfyui, official_files, tmp_path, capsys):
+    code, out, err = run(capsys, "--comfyui", str(comfyui))
+    assert code == 0, err
+    folder = comfyui / "models" / "facediffuser"
+    assert model_files(folder) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert_same_model(folder / "facediffuser_sdm.safetensors", reference(official_files["SDM"], tmp_path, ModelKind.SDM))
+    assert_same_model(folder / "facediffuser_tdm.safetensors", reference(official_files["TDM"], tmp_path, ModelKind.TDM))
+    assert not (comfyui / "models" / ".facediffuser-download").exists()  # the .bin files were removed, and the staging folder
+    lines = out.splitlines()
+    assert lines.index(f"{FACEDIFFUSER_LICENSE} (https://github.com/CodeGoat24/Face-diffuser#-license)") < lines.index(
+        f"downloading SDM/pytorch_model.bin of CodeGoat24/Face-diffuser ({official_files['SDM'].stat().st_size / 1e9:.2f} GB)"
+    )
+    assert out.count(FACEDIFFUSER_LICENSE) == 2  # before each download
+    assert lines[-1] == f"the models are in {folder}"
+
+
+def test_the_command_generate_names_for_missing_models_fixes_it(hub, comfyui, capsys):
+    with pytest.raises(UsageError, match="download it with: ") as missing:
+        check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])
+    command = str(missing.value).split("download it with: ")[1].split()
+    assert command[:4] == ["python", "-m", "facediffuser_core", "download"]
+    assert main(command[3:]) == 0, capsys.readouterr().err
+    check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])  # generate now finds both
+
+
+def test_a_second_run_fetches_nothing_and_says_so(hub, tmp_path, capsys):
+    assert run(capsys, "--to", str(tmp_path / "models"))[0] == 0
+    hub.requests.clear()
+    code, out, _ = run(capsys, "--to", str(tmp_path / "models"))
+    assert code == 0 and hub.requests == []
+    for name in ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"):
+        assert f"{tmp_path / 'models' / name} is already there: nothing to download" in out
+    assert "downloading" not in out
+
+
+def test_a_cut_download_resumes_with_a_ranged_request_and_ends_byte_identical(hub, official_files, tmp_path, capsys):
+    folder = tmp_path / "models"
+    size = len(hub.files[SDM_KEY])
+    hub.cut[SDM_KEY] = size - 1000  # past huggingface_hub's first 10 MB chunk, which it writes before the cut
+    code, _, err = run(capsys, "--to", str(folder))
+    assert code == 2 and "error: the download of SDM/pytorch_model.bin of CodeGoat24/Face-diffuser stopped" in err
+    assert "run the command again to resume it" in err
+    assert model_files(folder) == []  # nothing under a final name
+    (partial,) = (tmp_path / ".models-download").rglob("*.incomplete")
+    have = partial.stat().st_size
+    assert 0 < have < size
+    hub.requests.clear()
+    code, out, err = run(capsys, "--to", str(folder), "--keep-original")
+    assert code == 0, err
+    assert [request[2] for request in hub.byte_requests() if "/SDM/" in request[1]] == [f"bytes={have}-"]
+    assert f"resuming at {have / 1e9:.2f} GB" in out
+    assert (folder / "SDM" / "pytorch_model.bin").read_bytes() == official_files["SDM"].read_bytes()
+    assert (folder / "TDM" / "pytorch_model.bin").read_bytes() == official_files["TDM"].read_bytes()
+    assert_same_model(folder / "facediffuser_sdm.safetensors", reference(official_files["SDM"], tmp_path, ModelKind.SDM))
+
+
+def test_ctrl_c_stops_with_130_and_the_next_run_resumes(hub, official_files, tmp_path, capsys):
+    folder = tmp_path / "models"
+    size = len(hub.files[SDM_KEY])
+    hub.hold[SDM_KEY] = size - 1000  # huggingface_hub writes its first 10 MB chunk, then waits for the rest
+    command = [sys.executable, "-m", "facediffuser_core", "download", "--to", str(folder)]
+    process = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    deadline = time.monotonic() + 120
+    while not any(path.stat().st_size for path in tmp_path.rglob("*.incomplete")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(subprocess.signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    hub.release.set()
+    assert process.returncode == 130, err
+    assert "interrupted: nothing half-written is left in the model folder; run the command again to resume the download" in out
+    assert model_files(folder) == []
+    (partial,) = tmp_path.rglob("*.incomplete")
+    have = partial.stat().st_size
+    hub.requests.clear()
+    code, _, err = run(capsys, "--to", str(folder))
+    assert code == 0, err
+    assert [request[2] for request in hub.byte_requests() if "/SDM/" in request[1]] == [f"bytes={have}-"]
+    assert_same_model(folder / "facediffuser_sdm.safetensors", reference(official_files["SDM"], tmp_path, ModelKind.SDM))
+
+
+def test_an_unreachable_hub_is_an_error_naming_hf_endpoint(hub, tmp_path, capsys, monkeypatch):
+    hub.close()
+    code, _, err = run(capsys, "--to", str(tmp_path / "models"))
+    assert code == 2 and "error: cannot reach SDM/pytorch_model.bin of CodeGoat24/Face-diffuser on the hub" in err
+    assert "(HF_ENDPOINT for a mirror, HF_TOKEN for a token)" in err and not (tmp_path / "models").exists()
+
+
+def test_a_corrupted_file_is_refused_removed_and_never_converted(hub, tmp_path, capsys):
+    folder = tmp_path / "models"
+    good = hub.files[TDM_KEY]
+    hub.served[TDM_KEY] = good[:100] + bytes(255 - byte for byte in good[100:200]) + good[200:]  # same size, other bytes
+    code, _, err = run(capsys, "--to", str(folder))
+    assert code == 2
+    assert "error: TDM/pytorch_model.bin of CodeGoat24/Face-diffuser has SHA-256 " in err
+    assert "the hub reports" in err and "it was removed and nothing was converted" in err
+    assert model_files(folder) == ["facediffuser_sdm.safetensors"]  # the SDM came first and was fine
+    staged = tmp_path / ".models-download"
+    assert not [path for path in staged.rglob("*.bin")]
+    hub.served.clear()
+    code, out, _ = run(capsys, "--to", str(folder))
+    assert code == 0 and "facediffuser_sdm.safetensors is already there" in out
+    assert model_files(folder) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+
+
+def test_too_little_disk_space_is_refused_before_any_byte(hub, official_files, tmp_path, capsys, monkeypatch):
+    free = 10**6
+    monkeypatch.setattr(download_module, "free_bytes", lambda path: free)
+    code, _, err = run(capsys, "--to", str(tmp_path / "models"))
+    sdm, tdm = (official_files[kind].stat().st_size for kind in ("SDM", "TDM"))
+    assert code == 2
+    assert f"not enough free space: 2 model(s) to download and convert need {max(sdm + sdm // 2, sdm // 2 + tdm + tdm // 2) / 1e9:.2f} GB" in err
+    assert f"({(sdm + tdm) / 1e9:.2f} GB still to download" in err and f"has {free / 1e9:.2f} GB free" in err
+    assert "pass --to DIR on a disk with room" in err
+    assert hub.byte_requests("GET") == [] and len(hub.byte_requests("HEAD")) == 2
+    assert not (tmp_path / "models").exists() and not (tmp_path / ".models-download").exists()
+
+
+def test_space_needed_counts_partial_downloads_and_kept_originals():
+    fetch = download_module._Fetch
+    fetches = [fetch("sdm", download_module.MODELS["sdm"], 1000, "e", 400), fetch("tdm", download_module.MODELS["tdm"], 800, "e", 0)]
+    assert download_module.space_needed(fetches, "fp16", keep=False) == max(600 + 500, 500 + 800 + 400)
+    assert download_module.space_needed(fetches, "fp16", keep=True) == 600 + 500 + 800 + 400
+    assert download_module.space_needed(fetches, "fp32", keep=False) == max(600 + 1000, 1000 + 800 + 800)
+
+
+def test_fastcomposer_is_its_own_flag_with_its_license(hub, tmp_path, capsys):
+    code, out, err = run(capsys, "--to", str(tmp_path / "models"), "--fastcomposer")
+    assert code == 0, err
+    assert model_files(tmp_path / "models") == ["fastcomposer.safetensors"]
+    with safe_open(str(tmp_path / "models" / "fastcomposer.safetensors"), "pt") as written:
+        assert written.metadata()["facediffuser_kind"] == "FastComposer"
+    assert "license of mit-han-lab/fastcomposer: MIT license" in out and "CodeGoat24" not in out
+    code, out, _ = run(capsys, "--to", str(tmp_path / "models"), "--all")
+    assert code == 0 and "fastcomposer.safetensors is already there" in out
+    assert model_files(tmp_path / "models") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors", "fastcomposer.safetensors"]
+
+
+def test_a_file_under_the_final_name_that_is_not_safetensors_is_an_error(hub, tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "facediffuser_sdm.safetensors").write_bytes(b"not a model")
+    code, _, err = run(capsys, "--to", str(tmp_path / "models"))
+    assert code == 2 and "facediffuser_sdm.safetensors exists but is not a readable safetensors file" in err
+    assert "remove it and run the command again" in err and hub.requests == []
+
+
+def test_the_folder_from_extra_model_paths_yaml_is_where_it_downloads(hub, comfyui, tmp_path, capsys):
+    (comfyui / "extra_model_paths.yaml").write_text("mine:\n  base_path: /data/models\n  facediffuser: |\n    fd\n    fd2\n")
+    assert comfyui_model_folders(comfyui) == [Path("/data/models/fd"), Path("/data/models/fd2"), comfyui / "models" / "facediffuser"]
+    (comfyui / "extra_model_paths.yaml").write_text(f"mine:\n  base_path: {tmp_path / 'shared'}\n  facediffuser: facediffuser\n")
+    code, out, err = run(capsys, "--comfyui", str(comfyui))
+    assert code == 0, err
+    assert model_files(tmp_path / "shared" / "facediffuser") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert not (comfyui / "models").exists()
+
+
+def test_model_folders_follow_comfyuis_rules(comfyui, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text("a:\n  facediffuser: rel\nb:\n  is_default: true\n  checkpoints: x\n  facediffuser: /first\n")
+    (comfyui / "extra_model_paths.yaml").write_text("c:\n  base_path: base\n  facediffuser: fd\n")
+    folders = comfyui_model_folders(comfyui, ["--cpu", "--base-directory", str(tmp_path / "desk"), "--extra-model-paths-config", str(other)])
+    assert folders == [Path("/first"), comfyui / "base" / "fd", tmp_path / "rel", tmp_path / "desk" / "models" / "facediffuser"]
+    assert comfyui_model_folders(comfyui, [], "checkpoints") == [comfyui / "models" / "checkpoints"]

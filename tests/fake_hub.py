@@ -1,0 +1,100 @@
+"""A fake Hugging Face Hub on 127.0.0.1: the part of the HTTP protocol huggingface_hub's
+``hf_hub_download`` and ``get_hf_file_metadata`` use (0.2x/0.36), for ``HF_ENDPOINT``.
+
+``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}`` answer with ``X-Repo-Commit``, ``ETag`` and
+``X-Linked-Etag`` (the SHA-256, as the hub reports LFS files), ``X-Linked-Size`` and ``Content-Length``;
+``GET`` honours ``Range: bytes=N-`` with a 206. Every request is logged as (method, path, Range).
+Faults, by path: ``cut[path] = N`` sends the first N bytes of the next GET and drops the connection;
+``served[path] = bytes`` serves other bytes than the advertised size and SHA-256 describe;
+``hold[path] = N`` sends the first N bytes of the next GET and then waits until ``release`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    """``FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": data})``; ``.endpoint`` for HF_ENDPOINT."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = dict(files)
+        self.requests: list[tuple[str, str, Optional[str]]] = []
+        self.cut: dict[str, int] = {}
+        self.served: dict[str, bytes] = {}
+        self.hold: dict[str, int] = {}
+        self.release = threading.Event()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._answer(self, body=False)
+
+            def do_GET(self) -> None:
+                hub._answer(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def byte_requests(self, method: str = "GET") -> list[tuple[str, str, Optional[str]]]:
+        return [request for request in self.requests if request[0] == method]
+
+    def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests.append((handler.command, handler.path, handler.headers.get("Range")))
+        match = re.fullmatch(r"/(.+?/.+?)/resolve/[^/]+/(.+)", handler.path)
+        key = f"{match.group(1)}/{match.group(2)}" if match else None
+        if key not in self.files:
+            handler.send_response(404)
+            handler.send_header("X-Error-Code", "EntryNotFound")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        advertised = self.files[key]
+        data = self.served.get(key, advertised)
+        sha = hashlib.sha256(advertised).hexdigest()
+        start = int(re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range", "bytes=0-")).group(1)) if body else 0
+        handler.send_response(206 if start else 200)
+        handler.send_header("X-Repo-Commit", COMMIT)
+        handler.send_header("ETag", f'"{sha}"')
+        handler.send_header("X-Linked-Etag", f'"{sha}"')
+        handler.send_header("X-Linked-Size", str(len(advertised)))
+        handler.send_header("Content-Length", str(len(data) - start))
+        if start:
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        handler.end_headers()
+        if not body:
+            return
+        payload = data[start:]
+        if key in self.cut:
+            payload = payload[: self.cut.pop(key)]
+            handler.close_connection = True
+        if key in self.hold:
+            handler.wfile.write(payload[: self.hold.pop(key)])
+            handler.wfile.flush()
+            self.release.wait(60)
+            handler.close_connection = True
+            return
+        handler.wfile.write(payload)
+        handler.wfile.flush()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
