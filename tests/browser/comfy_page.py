@@ -23,7 +23,7 @@ OUTSIDE = re.compile(r"^https?://(?!127\.0\.0\.1[:/])")
 RUN_BUTTON = "Run"  # the queue button's text
 MENU_BUTTON = "Menu"  # the main menu's button (1.58); older versions show the logo alone, by its alt text
 MENU_LOGO = "ComfyUI Logo"
-INFO_BUTTON = "[data-testid='info-button']"
+INFO_BUTTON = "Node Info"  # the selection toolbox's info button
 ALERTS = ".p-dialog:visible, .p-toast-message:visible"
 
 # The frontend's graph as the user sees it: node types and whether they are registered (a missing
@@ -148,11 +148,11 @@ class ComfyPage:
             }""",
             node_id,
         )
-        self.page.locator(INFO_BUTTON).first.click()
+        self.page.get_by_role("button", name=INFO_BUTTON, exact=True).first.click()
         title = self.page.evaluate("(id) => app.graph.getNodeById(id).title", node_id)
-        heading = self.page.locator(".markdown-content h1").filter(has_text=re.compile(f"^{re.escape(title)}$"))
-        heading.first.wait_for()
-        return self.page.locator(".markdown-content").first.inner_text()
+        heading = self.page.get_by_role("heading", level=1, name=title, exact=True).first
+        heading.wait_for()
+        return heading.locator("xpath=..").inner_text()  # the rendered page the heading opens
 
     # what the frontend says
 
