@@ -146,9 +146,6 @@ def test_same_seed_same_latent_different_seed_different(server, face_pngs):
 def test_memory_stays_flat_over_20_runs(server):
     """20 runs of the one-subject workflow, each encoding and sampling anew (its prompt and seed
     change): the server's resident memory after run 20 is within 3 % of that after run 5."""
-    import psutil
-
-    process = psutil.Process(server.process.pid)
     template = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), steps=2)
     rss = {}
     for run in range(1, 21):
@@ -157,14 +154,15 @@ def test_memory_stays_flat_over_20_runs(server):
         node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] += f", take {run}"
         entry = server.run(graph)
         assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
-        rss[run] = process.memory_info().rss
+        rss[run] = server.rss()
     growth = rss[20] / rss[5] - 1
     assert growth <= 0.03, f"RSS grew {growth:.1%} from run 5 to run 20: {[round(v / 2**20) for v in rss.values()]} MiB"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def default_cache_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory):
-    """A server like the suite's, with ComfyUI's default cache."""
+    """A server like the suite's, with ComfyUI's default cache, stopped as soon as its test ends (its
+    loaded models would otherwise sit beside the suite server's through the rest of the module)."""
     from comfy_suite import quiet_servers, start_server
 
     quiet_servers()
