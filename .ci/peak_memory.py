@@ -6,6 +6,7 @@ Samples every 0.2 s the command's process tree (Linux /proc): the peak of its su
 (RssAnon + RssShmem: what needs RAM or swap) and of its summed resident set size (RSS, which also
 counts the pages of memory-mapped files such as model files, page cache the kernel can reclaim).
 Shared pages count once per process, so both figures are upper bounds. Prints one line at the end
+(with the wall-clock time of the peak and the three largest processes then)
 and appends it to $PEAK_MEMORY_LOG when set (CI prints those lines last). Exits with the command's code.
 """
 
@@ -50,19 +51,19 @@ def descendants(root: int) -> list[int]:
 
 
 def tree_memory(root: int) -> tuple[int, int, str]:
-    """(summed anonymous bytes, summed RSS bytes, the largest process as 'name pid: N.N GB') of
-    ``root`` and its descendants."""
-    anonymous, resident, largest, name = 0, 0, 0, ""
+    """(summed anonymous bytes, summed RSS bytes, the three largest processes as
+    'name pid N.N GB, ...') of ``root`` and its descendants."""
+    anonymous, resident, sizes = 0, 0, []
     for pid in descendants(root):
         try:
             anon, rss = memory(pid)
-            if anon > largest:
-                largest, name = anon, f"{Path(f'/proc/{pid}/comm').read_text().strip()} {pid}: {anon / GIB:.1f} GB"
+            sizes.append((anon, f"{Path(f'/proc/{pid}/comm').read_text().strip()} {pid} {anon / GIB:.1f} GB"))
         except OSError:
             continue
         anonymous += anon
         resident += rss
-    return anonymous, resident, name
+    largest = ", ".join(name for _, name in sorted(sizes, reverse=True)[:3])
+    return anonymous, resident, largest
 
 
 def main() -> int:
@@ -70,14 +71,14 @@ def main() -> int:
     if separator != "--" or not command:
         sys.exit(__doc__)
     child = subprocess.Popen(command)
-    peak = {"anonymous": 0, "largest": "", "resident": 0}
+    peak = {"anonymous": 0, "largest": "", "resident": 0, "at": ""}
     started = time.monotonic()
 
     def sample() -> None:
         while child.poll() is None:
             anonymous, resident, largest = tree_memory(child.pid)
             if anonymous > peak["anonymous"]:
-                peak.update(anonymous=anonymous, largest=largest)
+                peak.update(anonymous=anonymous, largest=largest, at=time.strftime("%H:%M:%S"))
             peak["resident"] = max(peak["resident"], resident)
             time.sleep(0.2)
 
@@ -89,7 +90,7 @@ def main() -> int:
         code = child.wait()
     sampler.join()
     line = (
-        f"{label}: peak memory {peak['anonymous'] / GIB:.1f} GB (largest process then: {peak['largest']}); "
+        f"{label}: peak memory {peak['anonymous'] / GIB:.1f} GB at {peak['at']} (largest processes then: {peak['largest']}); "
         f"peak RSS with mapped files {peak['resident'] / GIB:.1f} GB; {(time.monotonic() - started) / 60:.1f} min, exit {code}"
     )
     print(line, flush=True)
