@@ -46,6 +46,12 @@ def comfy_tokenizer(clip) -> Callable[[str], list[int]]:
     return tokenize
 
 
+def encode_text(clip, text: str):
+    """The CONDITIONING of plain ``text``, as CLIP Text Encode gives it."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
 def encode_subjects(clip, subject_encoder: SubjectEncoderModel, references: References, prompt: str, object_resolution: int):
     """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
     reference photos (an IMAGE, one per marker, or one Subject per marker) fused in at the marked words."""
@@ -74,6 +80,38 @@ def chosen_references(images: Optional[torch.Tensor], subjects: Optional[tuple[S
     return images if images is not None else subjects
 
 
+# The people and their prompt, as Subject Encode and Face Detailer take them
+CLIP_INPUT = io.Clip.Input("clip", tooltip="The CLIP from the Face-diffuser Loader.")
+SUBJECT_ENCODER_INPUT = SubjectEncoderType.Input("subject_encoder", tooltip="The subject encoder from the Face-diffuser Loader.")
+IMAGES_INPUT = io.Image.Input(
+    "images",
+    optional=True,
+    tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). "
+    f"Crops centred on the face work best. Leave empty when subjects is connected.",
+)
+PROMPT_INPUT = io.String.Input(
+    "prompt",
+    multiline=True,
+    dynamic_prompts=True,
+    default=f"a photo of a man {MARKER} walking in a park, autumn",
+    tooltip=f"The prompt; put {MARKER} right after each subject's class word (man, woman, person ...), at most {MAX_SUBJECTS} subjects, within the first 75 tokens.",
+)
+OBJECT_RESOLUTION_INPUT = io.Int.Input(
+    "object_resolution",
+    default=DEFAULT_OBJECT_RESOLUTION,
+    min=64,
+    max=2048,
+    step=8,
+    tooltip="Size the padded-square reference is resized to before the 224 px encoder resize (the official default is 512; match it to your photos' face size).",
+)
+SUBJECTS_INPUT = SubjectsType.Input(
+    "subjects",
+    optional=True,
+    tooltip=f"Instead of images: the people as chained {SUBJECT_NAME} nodes, one per {MARKER} marker in marker order, "
+    "each with one or more photos of any size.",
+)
+
+
 class FaceDiffuserSubjectEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -87,35 +125,12 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
             "marker, chained in marker order, each with one or more photos). Outputs the text conditioning "
             "(markers removed) and the subject conditioning (each person's face fused into its word).",
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP from the Face-diffuser Loader."),
-                SubjectEncoderType.Input("subject_encoder", tooltip="The subject encoder from the Face-diffuser Loader."),
-                io.Image.Input(
-                    "images",
-                    optional=True,
-                    tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). "
-                    f"Crops centred on the face work best. Leave empty when subjects is connected.",
-                ),
-                io.String.Input(
-                    "prompt",
-                    multiline=True,
-                    dynamic_prompts=True,
-                    default=f"a photo of a man {MARKER} walking in a park, autumn",
-                    tooltip=f"The prompt; put {MARKER} right after each subject's class word (man, woman, person ...), at most {MAX_SUBJECTS} subjects, within the first 75 tokens.",
-                ),
-                io.Int.Input(
-                    "object_resolution",
-                    default=DEFAULT_OBJECT_RESOLUTION,
-                    min=64,
-                    max=2048,
-                    step=8,
-                    tooltip="Size the padded-square reference is resized to before the 224 px encoder resize (the official default is 512; match it to your photos' face size).",
-                ),
-                SubjectsType.Input(
-                    "subjects",
-                    optional=True,
-                    tooltip=f"Instead of images: the people as chained {SUBJECT_NAME} nodes, one per {MARKER} marker in marker order, "
-                    "each with one or more photos of any size.",
-                ),
+                CLIP_INPUT,
+                SUBJECT_ENCODER_INPUT,
+                IMAGES_INPUT,
+                PROMPT_INPUT,
+                OBJECT_RESOLUTION_INPUT,
+                SUBJECTS_INPUT,
             ],
             outputs=[
                 io.Conditioning.Output("text", display_name="text", tooltip="The prompt with the markers removed: positive for the TDM and negative for the SDM."),

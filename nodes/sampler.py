@@ -30,6 +30,12 @@ def subject_mask_image(mask: Optional[torch.Tensor], latent: torch.Tensor) -> to
     return F.interpolate(mask.float().cpu(), size=(h * LATENT_SCALE, w * LATENT_SCALE), mode="nearest")[:, 0]
 
 
+SEED_INPUT = io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise.")
+STEPS_INPUT = io.Int.Input("steps", default=OFFICIAL_STEPS, min=1, max=1000, tooltip="Sampling steps (official: 50).")
+SAMPLER_INPUT = io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim", tooltip="Sampler; ddim matches the official method.")
+SCHEDULER_INPUT = io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform", tooltip="Scheduler; ddim_uniform gives the official timesteps.")
+
+
 class FaceDiffuserSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -43,11 +49,11 @@ class FaceDiffuserSampler(io.ComfyNode):
             inputs=[
                 *MODEL_INPUTS,
                 io.Latent.Input("latent_image", tooltip="Empty Latent Image for text-to-image, or an encoded image with denoise < 1."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise."),
-                io.Int.Input("steps", default=OFFICIAL_STEPS, min=1, max=1000, tooltip="Sampling steps (official: 50)."),
+                SEED_INPUT,
+                STEPS_INPUT,
                 CFG_INPUT,
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim", tooltip="Sampler; ddim matches the official method."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform", tooltip="Scheduler; ddim_uniform gives the official timesteps."),
+                SAMPLER_INPUT,
+                SCHEDULER_INPUT,
                 *STAGE_INPUTS,
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Amount of noise to add and remove; stages are fractions of the steps actually run."),
                 *SCENE_INPUTS,
