@@ -100,6 +100,10 @@ class SubjectEncoder(nn.Module):
         out = self.image_encoder(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype))
         return out.image_embeds
 
+    def embed_images(self, images: torch.Tensor, object_resolution: int = DEFAULT_OBJECT_RESOLUTION) -> torch.Tensor:
+        """IMAGE [N,H,W,C] (0..1) -> [N, D]: each picture embedded as a reference photo is."""
+        return self.embed(preprocess_references(images, object_resolution))
+
     def embed_subjects(self, subjects: Sequence[Subject], object_resolution: int = DEFAULT_OBJECT_RESOLUTION) -> torch.Tensor:
         """S subjects -> [S, D]: every photo embedded (one encoder batch), then each subject's
         embeddings combined (:func:`~facediffuser_core.subjects.combine_embeddings`). With one photo

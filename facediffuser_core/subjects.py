@@ -19,7 +19,18 @@ import torch.nn.functional as F
 from .errors import ReferenceImageError
 from .prompt import MARKER
 
-__all__ = ["COMBINE_MODES", "DEFAULT_COMBINE", "Subject", "References", "combine_embeddings", "marker_label", "check_count", "check_subjects"]
+__all__ = [
+    "COMBINE_MODES",
+    "DEFAULT_COMBINE",
+    "Subject",
+    "References",
+    "combine_embeddings",
+    "marker_label",
+    "check_count",
+    "check_subjects",
+    "people_references",
+    "photos_of",
+]
 
 COMBINE_MODES = ("average", "norm average")
 DEFAULT_COMBINE = "average"
@@ -113,3 +124,18 @@ def check_subjects(subjects: Sequence[Subject], markers: int, words: Optional[Se
                     f"{marker_label(index, words)}: the photos in {name} are an empty batch (0 images); "
                     "connect at least one photo there, or disconnect it"
                 )
+
+
+def people_references(references: References, words: Sequence[str]) -> list[References]:
+    """Each marker's own References (an IMAGE [1,H,W,C] or one Subject), checked as the subject
+    encoder checks them: one person per marker, each with a photo."""
+    if isinstance(references, torch.Tensor):
+        check_count(references.shape[0], len(words), "reference image", words)
+        return [references[index : index + 1] for index in range(len(words))]
+    check_subjects(references, len(words), words)
+    return [(subject,) for subject in references]
+
+
+def photos_of(person: References) -> list[torch.Tensor]:
+    """Every photo batch of References: the IMAGE itself, or each Subject's batches in order."""
+    return [person] if isinstance(person, torch.Tensor) else [batch for subject in person for batch in subject.photos]
