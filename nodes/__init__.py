@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folder
 from .encode import FaceDiffuserSubjectEncode
+from .detailer import FaceDiffuserFaceDetailer
 from .faces import FaceDiffuserFaceCrop
 from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
@@ -32,6 +33,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserSampler,
             FastComposerGuider,
             FaceDiffuserFaceCrop,
+            FaceDiffuserFaceDetailer,
             FaceDiffuserIdentityScore,
             FaceDiffuserPromptConsistency,
         ]

@@ -50,6 +50,11 @@ class SubjectEncoderModel:
         fused = loaded(self.patcher)(text_cond.to(device), references, positions, object_resolution, words)
         return fused.to(device=mm.intermediate_device(), dtype=text_cond.dtype)
 
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor, object_resolution: int) -> torch.Tensor:
+        """IMAGE [N,H,W,C] -> [N, D] float32 image embeddings on the CPU (see :meth:`SubjectEncoder.embed_images`)."""
+        return loaded(self.patcher).embed_images(images.to(self.patcher.load_device), object_resolution).float().cpu()
+
 
 def load_unet(checkpoint: FaceDiffuserCheckpoint, dtype: Optional[torch.dtype]) -> comfy.model_patcher.ModelPatcher:
     """diffusers-layout UNet -> ComfyUI MODEL; refuses anything but a complete SD1.5 UNet."""

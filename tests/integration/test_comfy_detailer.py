@@ -1,0 +1,181 @@
+"""The Face Detailer inside an imported ComfyUI, on the suite's random-weight models and the real test
+photos: faces given to people by identity (references in the opposite order to the faces), pixels
+outside the faces kept bit for bit, denoise 0, repeatability, each face sampled as the Face-diffuser
+Sampler samples that crop with that person alone, the no-face and unmatched-face options, batches,
+FaceNet matching, the progress bar and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import empty_conditioning, image_tensor
+from facediffuser_core.detailer import face_crop, feather_mask
+from facediffuser_core.faces import crop_faces, detect, load_detector, to_pil_images
+from facediffuser_core.preprocess import resize_square, to_rgb
+from paths import FACES
+
+PROMPT = "a man <|image|> and a man <|image|> at a cafe"
+SETTINGS = dict(seed=11, steps=2, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=0.5, size=64, margin=0.5, feather=0.15)
+HEIGHT = 256
+
+
+def side_by_side(*photos: torch.Tensor) -> torch.Tensor:
+    """IMAGE [1, 256, W, 3]: the photos scaled to 256 px tall, left to right."""
+    scaled = [torch.nn.functional.interpolate(p.permute(0, 3, 1, 2), size=(HEIGHT, round(p.shape[2] * HEIGHT / p.shape[1])), mode="bilinear", antialias=True) for p in photos]
+    return torch.cat(scaled, dim=3).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return image_tensor(FACES / "man1.jpeg"), image_tensor(FACES / "man2.jpeg")
+
+
+@pytest.fixture(scope="module")
+def picture(photos):
+    """man1 on the left, man2 on the right."""
+    return side_by_side(*photos)
+
+
+@pytest.fixture(scope="module")
+def references(photos):
+    """Face crops of the original photos as Face Crop makes them: [man1, man2]."""
+    detector = load_detector("cpu")
+    crops = [crop_faces(photo, [detect(detector, to_pil_images(photo)[0])], size=256).crops for photo in photos]
+    return torch.cat(crops)
+
+
+def detail(comfy, loaded, picture, references, prompt=PROMPT, **overrides):
+    """face_detail with the suite's models: (image, masks, preview, placements)."""
+    _, sdm, clip, vae, encoder = loaded
+    settings = {**SETTINGS, **overrides}
+    facenet = settings.pop("facenet_path", None)
+    return comfy.detailer.face_detail(
+        picture, vae, sdm, clip, encoder, references, prompt, settings["seed"], settings["steps"], settings["cfg"],
+        settings["sampler_name"], settings["scheduler"], settings["denoise"], settings["size"], settings["margin"],
+        settings["feather"], settings.get("if_unmatched", "leave it"), settings.get("if_no_face", "error"), 512, facenet,
+    )  # fmt: skip
+
+
+def by_position(placements):
+    """A picture's placements from left to right."""
+    return sorted(placements, key=lambda p: p.face.box[0])
+
+
+def test_each_face_goes_to_its_own_person_whatever_the_marker_order(comfy, loaded, picture, references):
+    (placed,) = detail(comfy, loaded, picture, references, denoise=0.0)[3]
+    left, right = by_position(placed)
+    assert (left.person, right.person) == (0, 1)
+    (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0)[3]  # references [man2, man1]
+    left, right = by_position(placed)
+    assert (left.person, right.person) == (1, 0)
+    assert left.similarity > 0.9 and right.similarity > 0.9  # each face against its own photo
+
+
+def test_facenet_matching_gives_the_same_people(comfy, loaded, picture, references, facenet_file):
+    (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0, facenet_path=str(facenet_file))[3]
+    assert [p.person for p in by_position(placed)] == [1, 0]
+
+
+def test_pixels_outside_the_faces_are_unchanged_and_a_seed_repeats(comfy, loaded, picture, references):
+    image, masks, preview, (placed,) = detail(comfy, loaded, picture, references)
+    assert image.shape == picture.shape and masks.shape == picture.shape[:3] and preview.shape == picture.shape
+    outside = masks[0] == 0
+    assert torch.equal(image[0][outside], picture[0][outside])
+    for placement in placed:
+        square = feather_mask(placement.square, *picture.shape[1:3], 0.15) == 1
+        assert (image[0][square] - picture[0][square]).abs().max() > 0.05  # re-rendered
+    again = detail(comfy, loaded, picture, references)[0]
+    assert torch.equal(again, image)
+    assert not torch.equal(detail(comfy, loaded, picture, references, seed=12)[0], image)
+
+
+def test_denoise_zero_returns_the_input_exactly(comfy, loaded, picture, references):
+    image, masks, _, (placed,) = detail(comfy, loaded, picture, references, denoise=0.0)
+    assert torch.equal(image, picture) and masks.abs().max() == 0 and len(placed) == 2
+
+
+@pytest.mark.oldest_host
+def test_a_face_is_sampled_as_the_sampler_samples_its_crop_with_that_person_alone(comfy, loaded, picture, references):
+    """The right face (man2) with references [man2, man1]: the Face-diffuser Sampler in one stage
+    (start_merge = final = 0) on the crop, seeded seed + k (k: the face's rank by size), with
+    "a photo of a man <|image|>" and man2's photo only, then resized back into the square."""
+    tdm, sdm, clip, vae, encoder = loaded
+    image, masks, _, (placed,) = detail(comfy, loaded, picture, references.flip(0))
+    right = by_position(placed)[1]
+    crop = face_crop(to_rgb(picture)[0], right.square, SETTINGS["size"])
+    text, subject = comfy.encode.encode_subjects(clip, encoder, references[1:], "a photo of a man <|image|>", 512)
+    latent = {"samples": vae.encode(crop)}
+    sampled, _ = comfy.sampler.FaceDiffuserSampler.execute(
+        tdm, sdm, text, subject, empty_conditioning(clip), latent, SETTINGS["seed"] + placed.index(right), SETTINGS["steps"], 5.0,
+        "ddim", "ddim_uniform", 0.0, 0.0, SETTINGS["denoise"],
+    ).result  # fmt: skip
+    decoded = vae.decode(sampled["samples"]).float()
+    expected = resize_square(decoded.permute(0, 3, 1, 2), right.square.size)[0].clamp(0, 1).permute(1, 2, 0)
+    full = feather_mask(right.square, *picture.shape[1:3], 0.15) == 1
+    rows, columns = torch.nonzero(full, as_tuple=True)
+    got = image[0, rows, columns]
+    want = expected[rows - right.square.top, columns - right.square.left]
+    assert (got - want).abs().max() <= 1e-5
+    # with the other person's photo the crop comes out different: the conditioning is that person's
+    other_text, other_subject = comfy.encode.encode_subjects(clip, encoder, references[:1], "a photo of a man <|image|>", 512)
+    other, _ = comfy.sampler.FaceDiffuserSampler.execute(
+        tdm, sdm, other_text, other_subject, empty_conditioning(clip), latent, SETTINGS["seed"] + placed.index(right), SETTINGS["steps"], 5.0,
+        "ddim", "ddim_uniform", 0.0, 0.0, SETTINGS["denoise"],
+    ).result  # fmt: skip
+    assert (vae.decode(other["samples"]).float() - decoded).abs().max() > 1e-3
+
+
+def test_a_picture_without_a_face_stops_or_passes_through(comfy, loaded, references):
+    blank = torch.full((1, 128, 128, 3), 0.4)
+    with pytest.raises(ValueError, match="no face was found in picture 1 of 1") as raised:  # the pack's FaceNotFoundError
+        detail(comfy, loaded, blank, references)
+    assert type(raised.value).__name__ == "FaceNotFoundError"
+    image, masks, _, placements = detail(comfy, loaded, blank, references, if_no_face="pass through")
+    assert torch.equal(image, blank) and masks.abs().max() == 0 and placements == [()]
+
+
+def test_a_face_that_matches_nobody_is_left_or_rendered_from_the_text(comfy, loaded, picture, references):
+    one_person = "a man <|image|> at a cafe"
+    image, masks, _, (placed,) = detail(comfy, loaded, picture, references[1:], prompt=one_person)  # man2 only
+    left, right = by_position(placed)
+    assert (left.person, left.rendered, right.person, right.rendered) == (None, False, 0, True)
+    left_square = feather_mask(left.square, *picture.shape[1:3], 0.15) > 0
+    assert masks[0][left_square].max() == 0 and torch.equal(image[0][left_square], picture[0][left_square])
+    image, masks, _, (placed,) = detail(comfy, loaded, picture, references[1:], prompt=one_person, if_unmatched="text only")
+    left = by_position(placed)[0]
+    assert left.rendered and left.person is None
+    full = feather_mask(left.square, *picture.shape[1:3], 0.15) == 1
+    assert masks[0][full].min() == 1 and (image[0][full] - picture[0][full]).abs().max() > 0.05
+
+
+def test_a_batch_is_detailed_picture_by_picture(comfy, loaded, photos, picture, references):
+    swapped = side_by_side(photos[1], photos[0])
+    assert swapped.shape == picture.shape
+    batch = detail(comfy, loaded, torch.cat([picture, swapped]), references)
+    alone = [detail(comfy, loaded, p, references) for p in (picture, swapped)]
+    assert torch.equal(batch[0], torch.cat([a[0] for a in alone])) and torch.equal(batch[1], torch.cat([a[1] for a in alone]))
+    assert [p.person for p in by_position(batch[3][1])] == [1, 0]
+
+
+def test_progress_counts_every_faces_steps(comfy, loaded, picture, references, monkeypatch):
+    import comfy.utils as utils
+
+    updates = []
+    monkeypatch.setattr(utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    detail(comfy, loaded, picture, references, steps=3)
+    assert updates[-1] == (6, 6) and [v for v, _ in updates] == sorted(v for v, _ in updates)
+
+
+def test_node_errors_name_the_node_and_the_fix(comfy, loaded, picture, references):
+    _, sdm, clip, vae, encoder = loaded
+    node = comfy.detailer.FaceDiffuserFaceDetailer
+    args = (picture, vae, sdm, clip, encoder, PROMPT, 0, 2, 5.0, "ddim", "ddim_uniform", 0.5, 64, 0.5, 0.15, "leave it", "error", 512, comfy.detailer.MATCH_BY_SUBJECT_ENCODER)
+    with pytest.raises(ValueError, match=r"^Face-diffuser Face Detailer: marker 2 \('man'\) has no photo"):
+        node.execute(*args, images=references[:1])
+    with pytest.raises(ValueError, match="^Face-diffuser Face Detailer: connect images"):
+        node.execute(*args)
+    no_marker = list(args)
+    no_marker[5] = "a man at a cafe"
+    with pytest.raises(ValueError, match="^Face-diffuser Face Detailer: the prompt marks no person"):
+        node.execute(*no_marker, images=references)
