@@ -28,7 +28,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .detailer import DEFAULT_FEATHER, DEFAULT_SIZE, MATCH_BY_SUBJECT_ENCODER
 from .errors import FaceDiffuserError
+from .faces import DEFAULT_MARGIN
 from .prompt import MAX_SUBJECTS
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION
 from .subjects import DEFAULT_COMBINE
@@ -96,17 +98,20 @@ class Generation:
     filename_prefix: str = "facediffuser"
     subject_mask: bool = True  # also preview the sampler's subject_mask (MaskToImage -> PreviewImage)
     combine: str = DEFAULT_COMBINE
+    detail: Optional[float] = None  # the Face Detailer's denoise after sampling; None: no detail pass
 
 
 @dataclass(frozen=True)
 class JobGraph:
     """An API-format graph and the ids of the nodes a client watches: the sampler (progress), the
-    SaveImage of the images and the PreviewImage of the subject masks (None when there is none)."""
+    SaveImage of the images, the PreviewImage of the subject masks (None when there is none) and the
+    Face Detailer (progress; None when there is none)."""
 
     nodes: dict
     sampler: str
     images: str
     masks: Optional[str]
+    detailer: Optional[str] = None
 
 
 class _GraphBuilder:
@@ -132,7 +137,9 @@ def build_graph(job: Generation) -> JobGraph:
     (ImageBatch) nodes into Subject Encode's ``images``; with several photos of a person, one chained
     Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
     Encode's ``subjects``, as ``facediffuser_two_photos.json``. Then the all-in-one Face-diffuser
-    Sampler, VAE decode, SaveImage, and the subject mask previewed."""
+    Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face Detailer (same people, prompt, seed,
+    steps, cfg and sampler; a picture without a face passes through, faces that match nobody are left),
+    SaveImage, and the subject mask previewed."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
     if not all(job.faces):
@@ -160,13 +167,22 @@ def build_graph(job: Generation) -> JobGraph:
         negative=[negative, 0], latent_image=[latent, 0], seed=job.seed, steps=job.steps, cfg=job.cfg, sampler_name=job.sampler,
         scheduler=job.scheduler, start_merge=job.start_merge, final=job.final, denoise=1.0,
     )  # fmt: skip
-    decoded = graph.add("VAEDecode", "VAE Decode", samples=[sampler, 0], vae=[loader, 3])
-    save = graph.add("SaveImage", "Save Image", images=[decoded, 0], filename_prefix=job.filename_prefix)
+    decoded = [graph.add("VAEDecode", "VAE Decode", samples=[sampler, 0], vae=[loader, 3]), 0]
+    detailer = None
+    if job.detail is not None:
+        detailer = graph.add(
+            "FaceDiffuserFaceDetailer", "Face-diffuser Face Detailer", image=decoded, vae=[loader, 3], sdm=[loader, 1], clip=clip,
+            subject_encoder=[loader, 4], prompt=job.prompt, seed=job.seed, steps=job.steps, cfg=job.cfg, sampler_name=job.sampler,
+            scheduler=job.scheduler, denoise=job.detail, size=DEFAULT_SIZE, margin=DEFAULT_MARGIN, feather=DEFAULT_FEATHER,
+            if_unmatched="leave it", if_no_face="pass through", object_resolution=512, facenet_name=MATCH_BY_SUBJECT_ENCODER, **references,
+        )  # fmt: skip
+        decoded = [detailer, 0]
+    save = graph.add("SaveImage", "Save Image", images=decoded, filename_prefix=job.filename_prefix)
     masks = None
     if job.subject_mask:
         mask_image = graph.add("MaskToImage", "Subject mask as image", mask=[sampler, 1])
         masks = graph.add("PreviewImage", "Subject mask (where the SDM owned the image)", images=[mask_image, 0])
-    return JobGraph(graph.nodes, sampler, save, masks)
+    return JobGraph(graph.nodes, sampler, save, masks, detailer)
 
 
 def _single(graph: dict, class_type: str, source: str) -> str:

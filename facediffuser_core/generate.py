@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui
+from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import comfyui_model_folders, find_model
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--sdm", default=DEFAULT_SDM, help=f"SDM file in ComfyUI's models/facediffuser (default {DEFAULT_SDM})")
     job.add_argument("--tdm", default=DEFAULT_TDM, help=f"TDM file in ComfyUI's models/facediffuser (default {DEFAULT_TDM})")
     job.add_argument("--combine", choices=COMBINE_MODES, default=DEFAULT_COMBINE, help=f"how several photos of one person become one face embedding: their average, or norm average (the mean direction at the photos' mean length) (default {DEFAULT_COMBINE})")
+    job.add_argument("--detail", action="store_true", help="after sampling, re-render each person's face with their own photo (the Face-diffuser Face Detailer: faces matched to people by identity, 512 px crops, same seed, steps, cfg and sampler)")
+    job.add_argument("--detail-denoise", type=float, default=DEFAULT_DENOISE, help=f"how much of each face --detail re-renders, 0..1 (default {DEFAULT_DENOISE:g})")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
@@ -119,6 +122,8 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--cfg must be >= 0, got {args.cfg}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    if not 0 <= args.detail_denoise <= 1:
+        raise UsageError(f"--detail-denoise must be between 0 and 1, got {args.detail_denoise}")
     try:
         validate_fractions(args.start_merge, args.final)
     except FaceDiffuserError as error:
@@ -153,12 +158,14 @@ def check_models(files: Sequence[str], comfyui: Path, explicit: bool, comfyui_ar
 
 class StageProgress:
     """A progress bar over the sampler's steps from ComfyUI's events, named by the stage (scene,
-    fusion, subject) of the step just done; before sampling it names the node that is running
-    (loading the models takes a while)."""
+    fusion, subject) of the step just done, then over the Face Detailer's steps (every face's) where
+    the graph has one; before sampling it names the node that is running (loading the models takes
+    a while)."""
 
     def __init__(self, graph: JobGraph, steps: int, start_merge: float, final: float) -> None:
         self.graph, self.start_merge, self.final = graph, start_merge, final
         self.bar = tqdm(total=steps, unit="step", desc="queued", dynamic_ncols=True)
+        self.detailing = False
 
     def __call__(self, kind: str, data: dict) -> None:
         node = data.get("node")
@@ -171,6 +178,12 @@ class StageProgress:
             stage = stage_at(value - 1, bounds_from_fractions(total, self.start_merge, self.final))
             self.bar.set_description(f"{stage.value} stage", refresh=False)
             self.bar.update(value - self.bar.n)
+        elif kind == "progress" and node is not None and node == self.graph.detailer and data.get("value", 0) >= 1:
+            if not self.detailing:  # the faces' steps: a bar of their own
+                self.detailing = True
+                self.bar.reset(int(data["max"]))
+                self.bar.set_description("face detail", refresh=False)
+            self.bar.update(int(data["value"]) - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
@@ -237,7 +250,7 @@ def generate(args: argparse.Namespace) -> int:
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
-                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine,
+                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

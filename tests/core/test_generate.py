@@ -134,6 +134,7 @@ def test_usage_errors_stop_before_any_server_starts(fake_comfyui, gray_photo, tm
         (["--face", f"{MAN1},{gray_photo}", "--prompt", "a man <|image|>"], f"--face #1: no face was found in {gray_photo}"),
         (["--face", str(MAN1), "--prompt", "a man <|image|>", "--size", "60"], "must be a multiple of 8 and at least 64 pixels, got 60x60"),
         (["--face", str(MAN1), "--prompt", "a man <|image|>", "--start-merge", "0.7"], "--start-merge / --final: stage fractions must satisfy"),
+        (["--face", str(MAN1), "--prompt", "a man <|image|>", "--detail", "--detail-denoise", "1.5"], "--detail-denoise must be between 0 and 1, got 1.5"),
         (["--face", str(gray_photo), "--prompt", "a man <|image|>"], f"--face #1: no face was found in {gray_photo}"),
     ]
     for args, message in cases:
@@ -247,6 +248,18 @@ def test_progress_names_the_stage_of_each_step():
     assert seen == ["Face-diffuser Loader"] + ["scene stage"] * 4 + ["fusion stage"] * 3 + ["subject stage"] * 3
 
 
+def test_progress_follows_the_face_detailer_after_sampling():
+    graph = build_graph(Generation("a man <|image|>", (("f.png",),), steps=4, detail=0.45))
+    progress = StageProgress(graph, 4, 0.3, 0.6)
+    for value in range(1, 5):
+        progress("progress", {"value": value, "max": 4, "node": graph.sampler})
+    assert (progress.bar.n, progress.bar.total) == (4, 4)
+    for value in range(1, 9):  # two faces of 4 steps each
+        progress("progress", {"value": value, "max": 8, "node": graph.detailer})
+        assert (progress.bar.n, progress.bar.total) == (value, 8) and progress.bar.desc.rstrip(": ") == "face detail"
+    progress.close()
+
+
 # --- against a running (fake) server ----------------------------------------------------------
 
 
@@ -279,6 +292,29 @@ def test_generate_on_a_running_server(fake, tmp_path, capsys):
     assert code == 0 and stdout.split() == [str(out / "facediffuser_00003.png")]
     seed = int(re.search(r"seed (\d+)", err).group(1))
     assert next(n["inputs"]["seed"] for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserSampler") == seed
+
+
+def test_detail_adds_the_face_detailer_between_decoding_and_saving(fake, tmp_path, capsys):
+    args = ["--face", str(MAN2), "--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|> playing chess", "-o", str(tmp_path / "out"),
+            "--server", fake.address, "--steps", "6", "--cfg", "4", "--size", "64", "--seed", "7", "--sampler", "euler", "--scheduler", "karras"]  # fmt: skip
+    code, _, err = run_main(capsys, *args, "--detail", "--detail-denoise", "0.3")
+    assert code == 0, err
+    (graph,) = fake.queued
+    (detailer_id,) = [key for key, n in graph.items() if n["class_type"] == "FaceDiffuserFaceDetailer"]
+    detailer = graph[detailer_id]["inputs"]
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    save = next(n["inputs"] for n in graph.values() if n["class_type"] == "SaveImage")
+    assert save["images"] == [detailer_id, 0] and graph[detailer["image"][0]]["class_type"] == "VAEDecode"
+    assert detailer["images"] == encode["images"] and detailer["prompt"] == encode["prompt"]  # the same people, in marker order
+    for name in ("clip", "subject_encoder"):
+        assert detailer[name] == encode[name]
+    loader = encode["clip"][0]
+    assert detailer["sdm"] == [loader, 1] and detailer["vae"] == [loader, 3]
+    settings = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "if_no_face")
+    assert tuple(detailer[name] for name in settings) == (7, 6, 4.0, "euler", "karras", 0.3, "pass through")
+    code, _, err = run_main(capsys, *args)  # without --detail: no detailer
+    assert code == 0, err
+    assert not [n for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserFaceDetailer"]
 
 
 def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake, tmp_path, capsys):

@@ -153,6 +153,24 @@ def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
     assert nodes_of(graph, "EmptyLatentImage")[0]["inputs"]["batch_size"] == 2
 
 
+def test_detail_runs_the_face_detailer_on_the_sampled_picture(server, tmp_path):
+    """The random test models draw no face, so the detailer passes the picture through (its face
+    re-rendering is tested in-process, test_comfy_detailer.py): the same picture as without --detail,
+    from a graph that holds the detailer with the job's people and settings."""
+    common = ["--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--seed", "5", "--server", f"127.0.0.1:{server.port}"]
+    result = generate(*common, "-o", str(tmp_path / "detailed"), "--detail", "--detail-denoise", "0.35")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (detailed,) = check_outputs(tmp_path / "detailed", 1)
+    assert generate(*common, "-o", str(tmp_path / "plain")).returncode == 0
+    (plain,) = check_outputs(tmp_path / "plain", 1)
+    assert np.array_equal(pixels(detailed), pixels(plain))
+    graph = embedded_graph(detailed)
+    (detailer,) = nodes_of(graph, "FaceDiffuserFaceDetailer")
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    assert detailer["inputs"]["images"] == encode["inputs"]["images"] and detailer["inputs"]["denoise"] == 0.35
+    assert (detailer["inputs"]["seed"], detailer["inputs"]["steps"]) == (5, 3)
+
+
 def test_several_photos_of_one_person(server, tmp_path):
     def picture(face: str, name: str) -> np.ndarray:
         subject_stage_only = ["--start-merge", "0", "--final", "0"]  # every step on the SDM: the faces count most
