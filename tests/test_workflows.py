@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -138,3 +138,19 @@ def test_the_fastcomposer_workflow_has_fastcomposers_settings():
     scheduler = next(n["inputs"] for n in api.values() if n["class_type"] == "BasicScheduler")
     sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "KSamplerSelect")
     assert (sampler["sampler_name"], scheduler["scheduler"], scheduler["steps"]) == ("ddim", "ddim_uniform", 50)
+
+
+def test_the_face_detailer_workflow_details_the_sampled_picture_with_the_same_people_and_prompt():
+    api = load(API_WORKFLOWS / "facediffuser_face_detailer.json")
+    (detailer,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserFaceDetailer"]
+    (encode,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    assert detailer["images"] == encode["images"] and detailer["prompt"] == encode["prompt"]
+    assert detailer["clip"] == encode["clip"] and detailer["subject_encoder"] == encode["subject_encoder"]
+    assert api[detailer["image"][0]]["class_type"] == "VAEDecode"
+    (save,) = [n["inputs"] for n in api.values() if n["class_type"] == "SaveImage"]
+    assert api[save["images"][0]]["class_type"] == "FaceDiffuserFaceDetailer"
+    # the rest is the two-subject workflow, unchanged
+    two = load(API_WORKFLOWS / "facediffuser_two_subjects.json")
+    assert {k: v for k, v in api.items() if v["class_type"] not in ("FaceDiffuserFaceDetailer", "SaveImage") and k in two} == {
+        k: v for k, v in two.items() if v["class_type"] != "SaveImage"
+    }

@@ -34,6 +34,10 @@ WIDGETS: dict[str, list[str]] = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "LoraLoader": ["lora_name", "strength_model", "strength_clip"],
     "FastComposerGuider": ["cfg", "start_merge"],
+    "FaceDiffuserFaceDetailer": [
+        "prompt", "seed", "$control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise", "size", "margin",
+        "feather", "if_unmatched", "if_no_face", "object_resolution", "facenet_name",
+    ],  # fmt: skip
 }
 
 

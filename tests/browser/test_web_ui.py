@@ -17,7 +17,12 @@ NAMES = [path.stem for path in sorted(WORKFLOWS.glob("*.json"))]
 DOCS = REPO / "web" / "docs"
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
-SMALL = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "FaceDiffuserSampler": {"steps": STEPS}, "BasicScheduler": {"steps": STEPS}}
+SMALL = {
+    "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+    "FaceDiffuserSampler": {"steps": STEPS},
+    "BasicScheduler": {"steps": STEPS},
+    "FaceDiffuserFaceDetailer": {"steps": STEPS, "size": SIZE},
+}
 RUN_TIMEOUT = 600  # seconds; a run takes about a minute on 2 CPU cores, most of it loading the models
 
 

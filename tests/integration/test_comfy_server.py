@@ -16,7 +16,7 @@ from PIL import Image
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 
@@ -33,8 +33,10 @@ def small(workflow: dict, seed: int = 1, steps: int = STEPS) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=SIZE, height=SIZE)
-        elif node["class_type"] == "FaceDiffuserSampler":
+        elif node["class_type"] in ("FaceDiffuserSampler", "FaceDiffuserFaceDetailer"):
             inputs.update(steps=steps, seed=seed)
+            if node["class_type"] == "FaceDiffuserFaceDetailer":
+                inputs["size"] = SIZE
         elif node["class_type"] == "BasicScheduler":
             inputs["steps"] = steps
         elif node["class_type"] == "RandomNoise":
@@ -101,12 +103,14 @@ def test_api_workflow_runs_to_an_image(server, path):
     pixels = np.asarray(image, dtype=np.float64)
     assert np.isfinite(pixels).all() and pixels.std() > 2.0  # an image, not a blank (NaN or constant) one
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > SIZE  # many distinct colours, not a flat fill
-    masks = output_images(entry, "temp")
-    assert len(masks) == sum(node["class_type"] == "MaskToImage" for node in graph.values())
-    for preview in masks:  # the subject mask: full size, pure black / white
-        mask = Image.open(io.BytesIO(server.view(preview)))
-        assert mask.size == (SIZE, SIZE)
-        assert set(np.unique(np.asarray(mask.convert("L")))) <= {0, 255}
+    previews = {key: node["inputs"]["images"][0] for key, node in graph.items() if node["class_type"] == "PreviewImage"}
+    assert len(output_images(entry, "temp")) == len(previews)
+    for key, source in previews.items():
+        (shown,) = entry["outputs"][key]["images"]
+        preview = Image.open(io.BytesIO(server.view(shown)))
+        assert preview.size == (SIZE, SIZE)
+        if graph[source]["class_type"] == "MaskToImage":  # the subject mask: pure black / white
+            assert set(np.unique(np.asarray(preview.convert("L")))) <= {0, 255}
 
 
 def with_saved_latent(graph: dict) -> dict:
