@@ -187,7 +187,7 @@ class FaceDiffuserFaceDetailer(io.ComfyNode):
                 SUBJECTS_INPUT,
             ],
             outputs=[
-                io.Image.Output("image", display_name="image", tooltip="The picture(s) with each person's face re-rendered."),
+                io.Image.Output("detailed", display_name="image", tooltip="The picture(s) with each person's face re-rendered."),
                 io.Mask.Output("faces", display_name="faces", tooltip="Where each picture was re-rendered: the feathered face squares (0 = unchanged pixels)."),
                 io.Image.Output("preview", display_name="preview", tooltip="The pictures with every face boxed, labelled with its person's marker number and word and the similarity; re-rendered faces in green, others in grey."),
             ],
