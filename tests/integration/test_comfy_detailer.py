@@ -72,6 +72,19 @@ def test_each_face_goes_to_its_own_person_whatever_the_marker_order(comfy, loade
     assert left.similarity > 0.9 and right.similarity > 0.9  # each face against its own photo
 
 
+def test_people_as_subject_nodes_match_as_images_do(comfy, loaded, picture, references):
+    """Subjects (the Face-diffuser Subject chain) instead of images: the same people, the same picture;
+    a person with two photos is matched by the mean similarity over them."""
+    subject = comfy.subject.add_subject
+    people = subject(subject(None, "average", {"images": references[1:]}), "average", {"images": references[:1]})  # [man2, man1]
+    by_images = detail(comfy, loaded, picture, references.flip(0))
+    by_subjects = detail(comfy, loaded, picture, people)
+    assert torch.equal(by_subjects[0], by_images[0]) and [p.person for p in by_position(by_subjects[3][0])] == [1, 0]
+    two_photos = subject(subject(None, "average", {"images": references[1:], "images_2": references[1:].flip(2)}), "average", {"images": references[:1]})
+    (placed,) = detail(comfy, loaded, picture, two_photos, denoise=0.0)[3]
+    assert [p.person for p in by_position(placed)] == [1, 0]
+
+
 def test_facenet_matching_gives_the_same_people(comfy, loaded, picture, references, facenet_file):
     (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0, facenet_path=str(facenet_file))[3]
     assert [p.person for p in by_position(placed)] == [1, 0]
