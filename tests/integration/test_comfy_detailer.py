@@ -180,6 +180,25 @@ def test_progress_counts_every_faces_steps(comfy, loaded, picture, references, m
     assert updates[-1] == (6, 6) and [v for v, _ in updates] == sorted(v for v, _ in updates)
 
 
+def test_cancel_stops_the_detailer_at_the_next_step(comfy, loaded, picture, references, monkeypatch):
+    """ComfyUI's Cancel (its interrupt flag) raised during the first face's first step stops the node
+    at the next step: no second face is sampled and the flag is cleared for the next prompt."""
+    import comfy.utils as utils
+
+    mm = comfy.model_management
+    updates = []
+
+    def cancel_once(value, total, preview, node_id=None):
+        updates.append(value)
+        if len(updates) == 1:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(utils, "PROGRESS_BAR_HOOK", cancel_once)
+    with pytest.raises(mm.InterruptProcessingException):
+        detail(comfy, loaded, picture, references, steps=3)
+    assert updates == [1] and not mm.processing_interrupted()
+
+
 def test_node_errors_name_the_node_and_the_fix(comfy, loaded, picture, references):
     _, sdm, clip, vae, encoder = loaded
     node = comfy.detailer.FaceDiffuserFaceDetailer
