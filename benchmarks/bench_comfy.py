@@ -78,15 +78,11 @@ def child(mode: str, size: int, steps: int, device: str) -> dict:
     face = torch.from_numpy(np.asarray(Image.open(FACES / "man1.jpeg").convert("RGB"), dtype=np.float32) / 255)[None]
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
 
-    def encode_text(clip, text):
-        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
-
     if mode == "ksampler":
         sdm_checkpoint = load_checkpoint(files.sdm, expect=ModelKind.SDM)
         sdm, clip = loader.load_unet(sdm_checkpoint, None), loader.load_clip(sdm_checkpoint)
         del sdm_checkpoint
-        text, negative = encode_text(clip, PROMPT.replace(" <|image|>", "")), encode_text(clip, "")
+        text, negative = encode.encode_text(clip, PROMPT.replace(" <|image|>", "")), encode.encode_text(clip, "")
         timers = [UNetTimer(sdm, synchronize)]
 
         def run(n):
@@ -115,7 +111,7 @@ def child(mode: str, size: int, steps: int, device: str) -> dict:
     else:
         tdm, sdm, clip, _, subject_encoder = loader.load_models(str(files.sdm), str(files.tdm))
         text, subject = encode.encode_subjects(clip, subject_encoder, face, PROMPT, 512)
-        negative = encode_text(clip, "")
+        negative = encode.encode_text(clip, "")
         timers = [UNetTimer(tdm, synchronize), UNetTimer(sdm, synchronize)]
 
         def run(n):

@@ -18,18 +18,16 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import FaceDiffuserError, FaceNotFoundError
-from .faces import CHOSEN, MIN_FACE_SIZE, CropSquare, Face, crop_square, cut_square, draw_boxes, pil_to_image
-from .identity import UNUSED
+from .faces import CHOSEN, IF_NO_FACE, MIN_FACE_SIZE, CropSquare, Face, IfNoFace, crop_square, cut_square, draw_boxes, pil_to_image
+from .identity import UNUSED, cosine_matrix
 from .preprocess import resize_square, to_rgb
 from .prompt import MARKER
 
 __all__ = [
     "IF_UNMATCHED",
-    "IF_NO_FACE",
     "DEFAULT_DENOISE",
     "DEFAULT_FEATHER",
     "DEFAULT_SIZE",
@@ -50,9 +48,7 @@ __all__ = [
 ]
 
 IF_UNMATCHED = ("leave it", "text only")
-IF_NO_FACE = ("error", "pass through")
 IfUnmatched = Literal["leave it", "text only"]
-IfNoFace = Literal["error", "pass through"]
 DEFAULT_DENOISE = 0.45
 DEFAULT_FEATHER = 0.15
 DEFAULT_SIZE = 512
@@ -84,9 +80,8 @@ def person_prompt(word: str) -> str:
 
 def cosine_to_people(faces: torch.Tensor, people: Sequence[torch.Tensor]) -> torch.Tensor:
     """[F,D] face embeddings, P people's [N_p,D] reference embeddings -> [F,P] float64: each face's
-    mean cosine similarity to a person's photos."""
-    unit = F.normalize(faces.double(), dim=-1)
-    return torch.stack([(unit @ F.normalize(photos.double(), dim=-1).T).mean(dim=1) for photos in people], dim=1)
+    mean cosine similarity (:func:`~facediffuser_core.identity.cosine_matrix`) to a person's photos."""
+    return torch.stack([cosine_matrix(faces, photos).double().mean(dim=1) for photos in people], dim=1)
 
 
 def assign_people(similarity: torch.Tensor) -> tuple[Optional[int], ...]:

@@ -29,6 +29,7 @@ __all__ = [
     "FACENET_INSTALL",
     "DEFAULT_MARGIN",
     "DEFAULT_CROP_SIZE",
+    "IF_NO_FACE",
     "Box",
     "Progress",
     "Face",
@@ -54,6 +55,7 @@ FACENET_INSTALL = "pip install --no-deps facenet-pytorch"
 MIN_FACE_SIZE = 20  # pixels: MTCNN finds no smaller faces
 DEFAULT_MARGIN = 0.5
 DEFAULT_CROP_SIZE = 512
+IF_NO_FACE = ("error", "pass through")  # what to do with a picture without the face
 IfNoFace = Literal["error", "pass through"]
 
 Box = tuple[float, float, float, float]

@@ -19,7 +19,6 @@ from ..facediffuser_core.detailer import (
     DEFAULT_DENOISE,
     DEFAULT_FEATHER,
     DEFAULT_SIZE,
-    IF_NO_FACE,
     IF_UNMATCHED,
     MATCH_BY_SUBJECT_ENCODER,
     Placement,
@@ -32,7 +31,7 @@ from ..facediffuser_core.detailer import (
     place_faces,
 )
 from ..facediffuser_core.errors import FaceNotFoundError, PromptError
-from ..facediffuser_core.faces import DEFAULT_MARGIN, Face, crop_square, detect_faces, load_detector, to_pil_images
+from ..facediffuser_core.faces import DEFAULT_MARGIN, IF_NO_FACE, Face, crop_square, detect_faces, load_detector, to_pil_images
 from ..facediffuser_core.identity import embed_faces, face_tensors, reference_embeddings
 from ..facediffuser_core.preprocess import to_rgb
 from ..facediffuser_core.prompt import MARKER, parse_prompt

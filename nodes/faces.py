@@ -7,11 +7,10 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, crop_faces, crop_preview, detect_faces, load_detector, to_pil_images
+from ..facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE, crop_faces, crop_preview, detect_faces, load_detector, to_pil_images
 from .common import CATEGORY, errors_named, progress
 
 NAME = "Face-diffuser Face Crop"
-IF_NO_FACE = ["error", "pass through"]
 
 
 def face_crop(images: torch.Tensor, face_index: int, margin: float, size: int, if_no_face: str):
@@ -44,7 +43,7 @@ class FaceDiffuserFaceCrop(io.ComfyNode):
                     tooltip="Space around the face box on every side, as a fraction of its longer side: 0.5 makes the square twice the face box (head and some hair). Parts past the photo's edge are black.",
                 ),
                 io.Int.Input("size", default=DEFAULT_CROP_SIZE, min=64, max=2048, step=8, tooltip="Side of the square crops in pixels (the subject encoder resizes them anyway; 512 matches its object_resolution)."),
-                io.Combo.Input("if_no_face", options=IF_NO_FACE, default="error", tooltip="A photo without the face: 'error' stops with a message naming the photo; 'pass through' uses the whole photo, padded to a square, and gives it an empty mask."),
+                io.Combo.Input("if_no_face", options=list(IF_NO_FACE), default=IF_NO_FACE[0], tooltip="A photo without the face: 'error' stops with a message naming the photo; 'pass through' uses the whole photo, padded to a square, and gives it an empty mask."),
             ],
             outputs=[
                 io.Image.Output("crops", display_name="crops", tooltip="One square face crop per photo, size x size; connect to Subject Encode's images."),
