@@ -1,14 +1,18 @@
-"""``python -m facediffuser_core download``: the official model files from the Hugging Face Hub,
-converted to safetensors in the folder ComfyUI loads them from.
+"""``python -m facediffuser_core download``: the official model files, ready in the folders ComfyUI
+loads them from.
 
-Each ``pytorch_model.bin`` comes through ``huggingface_hub`` (its resume, progress bars, ``HF_ENDPOINT``
-and ``HF_TOKEN``) into a staging folder next to the model folder (``models/.facediffuser-download``:
-outside the folder ComfyUI lists, so an unverified file is never offered). Before the first byte, the
-free space is checked for what is left to download plus the converted files. A downloaded file is
-checked against the size and, for large (LFS) files, the SHA-256 the hub reports; one that does not
-match is removed and never converted. The converter writes the final name last (verified, renamed
-into place), so a name in the model folder always holds a complete file: a file already there is not
-fetched again.
+Face-diffuser's (and FastComposer's) ``pytorch_model.bin`` are converted to safetensors; the score
+models are stored as published: CLIP ViT-L/14's Hugging Face folder in ``models/clip_eval`` and
+FaceNet's VGGFace2 weights (a facenet-pytorch release file, not on the hub) in ``models/facenet``.
+Hub files come through ``huggingface_hub`` (its resume, progress bars, ``HF_ENDPOINT`` and
+``HF_TOKEN``), the FaceNet file through a ranged HTTP GET that resumes the same way
+(``FACEDIFFUSER_FACENET_URL`` names a mirror). Each goes into a staging folder next to its model
+folder (``models/.facediffuser-download``: outside the folder ComfyUI lists, so an unverified file is
+never offered). Before the first byte, the free space is checked for what is left to download plus
+the converted files. A downloaded file is checked against the size and, for large (LFS) hub files,
+the SHA-256 the hub reports; one that does not match is removed and never converted. A file reaches
+its final name last (verified, renamed into place), so a name in the model folder always holds a
+complete file: a file already there is not fetched again.
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ from typing import Optional, Sequence
 from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import find_comfyui
+from .consistency import TOKENIZER_FILES
 from .errors import FaceDiffuserError
-from .model_folders import MODEL_FOLDER, comfyui_model_folders
+from .identity import FACENET_WEIGHTS
+from .model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER, MODEL_FOLDER, comfyui_model_folders
 
-__all__ = ["HubModel", "MODELS", "DownloadError", "add_arguments", "selected", "free_bytes", "space_needed", "download"]
+__all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "selected", "free_bytes", "space_needed", "download"]
 
 FACEDIFFUSER_LICENSE = "non-commercial academic use only (https://github.com/CodeGoat24/Face-diffuser#-license)"
+FACENET_RELEASE = f"https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/{FACENET_WEIGHTS}"  # where facenet-pytorch itself fetches it
+FACENET_URL_VARIABLE = "FACEDIFFUSER_FACENET_URL"  # a mirror of FACENET_RELEASE
+DEFAULT_CLIP_EVAL = "clip-vit-large-patch14/model.safetensors"  # in models/clip_eval: what the score nodes and evaluate pick
+_CHUNK = 2**20  # bytes written at a time by the FaceNet download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 2**24  # bytes read at a time while hashing
 
@@ -41,35 +51,66 @@ class DownloadError(FaceDiffuserError):
 
 @dataclass(frozen=True)
 class HubModel:
-    """One official file on the hub and the name it gets, converted, in the model folder."""
+    """One official weights file (on the hub, or at ``url``) and the name it gets in its model folder:
+    converted by the pack's converter where ``kind`` is set, else stored as published."""
 
     repo_id: str
-    filename: str  # in the repository
-    target: str  # the converted file's name in the model folder
-    kind: ModelKind
+    filename: str  # in the repository (the file name of ``url``)
+    target: str  # its name in the model folder (the converted file's, for a ``kind``)
     license: str
-    original: str  # where --keep-original puts the .bin, in the model folder (a name the converter and the Loader understand)
+    kind: Optional[ModelKind] = None
+    original: str = ""  # where --keep-original puts a converted model's .bin, in the model folder (a name the converter and the Loader understand)
+    folder: str = MODEL_FOLDER  # the ComfyUI model folder (folder_paths name)
+    extras: tuple[str, ...] = ()  # small files of the repository that go next to ``target`` (a Hugging Face model folder)
+    url: Optional[str] = None  # a file outside the hub, fetched over plain HTTP(S)
+
+    def describe(self) -> str:
+        return f"{self.filename} of {self.repo_id}"
+
+    def source(self) -> Optional[str]:
+        """The URL of a file outside the hub (its mirror where one is set), None for a hub file."""
+        return os.environ.get(FACENET_URL_VARIABLE) or self.url if self.url else None
 
 
 MODELS = {
-    "sdm": HubModel("CodeGoat24/Face-diffuser", "SDM/pytorch_model.bin", DEFAULT_SDM, ModelKind.SDM, FACEDIFFUSER_LICENSE, "SDM/pytorch_model.bin"),
-    "tdm": HubModel("CodeGoat24/Face-diffuser", "TDM/pytorch_model.bin", DEFAULT_TDM, ModelKind.TDM, FACEDIFFUSER_LICENSE, "TDM/pytorch_model.bin"),
+    "sdm": HubModel("CodeGoat24/Face-diffuser", "SDM/pytorch_model.bin", DEFAULT_SDM, FACEDIFFUSER_LICENSE, ModelKind.SDM, "SDM/pytorch_model.bin"),
+    "tdm": HubModel("CodeGoat24/Face-diffuser", "TDM/pytorch_model.bin", DEFAULT_TDM, FACEDIFFUSER_LICENSE, ModelKind.TDM, "TDM/pytorch_model.bin"),
     "fastcomposer": HubModel(
-        "mit-han-lab/fastcomposer", "pytorch_model.bin", "fastcomposer.safetensors", ModelKind.FASTCOMPOSER,
-        "MIT license (https://github.com/mit-han-lab/fastcomposer)", "fastcomposer/pytorch_model.bin",
+        "mit-han-lab/fastcomposer", "pytorch_model.bin", "fastcomposer.safetensors",
+        "MIT license (https://github.com/mit-han-lab/fastcomposer)", ModelKind.FASTCOMPOSER, "fastcomposer/pytorch_model.bin",
+    ),
+    "facenet": HubModel(
+        "timesler/facenet-pytorch", FACENET_WEIGHTS, FACENET_WEIGHTS,
+        "MIT license (https://github.com/timesler/facenet-pytorch); trained on VGGFace2: check that dataset's terms for your use",
+        folder=FACENET_FOLDER, url=FACENET_RELEASE,
+    ),
+    "clip": HubModel(
+        "openai/clip-vit-large-patch14", "model.safetensors", DEFAULT_CLIP_EVAL,
+        "MIT license (https://github.com/openai/CLIP/blob/main/LICENSE); intended for research (see its model card)",
+        folder=CLIP_EVAL_FOLDER, extras=("config.json", *TOKENIZER_FILES),
     ),
 }  # fmt: skip
-GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",)}  # command-line flag -> models
+GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip")}  # command-line flag -> models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--facediffuser", action="store_true", help="Face-diffuser's SDM and TDM (the default when no model is named)")
     parser.add_argument("--fastcomposer", action="store_true", help="FastComposer's model (MIT license) as fastcomposer.safetensors")
+    parser.add_argument("--scores", action="store_true", help=f"the score models of evaluate and the score nodes: FaceNet VGGFace2 into models/{FACENET_FOLDER}, CLIP ViT-L/14 into models/{CLIP_EVAL_FOLDER}")
+    parser.add_argument("--facenet", action="store_true", help=f"only FaceNet VGGFace2 ({FACENET_WEIGHTS}) of --scores")
+    parser.add_argument("--clip", action="store_true", help=f"only CLIP ViT-L/14 ({DEFAULT_CLIP_EVAL}) of --scores")
     parser.add_argument("--all", action="store_true", help="every model above")
-    parser.add_argument("--to", type=Path, metavar="DIR", help="the folder to write to (default: ComfyUI's models/facediffuser, or its folder from extra_model_paths.yaml)")
-    parser.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI whose model folder to fill (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16", help="floating-point dtype to store (default fp16, as convert)")
+    parser.add_argument(
+        "--to", type=Path, metavar="DIR",
+        help=f"the folder to write to (default: ComfyUI's models/{MODEL_FOLDER}, models/{FACENET_FOLDER} or models/{CLIP_EVAL_FOLDER}, or their "
+        "folders from extra_model_paths.yaml); one folder, so only with models that share one",
+    )  # fmt: skip
+    parser.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI whose model folders to fill (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16", help="floating-point dtype to store the converted models in (default fp16, as convert)")
     parser.add_argument("--keep-original", action="store_true", help="keep each downloaded pytorch_model.bin (as SDM/, TDM/ or fastcomposer/pytorch_model.bin in the folder) instead of removing it after the conversion")
+
+
+GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip"), "facenet": ("facenet",), "clip": ("clip",)}  # flag -> models
 
 
 def selected(args: argparse.Namespace) -> list[str]:
@@ -92,11 +133,7 @@ def _gb(size: int) -> str:
     return f"{size / 1e9:.2f} GB"
 
 
-def _is_complete(path: Path) -> bool:
-    """Whether ``path`` holds a readable safetensors file (the converter only ever renames a verified
-    one into place); a file under that name that is not one is an error, not something to overwrite."""
-    if not path.exists():
-        return False
+def _check_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     try:
@@ -104,19 +141,34 @@ def _is_complete(path: Path) -> bool:
             model.keys()
     except Exception as error:  # safetensors raises its own SafetensorError
         raise DownloadError(f"{path} exists but is not a readable safetensors file ({error}); remove it and run the command again") from None
-    return True
+
+
+def _is_complete(path: Path, model: HubModel) -> bool:
+    """Whether ``path`` holds the model: only a verified file is ever renamed into place, so a file
+    under that name is complete (a .safetensors one is still read, since a file under that name that
+    is not one is an error, not something to overwrite), with the ``extras`` next to it."""
+    if not path.exists():
+        return False
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    return all((path.parent / extra).is_file() for extra in model.extras)
 
 
 @dataclass
 class _Fetch:
-    """A model to download: the hub's size and ETag (the SHA-256 for LFS files) and the bytes
-    already in the staging folder from an earlier run."""
+    """A model to download into ``folder``: the hub's (or server's) size, its ETag (the SHA-256 for
+    LFS files; empty where none) and the bytes already in the staging folder from an earlier run."""
 
     name: str
     model: HubModel
     size: int
     etag: str
     have: int
+    folder: Path = Path()
+
+    @property
+    def staging(self) -> Path:
+        return _staging(self.folder)
 
 
 def _staging(folder: Path) -> Path:
@@ -129,35 +181,50 @@ def _is_download(relative: Path) -> bool:
     return relative.parts[0] != ".cache" or relative.name.endswith(".incomplete")
 
 
+def _url_paths(staging: Path, model: HubModel) -> tuple[Path, Path]:
+    """(the whole file, the cut-off download) of a file outside the hub, in ``staging``."""
+    return staging / model.filename, staging / f"{model.filename}.incomplete"
+
+
 def _partial_bytes(staging: Path, model: HubModel, etag: str, size: int) -> int:
     """Bytes of ``model`` already in ``staging``: a whole file, or a cut-off download that resumes."""
-    from huggingface_hub._local_folder import get_local_download_paths
-
     if not staging.is_dir():
         return 0  # (get_local_download_paths makes its folders)
-    paths = get_local_download_paths(staging, model.filename)
-    if paths.file_path.is_file() and paths.file_path.stat().st_size == size:
+    if model.url:
+        whole, incomplete = _url_paths(staging, model)
+    else:
+        from huggingface_hub._local_folder import get_local_download_paths  # where hf_hub_download keeps a cut-off file
+
+        paths = get_local_download_paths(staging, model.filename)
+        whole, incomplete = paths.file_path, paths.incomplete_path(etag)
+    if whole.is_file() and whole.stat().st_size == size:
         return size
-    incomplete = paths.incomplete_path(etag)
     return incomplete.stat().st_size if incomplete.is_file() else 0
 
 
-def _metadata(model: HubModel, staging: Path, name: str) -> _Fetch:
-    """HEAD the file on the hub (HF_ENDPOINT, HF_TOKEN apply)."""
+def _metadata(model: HubModel, folder: Path, name: str) -> _Fetch:
+    """HEAD the file on the hub (HF_ENDPOINT, HF_TOKEN apply), or at its URL."""
     import requests
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     endpoint = os.environ.get("HF_ENDPOINT")
+    url = model.source()
     try:
-        meta = get_hf_file_metadata(hf_hub_url(model.repo_id, model.filename, endpoint=endpoint), endpoint=endpoint)
+        if url:
+            response = requests.head(url, allow_redirects=True, timeout=30)
+            response.raise_for_status()
+            size, etag = response.headers.get("Content-Length"), ""
+            size = int(size) if size and size.isdigit() else None
+        else:
+            meta = get_hf_file_metadata(hf_hub_url(model.repo_id, model.filename, endpoint=endpoint), endpoint=endpoint)
+            size, etag = meta.size, meta.etag
     except requests.RequestException as error:
-        raise DownloadError(
-            f"cannot reach {model.filename} of {model.repo_id} on the hub ({error}); check the connection "
-            "(HF_ENDPOINT for a mirror, HF_TOKEN for a token)"
-        ) from None
-    if meta.size is None or meta.etag is None:
-        raise DownloadError(f"the hub reported no size or ETag for {model.filename} of {model.repo_id}; nothing can be verified, so nothing was downloaded")
-    return _Fetch(name, model, meta.size, meta.etag, _partial_bytes(staging, model, meta.etag, meta.size))
+        fix = f"{FACENET_URL_VARIABLE} for a mirror" if url else "HF_ENDPOINT for a mirror, HF_TOKEN for a token"
+        where = f"at {url}" if url else "on the hub"
+        raise DownloadError(f"cannot reach {model.describe()} {where} ({error}); check the connection ({fix})") from None
+    if size is None or etag is None:
+        raise DownloadError(f"{url or 'the hub'} reported no size or ETag for {model.describe()}; nothing can be verified, so nothing was downloaded")
+    return _Fetch(name, model, size, etag, _partial_bytes(_staging(folder), model, etag, size), folder)
 
 
 def _output_bytes(size: int, dtype: str) -> int:
@@ -166,28 +233,31 @@ def _output_bytes(size: int, dtype: str) -> int:
 
 
 def space_needed(fetches: Sequence[_Fetch], dtype: str, keep: bool) -> int:
-    """The most extra bytes the downloads and conversions hold at once: models go one at a time, and
-    each .bin is removed after its conversion unless kept."""
+    """The most extra bytes the downloads and conversions hold at once: models go one at a time, each
+    .bin is removed after its conversion unless kept, and a model stored as published is moved (its
+    download becomes the file)."""
     done = peak = 0
     for fetch in fetches:
-        converted = _output_bytes(fetch.size, dtype)
-        peak = max(peak, done + fetch.size - fetch.have + converted)
-        done += converted + (fetch.size - fetch.have if keep else 0)
+        new = fetch.size - fetch.have
+        converted = _output_bytes(fetch.size, dtype) if fetch.model.kind else 0
+        peak = max(peak, done + new + converted)
+        done += converted + (new if keep or not fetch.model.kind else 0)
     return peak
 
 
-def _check_space(fetches: Sequence[_Fetch], staging: Path, folder: Path, dtype: str, keep: bool) -> None:
-    """Refuse to start when the model folder's filesystem (or the staging folder's, where that is
-    another one) has less room than :func:`space_needed`."""
+def _check_space(fetches: Sequence[_Fetch], dtype: str, keep: bool) -> None:
+    """Refuse to start when a filesystem that a model folder (or its staging folder) is on has less
+    room than :func:`space_needed` (of every model, as if all shared one disk)."""
     need = space_needed(fetches, dtype, keep)
-    for path in {_device(path): path for path in (staging, folder)}.values():  # the folder's name where both share a disk
+    paths = [path for fetch in fetches for path in (fetch.staging, fetch.folder)]
+    for path in {_device(path): path for path in reversed(paths)}.values():  # the folder's name where both share a disk
         free = free_bytes(path)
         if need > free:
+            converted = sum(_output_bytes(f.size, dtype) for f in fetches if f.model.kind)
             raise DownloadError(
-                f"not enough free space: {len(fetches)} model(s) to download and convert need {_gb(need)} "
-                f"({_gb(sum(f.size - f.have for f in fetches))} still to download, about "
-                f"{_gb(sum(_output_bytes(f.size, dtype) for f in fetches))} converted) but {path} has {_gb(free)} free; "
-                "free some space, or pass --to DIR on a disk with room"
+                f"not enough free space: {len(fetches)} model(s) to download{' and convert' if converted else ''} need {_gb(need)} "
+                f"({_gb(sum(f.size - f.have for f in fetches))} still to download{f', about {_gb(converted)} converted' if converted else ''}) "
+                f"but {path} has {_gb(free)} free; free some space, or pass --to DIR on a disk with room"
             )
 
 
@@ -203,71 +273,145 @@ def _sha256(path: Path) -> str:
 
 
 def _verify(path: Path, fetch: _Fetch) -> None:
-    """The downloaded file has the hub's size and (for LFS files) SHA-256; else it is removed."""
+    """The downloaded file has the reported size and (for LFS files) SHA-256; else it is removed."""
     size = path.stat().st_size
-    problem = f"has {size} bytes, the hub reports {fetch.size}" if size != fetch.size else None
+    problem = f"has {size} bytes, {fetch.model.source() or 'the hub'} reports {fetch.size}" if size != fetch.size else None
     if problem is None and _SHA256.match(fetch.etag):
         digest = _sha256(path)
         problem = f"has SHA-256 {digest}, the hub reports {fetch.etag}" if digest != fetch.etag else None
     if problem:
         path.unlink()
-        raise DownloadError(
-            f"{fetch.model.filename} of {fetch.model.repo_id} {problem}: it was removed and nothing was converted; "
-            "run the command again to download it anew"
-        )
+        raise DownloadError(f"{fetch.model.describe()} {problem}: it was removed and nothing was converted; run the command again to download it anew")
+
+
+def _get(url: str, whole: Path, incomplete: Path, size: int) -> None:
+    """Download ``url`` into ``incomplete``, resuming it with a ranged GET, then rename it ``whole``."""
+    import requests
+    from tqdm import tqdm
+
+    have = incomplete.stat().st_size if incomplete.is_file() else 0
+    incomplete.parent.mkdir(parents=True, exist_ok=True)
+    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as response:
+        response.raise_for_status()
+        have = have if response.status_code == 206 else 0  # a server that ignores the range sends it all
+        with open(incomplete, "ab" if have else "wb") as out, tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=whole.name) as bar:
+            for chunk in response.iter_content(_CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if incomplete.stat().st_size < size:
+        raise requests.ConnectionError(f"the connection closed after {incomplete.stat().st_size} of {size} bytes")
+    incomplete.replace(whole)
 
 
 def _fetch(fetch: _Fetch, staging: Path) -> Path:
-    """Download (or resume) one file into ``staging`` with huggingface_hub."""
+    """Download (or resume) one file into ``staging``: with huggingface_hub, or by URL."""
     import requests
     from huggingface_hub import hf_hub_download
 
-    print(f"license of {fetch.model.repo_id}: {fetch.model.license}")
+    model = fetch.model
+    print(f"license of {model.repo_id}: {model.license}")
     resume = f", resuming at {_gb(fetch.have)}" if 0 < fetch.have < fetch.size else ""
-    print(f"downloading {fetch.model.filename} of {fetch.model.repo_id} ({_gb(fetch.size)}{resume})")
+    print(f"downloading {model.describe()} ({_gb(fetch.size)}{resume})")
     try:
-        return Path(hf_hub_download(fetch.model.repo_id, fetch.model.filename, local_dir=staging, endpoint=os.environ.get("HF_ENDPOINT")))
+        if model.url:
+            whole, incomplete = _url_paths(staging, model)
+            if fetch.have < fetch.size:
+                _get(model.source(), whole, incomplete, fetch.size)
+            return whole
+        return Path(hf_hub_download(model.repo_id, model.filename, local_dir=staging, endpoint=os.environ.get("HF_ENDPOINT")))
     except (requests.RequestException, OSError) as error:  # a dropped connection; huggingface_hub's size check
-        raise DownloadError(f"the download of {fetch.model.filename} of {fetch.model.repo_id} stopped ({error}); run the command again to resume it") from None
+        raise DownloadError(f"the download of {model.describe()} stopped ({error}); run the command again to resume it") from None
 
 
-def destination(args: argparse.Namespace) -> Path:
-    """``--to``, else the first folder the ComfyUI searches for Face-diffuser models."""
-    return args.to if args.to else comfyui_model_folders(find_comfyui(args.comfyui))[0]
+def _place(source: Path, target: Path) -> None:
+    """Move a verified file to ``target``: next to it first, then renamed, so the name only ever
+    holds a whole file (also where the staging folder is on another filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    moving = target.with_name(f".{target.name}.moving")
+    shutil.move(source, moving)
+    moving.replace(target)
+
+
+def _check_published(path: Path, model: HubModel) -> None:
+    """A model stored as published loads as what it is meant to be, before it gets its final name."""
+    from .errors import CheckpointError
+    from .identity import load_facenet
+
+    try:
+        if model.folder == FACENET_FOLDER:
+            load_facenet(path)
+        else:
+            _check_safetensors(path)
+    except (CheckpointError, DownloadError) as error:
+        path.unlink()
+        raise DownloadError(f"{model.describe()} was downloaded but does not load ({error}); it was removed: run the command again") from None
+
+
+def _store(fetch: _Fetch, original: Path, args: argparse.Namespace) -> None:
+    """Convert a downloaded model into its folder (keeping or removing the .bin), or store it as published
+    with its extras."""
+    from huggingface_hub import hf_hub_download
+
+    from .convert import convert_checkpoint
+
+    model, target = fetch.model, fetch.folder / fetch.model.target
+    if model.kind is None:
+        _check_published(original, model)
+        for extra in model.extras:
+            _place(Path(hf_hub_download(model.repo_id, extra, local_dir=fetch.staging, endpoint=os.environ.get("HF_ENDPOINT"))), target.parent / extra)
+        _place(original, target)
+        print(f"wrote {target} ({_gb(target.stat().st_size)}), verified")
+        return
+    report = convert_checkpoint(original, target, dtype=None if args.dtype == "keep" else args.dtype, kind=model.kind)
+    print(f"wrote {report.dst} ({report.kind.description}, {_gb(report.output_bytes)}), verified")
+    if args.keep_original:
+        kept = fetch.folder / model.original
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(original, kept)
+        print(f"kept the original as {kept}")
+    else:
+        original.unlink()
+
+
+def _verified(fetch: _Fetch) -> Path:
+    original = _fetch(fetch, fetch.staging)
+    _verify(original, fetch)
+    return original
+
+
+def destinations(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Path]:
+    """Each model's folder: ``--to``, else the first folder the ComfyUI searches for its kind."""
+    kinds = sorted({MODELS[name].folder for name in names})
+    if args.to:
+        if len(kinds) > 1:
+            raise DownloadError(f"--to names one folder, but these models go in {len(kinds)} ({', '.join(kinds)}); download them in separate commands, each with its --to")
+        return {name: args.to for name in names}
+    comfyui = find_comfyui(args.comfyui)
+    return {name: comfyui_model_folders(comfyui, name=MODELS[name].folder)[0] for name in names}
 
 
 def download(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint
-
-    folder = destination(args)
-    staging = _staging(folder)
     names = selected(args)
+    folders = destinations(args, names)
     pending = []
     for name in names:
-        target = folder / MODELS[name].target
-        if _is_complete(target):
+        target = folders[name] / MODELS[name].target
+        if _is_complete(target, MODELS[name]):
             print(f"{target} is already there: nothing to download")
         else:
             pending.append(name)
-    fetches = [_metadata(MODELS[name], staging, name) for name in pending]
-    _check_space(fetches, staging, folder, args.dtype, args.keep_original)
+    fetches = [_metadata(MODELS[name], folders[name], name) for name in pending]
+    _check_space(fetches, args.dtype, args.keep_original)
     try:
         for fetch in fetches:
-            original = _fetch(fetch, staging)
-            _verify(original, fetch)
-            report = convert_checkpoint(original, folder / fetch.model.target, dtype=None if args.dtype == "keep" else args.dtype, kind=fetch.model.kind)
-            print(f"wrote {report.dst} ({report.kind.description}, {_gb(report.output_bytes)}), verified")
-            if args.keep_original:
-                kept = folder / fetch.model.original
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(original, kept)
-                print(f"kept the original as {kept}")
-            else:
-                original.unlink()
+            _store(fetch, _verified(fetch), args)
     except KeyboardInterrupt:
         print("interrupted: nothing half-written is left in the model folder; run the command again to resume the download", flush=True)
         return 130
-    if staging.is_dir() and not any(_is_download(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()):
-        shutil.rmtree(staging)  # only huggingface_hub's bookkeeping is left
-    print(f"the models are in {folder}")
+    for staging in {fetch.staging for fetch in fetches}:
+        if staging.is_dir() and not any(_is_download(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()):
+            shutil.rmtree(staging)  # only huggingface_hub's bookkeeping is left
+    for folder in dict.fromkeys(folders.values()):
+        print(f"the models are in {folder}")
     return 0
+

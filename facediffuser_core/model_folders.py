@@ -16,9 +16,11 @@ from typing import Sequence
 
 from .errors import FaceDiffuserError
 
-__all__ = ["MODEL_FOLDER", "comfyui_model_folders", "find_model"]
+__all__ = ["MODEL_FOLDER", "FACENET_FOLDER", "CLIP_EVAL_FOLDER", "comfyui_model_folders", "find_model"]
 
-MODEL_FOLDER = "facediffuser"  # the pack's model folder name (nodes/common.py registers it)
+MODEL_FOLDER = "facediffuser"  # the pack's model folder names (nodes/__init__.py registers them)
+FACENET_FOLDER = "facenet"
+CLIP_EVAL_FOLDER = "clip_eval"
 
 
 def _add(paths: list[Path], path: Path, is_default: bool) -> None:

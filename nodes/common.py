@@ -16,9 +16,9 @@ import comfy.utils
 import folder_paths
 
 from ..facediffuser_core.errors import FaceDiffuserError
+from ..facediffuser_core.model_folders import MODEL_FOLDER
 
 CATEGORY = "Face-diffuser"
-MODEL_FOLDER = "facediffuser"
 T = TypeVar("T")
 
 

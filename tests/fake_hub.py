@@ -3,7 +3,9 @@
 
 ``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}`` answer with ``X-Repo-Commit``, ``ETag`` and
 ``X-Linked-Etag`` (the SHA-256, as the hub reports LFS files), ``X-Linked-Size`` and ``Content-Length``;
-``GET`` honours ``Range: bytes=N-`` with a 206. Every request is logged as (method, path, Range).
+``GET`` honours ``Range: bytes=N-`` with a 206. Any other path is a plain web file (``/{key}``), as
+the FaceNet release file is. A file is given as bytes or as a path (streamed from disk, for the
+SD1.5-sized files of the integration suite). Every request is logged as (method, path, Range).
 Faults, by path: ``cut[path] = N`` sends the first N bytes of the next GET and drops the connection;
 ``served[path] = bytes`` serves other bytes than the advertised size and SHA-256 describe;
 ``hold[path] = N`` sends the first N bytes of the next GET and then waits until ``release`` is set.
@@ -15,7 +17,10 @@ import hashlib
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+Content = Union[bytes, Path]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -23,8 +28,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class FakeHub:
     """``FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": data})``; ``.endpoint`` for HF_ENDPOINT."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, Content]) -> None:
         self.files = dict(files)
+        self._sha: dict[tuple[str, int], str] = {}
         self.requests: list[tuple[str, str, Optional[str]]] = []
         self.cut: dict[str, int] = {}
         self.served: dict[str, bytes] = {}
@@ -53,13 +59,17 @@ class FakeHub:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def url(self, key: str) -> str:
+        """The address of a plain web file."""
+        return f"{self.endpoint}/{key}"
+
     def byte_requests(self, method: str = "GET") -> list[tuple[str, str, Optional[str]]]:
         return [request for request in self.requests if request[0] == method]
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((handler.command, handler.path, handler.headers.get("Range")))
         match = re.fullmatch(r"/(.+?/.+?)/resolve/[^/]+/(.+)", handler.path)
-        key = f"{match.group(1)}/{match.group(2)}" if match else None
+        key = f"{match.group(1)}/{match.group(2)}" if match else handler.path[1:]
         if key not in self.files:
             handler.send_response(404)
             handler.send_header("X-Error-Code", "EntryNotFound")
@@ -68,33 +78,59 @@ class FakeHub:
             return
         advertised = self.files[key]
         data = self.served.get(key, advertised)
-        sha = hashlib.sha256(advertised).hexdigest()
+        sha = self._sha256(key, advertised)
+        size = _size(data)
         start = int(re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range", "bytes=0-")).group(1)) if body else 0
         handler.send_response(206 if start else 200)
         handler.send_header("X-Repo-Commit", COMMIT)
         handler.send_header("ETag", f'"{sha}"')
         handler.send_header("X-Linked-Etag", f'"{sha}"')
-        handler.send_header("X-Linked-Size", str(len(advertised)))
-        handler.send_header("Content-Length", str(len(data) - start))
+        handler.send_header("X-Linked-Size", str(_size(advertised)))
+        handler.send_header("Content-Length", str(size - start))
         if start:
-            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            handler.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         handler.end_headers()
         if not body:
             return
-        payload = data[start:]
+        end = size
         if key in self.cut:
-            payload = payload[: self.cut.pop(key)]
+            end = start + self.cut.pop(key)
             handler.close_connection = True
-        if key in self.hold:
-            handler.wfile.write(payload[: self.hold.pop(key)])
-            handler.wfile.flush()
+        held = key in self.hold
+        if held:
+            end = start + self.hold.pop(key)
+        for chunk in _chunks(data, start, end):
+            handler.wfile.write(chunk)
+        handler.wfile.flush()
+        if held:
             self.release.wait(60)
             handler.close_connection = True
-            return
-        handler.wfile.write(payload)
-        handler.wfile.flush()
+
+    def _sha256(self, key: str, content: Content) -> str:
+        if (key, _size(content)) not in self._sha:
+            digest = hashlib.sha256()
+            for chunk in _chunks(content, 0, _size(content)):
+                digest.update(chunk)
+            self._sha[key, _size(content)] = digest.hexdigest()
+        return self._sha[key, _size(content)]
 
     def close(self) -> None:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def _size(content: Content) -> int:
+    return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+def _chunks(content: Content, start: int, end: int, chunk: int = 2**22) -> Iterator[bytes]:
+    """Bytes ``start:end`` of ``content``, a piece at a time."""
+    if isinstance(content, bytes):
+        yield content[start:end]
+        return
+    with open(content, "rb") as source:
+        source.seek(start)
+        while start < end and (piece := source.read(min(chunk, end - start))):
+            start += len(piece)
+            yield piece

@@ -1,7 +1,9 @@
 """The ``download`` command against a fake hub on 127.0.0.1 (tests/fake_hub.py, through HF_ENDPOINT)
 serving tiny random official-layout files: download and conversion into the ComfyUI's model folder,
 a second run that fetches nothing, a cut-off download resumed with a ranged request, a corrupted file
-refused, too little disk space refused before any byte, and the folders ComfyUI searches."""
+refused, too little disk space refused before any byte, and the folders ComfyUI searches. The score
+models: a tiny CLIP folder from the hub and random FaceNet weights as a plain web file (the release
+file's stand-in, through FACEDIFFUSER_FACENET_URL)."""
 
 from __future__ import annotations
 
@@ -27,15 +29,21 @@ from paths import ROOT
 from processes import sigint_default
 
 SDM_KEY, TDM_KEY, FASTCOMPOSER_KEY = "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin", "CodeGoat24/Face-diffuser/TDM/pytorch_model.bin", "mit-han-lab/fastcomposer/pytorch_model.bin"
+FACENET_KEY = "releases/v2.2.9/20180402-114759-vggface2.pt"  # a plain web file
+CLIP_REPO = "openai/clip-vit-large-patch14"
+CLIP_FILES = ("model.safetensors", "config.json", "vocab.json", "merges.txt")
 FACEDIFFUSER_LICENSE = "license of CodeGoat24/Face-diffuser: non-commercial academic use only"
 
 
 @pytest.fixture
-def hub(official_files, monkeypatch):
-    """The fake hub with the tiny SDM and TDM (and the SDM's bytes as FastComposer's model)."""
+def hub(official_files, facenet_file, tiny_clip_folder, monkeypatch):
+    """The fake hub with the tiny SDM and TDM (and the SDM's bytes as FastComposer's model), the tiny
+    CLIP folder as CLIP ViT-L/14's repository, and random FaceNet weights as the FaceNet release file."""
     sdm, tdm = official_files["SDM"].read_bytes(), official_files["TDM"].read_bytes()
-    server = FakeHub({SDM_KEY: sdm, TDM_KEY: tdm, FASTCOMPOSER_KEY: sdm})
+    clip = {f"{CLIP_REPO}/{name}": (tiny_clip_folder / name).read_bytes() for name in CLIP_FILES}
+    server = FakeHub({SDM_KEY: sdm, TDM_KEY: tdm, FASTCOMPOSER_KEY: sdm, FACENET_KEY: facenet_file.read_bytes(), **clip})
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("FACEDIFFUSER_FACENET_URL", server.url(FACENET_KEY))
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield server
@@ -205,7 +213,7 @@ def test_fastcomposer_is_its_own_flag_with_its_license(hub, tmp_path, capsys):
     with safe_open(str(tmp_path / "models" / "fastcomposer.safetensors"), "pt") as written:
         assert written.metadata()["facediffuser_kind"] == "FastComposer"
     assert "license of mit-han-lab/fastcomposer: MIT license" in out and "CodeGoat24" not in out
-    code, out, _ = run(capsys, "--to", str(tmp_path / "models"), "--all")
+    code, out, _ = run(capsys, "--to", str(tmp_path / "models"), "--facediffuser", "--fastcomposer")
     assert code == 0 and "fastcomposer.safetensors is already there" in out
     assert model_files(tmp_path / "models") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors", "fastcomposer.safetensors"]
 
@@ -235,3 +243,66 @@ def test_model_folders_follow_comfyuis_rules(comfyui, tmp_path):
     folders = comfyui_model_folders(comfyui, ["--cpu", "--base-directory", str(tmp_path / "desk"), "--extra-model-paths-config", str(other)])
     assert folders == [Path("/first"), comfyui / "base" / "fd", tmp_path / "rel", tmp_path / "desk" / "models" / "facediffuser"]
     assert comfyui_model_folders(comfyui, [], "checkpoints") == [comfyui / "models" / "checkpoints"]
+
+
+def test_scores_puts_facenet_and_the_clip_folder_where_the_score_nodes_look(hub, comfyui, facenet_file, tiny_clip_folder, capsys):
+    from facediffuser_core.consistency import load_clip
+    from facediffuser_core.identity import load_facenet
+
+    code, out, err = run(capsys, "--comfyui", str(comfyui), "--scores")
+    assert code == 0, err
+    models = comfyui / "models"
+    assert model_files(models / "facenet") == ["20180402-114759-vggface2.pt"]
+    assert (models / "facenet" / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
+    clip = models / "clip_eval" / "clip-vit-large-patch14"
+    assert model_files(models / "clip_eval") == sorted(f"clip-vit-large-patch14/{name}" for name in CLIP_FILES)
+    assert all((clip / name).read_bytes() == (tiny_clip_folder / name).read_bytes() for name in CLIP_FILES)
+    assert not (models / "facediffuser").exists() and not list(models.glob(".*-download"))  # staging folders removed
+    assert load_facenet(models / "facenet" / "20180402-114759-vggface2.pt").training is False
+    assert load_clip(clip / "model.safetensors").tokenizer("a man")["input_ids"][0] == 49406  # the folder loads, tokenizer included
+    assert "license of timesler/facenet-pytorch: MIT license" in out and "license of openai/clip-vit-large-patch14: MIT license" in out
+    assert [request[1] for request in hub.byte_requests()][0] == f"/{FACENET_KEY}"  # the web file, by its URL
+    hub.requests.clear()
+    code, out, _ = run(capsys, "--comfyui", str(comfyui), "--all")
+    assert code == 0 and f"{clip / 'model.safetensors'} is already there" in out and "20180402-114759-vggface2.pt is already there" in out
+    assert not any(CLIP_REPO in request[1] or FACENET_KEY in request[1] for request in hub.requests)
+
+
+def test_a_cut_facenet_download_resumes_with_a_ranged_request(hub, facenet_file, tmp_path, capsys):
+    folder = tmp_path / "facenet"
+    size = len(hub.files[FACENET_KEY])
+    hub.cut[FACENET_KEY] = size // 2
+    code, _, err = run(capsys, "--to", str(folder), "--facenet")
+    assert code == 2 and f"the download of 20180402-114759-vggface2.pt of timesler/facenet-pytorch stopped" in err
+    assert model_files(folder) == []
+    (partial,) = (tmp_path / ".facenet-download").glob("*.incomplete")
+    have = partial.stat().st_size
+    assert 0 < have <= size // 2  # whole pieces of what came before the cut
+    hub.requests.clear()
+    code, out, err = run(capsys, "--to", str(folder), "--facenet")
+    assert code == 0, err
+    assert f"resuming at {have / 1e9:.2f} GB" in out
+    assert [request[2] for request in hub.byte_requests()] == [f"bytes={have}-"]
+    assert (folder / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
+
+
+def test_a_facenet_file_that_does_not_load_is_refused_and_removed(hub, tmp_path, capsys):
+    good = hub.files[FACENET_KEY]
+    hub.served[FACENET_KEY] = bytes(len(good))  # the advertised size, no SHA-256 to check: the load check catches it
+    code, _, err = run(capsys, "--to", str(tmp_path / "facenet"), "--facenet")
+    assert code == 2 and "20180402-114759-vggface2.pt of timesler/facenet-pytorch was downloaded but does not load" in err
+    assert "it was removed: run the command again" in err
+    assert model_files(tmp_path / "facenet") == [] and model_files(tmp_path / ".facenet-download") == []
+
+
+def test_to_names_one_folder_so_models_of_several_folders_are_refused(hub, tmp_path, capsys):
+    code, _, err = run(capsys, "--to", str(tmp_path / "models"), "--scores")
+    assert code == 2 and "--to names one folder, but these models go in 2 (clip_eval, facenet)" in err
+    assert hub.requests == [] and not (tmp_path / "models").exists()
+
+
+def test_space_needed_of_a_model_stored_as_published_is_its_download():
+    fetch = download_module._Fetch
+    clip, sdm = download_module.MODELS["clip"], download_module.MODELS["sdm"]
+    assert download_module.space_needed([fetch("clip", clip, 1000, "e", 300)], "fp16", keep=False) == 700
+    assert download_module.space_needed([fetch("clip", clip, 1000, "e", 0), fetch("sdm", sdm, 800, "e", 0)], "fp16", keep=False) == 1000 + 800 + 400
