@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from .errors import FaceDiffuserError
 from .identity import FACENET_WEIGHTS
 from .model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER, MODEL_FOLDER, comfyui_model_folders
 
-__all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "selected", "free_bytes", "space_needed", "download"]
+__all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "command_line", "selected", "free_bytes", "space_needed", "download"]
 
 FACEDIFFUSER_LICENSE = "non-commercial academic use only (https://github.com/CodeGoat24/Face-diffuser#-license)"
 FACENET_RELEASE = f"https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/{FACENET_WEIGHTS}"  # where facenet-pytorch itself fetches it
@@ -90,6 +91,13 @@ MODELS = {
         folder=CLIP_EVAL_FOLDER, extras=("config.json", *TOKENIZER_FILES),
     ),
 }  # fmt: skip
+def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = "python") -> str:
+    """The ``download`` command with ``flags`` (e.g. ``--scores``), writing to ``to`` or into the
+    model folders of ``comfyui`` (shell-quoted)."""
+    where = ["--to", str(to)] if to else ["--comfyui", str(comfyui)] if comfyui else []
+    return shlex.join([python, "-m", "facediffuser_core", "download", *flags, *where])
+
+
 GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip")}  # command-line flag -> models
 
 
@@ -108,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI whose model folders to fill (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default="fp16", help="floating-point dtype to store the converted models in (default fp16, as convert)")
     parser.add_argument("--keep-original", action="store_true", help="keep each downloaded pytorch_model.bin (as SDM/, TDM/ or fastcomposer/pytorch_model.bin in the folder) instead of removing it after the conversion")
+
+
+def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = "python") -> str:
+    """The ``download`` command with ``flags`` (e.g. ``--scores``), writing to ``to`` or into the
+    model folders of ``comfyui`` (shell-quoted)."""
+    where = ["--to", str(to)] if to else ["--comfyui", str(comfyui)] if comfyui else []
+    return shlex.join([python, "-m", "facediffuser_core", "download", *flags, *where])
 
 
 GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip"), "facenet": ("facenet",), "clip": ("clip",)}  # flag -> models

@@ -30,7 +30,7 @@ from .comfy_launch import LocalComfyUI, device_args, find_comfyui
 from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
-from .model_folders import comfyui_model_folders, find_model
+from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
@@ -133,16 +133,15 @@ def _check_settings(args: argparse.Namespace) -> None:
 def download_command(file: str, comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> Optional[str]:
     """The ``download`` command that puts ``file`` where the ComfyUI at ``comfyui`` (``explicit``: given
     with --comfyui or COMFYUI_PATH) started with ``comfyui_args`` finds it; None for a file it does not make."""
-    from .download import MODELS
+    from .download import MODELS, command_line
 
-    flags = {model.target: "--fastcomposer" if name == "fastcomposer" else "" for name, model in MODELS.items()}
+    flags = {model.target: "--fastcomposer" if name == "fastcomposer" else "" for name, model in MODELS.items() if model.folder == MODEL_FOLDER}
     if file not in flags:
         return None
     folders = comfyui_model_folders(comfyui, comfyui_args)
     default = comfyui_model_folders(comfyui)[0]  # where download writes for that ComfyUI
-    where = [] if folders[0] == default else ["--to", str(folders[0])]
-    where += ["--comfyui", str(comfyui)] if explicit and not where else []
-    return shlex.join(["python", "-m", "facediffuser_core", "download", *filter(None, [flags[file]]), *where])
+    to = None if folders[0] == default else folders[0]
+    return command_line(list(filter(None, [flags[file]])), to=to, comfyui=comfyui if explicit else None)
 
 
 def check_models(files: Sequence[str], comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
+import sys
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -15,6 +18,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
+from ..facediffuser_core.download import command_line
 from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.model_folders import MODEL_FOLDER
 
@@ -33,6 +37,24 @@ def register_model_folder(name: str = MODEL_FOLDER, extensions: Iterable[str] = 
     paths, known = folder_paths.folder_names_and_paths[name]
     if not known:
         folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
+
+
+PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
+def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[str] = ()) -> Optional[str]:
+    """A ``validate_inputs`` message for a model file ``name`` that is not in ComfyUI's ``folder``
+    (it names the folders searched and the exact ``download`` command that fills the first one with
+    the official files: ``flags`` pick them); None when the file is there (or the input is linked)."""
+    if name is None or name in folder_paths.get_filename_list(folder):
+        return None
+    folders = folder_paths.get_folder_paths(folder)
+    what = f"there is no file '{name}'" if name else "no model file was picked"
+    command = command_line(flags, to=Path(folders[0]), python=sys.executable)
+    return (
+        f"{node}: {what} in models/{folder} ({', '.join(folders)}). Download the official files with: "
+        f"cd {shlex.quote(PACK_FOLDER)} && {command}   then press R in the web UI to refresh the lists."
+    )
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -18,7 +18,7 @@ from ..facediffuser_core.checkpoints import FaceDiffuserCheckpoint, ModelKind, l
 from ..facediffuser_core.errors import CheckpointError
 from ..facediffuser_core.subject_encoder import SubjectEncoder
 from ..facediffuser_core.subjects import References
-from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded
+from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded, missing_model
 
 NAME = "Face-diffuser Loader"
 NO_TDM = "none (another scene model)"  # tdm_name when a Load Checkpoint model builds the scene
@@ -122,7 +122,12 @@ class FaceDiffuserLoader(io.ComfyNode):
             "model (SDM) and the text-driven model (TDM), official pytorch_model.bin or converted .safetensors. "
             "CLIP and VAE come from the SDM file, so no separate SD1.5 checkpoint is needed.",
             inputs=[
-                io.Combo.Input("sdm_name", options=files, tooltip="The SDM file (e.g. facediffuser_sdm.safetensors or SDM/pytorch_model.bin) in models/facediffuser."),
+                io.Combo.Input(
+                    "sdm_name",
+                    options=files,
+                    tooltip="The SDM file (e.g. facediffuser_sdm.safetensors or SDM/pytorch_model.bin) in models/facediffuser. No file "
+                    "yet: `python -m facediffuser_core download` in the pack's folder fetches and converts the official ones.",
+                ),
                 io.Combo.Input(
                     "tdm_name",
                     options=[*files, NO_TDM],
@@ -139,6 +144,12 @@ class FaceDiffuserLoader(io.ComfyNode):
                 SubjectEncoderType.Output("subject_encoder", display_name="subject_encoder", tooltip="CLIP image encoder + postfuse MLP that fuse each reference face into its word of the prompt."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, sdm_name: Optional[str], tdm_name: Optional[str]) -> Union[bool, str]:
+        """Instead of ComfyUI's list check, which says only "not in []" for an empty folder."""
+        tdm = None if tdm_name == NO_TDM else tdm_name
+        return missing_model(NAME, MODEL_FOLDER, sdm_name) or missing_model(NAME, MODEL_FOLDER, tdm) or True
 
     @classmethod
     def execute(cls, sdm_name: str, tdm_name: str, weight_dtype: str) -> io.NodeOutput:

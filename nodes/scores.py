@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from statistics import fmean
+from typing import Optional, Union
 
 import torch
 
@@ -13,15 +14,14 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..facediffuser_core.consistency import CLIP_URL, clean_prompt, load_clip, prompt_consistency
+from ..facediffuser_core.model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER
 from ..facediffuser_core.faces import load_detector, pil_to_image, to_pil_images
 from ..facediffuser_core.identity import FACENET_URL, FACENET_WEIGHTS, annotate_identity, load_facenet, reference_embeddings, score_identity
 from ..facediffuser_core.prompt import MARKER
-from .common import CATEGORY, auxiliary_model, cached_by_file, errors_named, loaded, progress
+from .common import CATEGORY, auxiliary_model, cached_by_file, errors_named, loaded, missing_model, progress
 
 IDENTITY_NAME = "Face-diffuser Identity Score"
 CONSISTENCY_NAME = "Face-diffuser Prompt Consistency"
-FACENET_FOLDER = "facenet"
-CLIP_EVAL_FOLDER = "clip_eval"
 CLIP_EVAL_EXTENSIONS = {".safetensors"}
 SD1_TOKENIZER = os.path.join(os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__)), "sd1_tokenizer")  # CLIP ViT-L/14's BPE
 
@@ -81,7 +81,8 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
                 io.Combo.Input(
                     "facenet_name",
                     options=folder_paths.get_filename_list(FACENET_FOLDER),
-                    tooltip=f"FaceNet weights in models/{FACENET_FOLDER}: {FACENET_WEIGHTS} from {FACENET_URL}.",
+                    tooltip=f"FaceNet weights in models/{FACENET_FOLDER}: {FACENET_WEIGHTS} from {FACENET_URL} "
+                    "(`python -m facediffuser_core download --facenet` in the pack's folder puts it there).",
                 ),
             ],
             outputs=[
@@ -91,6 +92,10 @@ class FaceDiffuserIdentityScore(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, facenet_name: Optional[str]) -> Union[bool, str]:
+        return missing_model(IDENTITY_NAME, FACENET_FOLDER, facenet_name, ["--facenet"]) or True
 
     @classmethod
     def execute(cls, images: torch.Tensor, references: torch.Tensor, facenet_name: str) -> io.NodeOutput:
@@ -114,7 +119,8 @@ class FaceDiffuserPromptConsistency(io.ComfyNode):
                 io.Combo.Input(
                     "clip_name",
                     options=folder_paths.get_filename_list(CLIP_EVAL_FOLDER),
-                    tooltip=f"CLIP ViT-L/14 in models/{CLIP_EVAL_FOLDER}: the whole folder of {CLIP_URL} (pick its model.safetensors), or one .safetensors of a CLIPModel state dict.",
+                    tooltip=f"CLIP ViT-L/14 in models/{CLIP_EVAL_FOLDER}: the whole folder of {CLIP_URL} (pick its model.safetensors), or one .safetensors of a CLIPModel state dict "
+                    "(`python -m facediffuser_core download --clip` in the pack's folder puts the folder there).",
                 ),
             ],
             outputs=[
@@ -123,6 +129,10 @@ class FaceDiffuserPromptConsistency(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, clip_name: Optional[str]) -> Union[bool, str]:
+        return missing_model(CONSISTENCY_NAME, CLIP_EVAL_FOLDER, clip_name, ["--clip"]) or True
 
     @classmethod
     def execute(cls, images: torch.Tensor, prompt: str, clip_name: str) -> io.NodeOutput:

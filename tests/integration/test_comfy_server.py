@@ -288,6 +288,18 @@ def test_widget_values_out_of_range_are_rejected_at_queue_time(server):
     assert any(e["type"] == "value_bigger_than_max" for node in errors.values() for e in node["errors"])
 
 
+def test_a_model_file_not_in_the_folder_is_refused_at_queue_time_with_the_download_command(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserLoader")["inputs"]["sdm_name"] = "renamed_sdm.safetensors"
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue(graph)
+    (errors,) = [node["errors"] for node in rejected.value.body["node_errors"].values() if node["class_type"] == "FaceDiffuserLoader"]
+    assert {error["type"] for error in errors} == {"custom_validation_failed"}  # the pack's check, instead of ComfyUI's "not in list"
+    (error,) = [error for error in errors if error["extra_info"]["input_name"] == "sdm_name"]
+    assert error["details"].startswith("sdm_name - Face-diffuser Loader: there is no file 'renamed_sdm.safetensors' in models/facediffuser (")
+    assert "-m facediffuser_core download --to " in error["details"]
+
+
 def listen(server: ComfyServer, graph: dict, on_progress=None, timeout: float = 900) -> dict:
     """Queue ``graph`` and collect its websocket events until it ends: progress values of the
     sampler node, binary preview frames, and the final event."""
