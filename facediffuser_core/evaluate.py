@@ -35,9 +35,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from .comfy_client import ComfyClient, Generation, JobError, JobGraph, ServerUnavailable, build_graph, fill_template
+from .comfy_launch import find_comfyui
+from .download import DEFAULT_CLIP_EVAL, command_line
 from .errors import EvaluationError, FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, open_photo, pil_to_image, reference_png
-from .identity import load_facenet, reference_embeddings, score_identity
+from .identity import FACENET_WEIGHTS, load_facenet, reference_embeddings, score_identity
+from .model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER, comfyui_model_folders, find_model
 from .prompt import MARKER, MAX_SUBJECTS
 from .report import SUBJECT_SEPARATOR, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown, unreadable_line
 
@@ -449,8 +452,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line with <|image|> after each subject's class word (1 to 4 subjects)")
     parser.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="a ComfyUI server with this pack and the models; repeat to spread the jobs over several")
     parser.add_argument("--out", type=Path, required=True, help="output folder (images, scores.csv, summary.md, ip_pc.png); reuse it to resume")
-    parser.add_argument("--facenet", type=Path, help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt); needed unless --no-score")
-    parser.add_argument("--clip", type=Path, help="CLIP ViT-L/14: the Hugging Face folder of openai/clip-vit-large-patch14, or a .safetensors inside it; needed unless --no-score")
+    parser.add_argument("--facenet", type=Path, help=f"FaceNet VGGFace2 weights (default: {FACENET_WEIGHTS} in the ComfyUI's models/{FACENET_FOLDER}, where `download --scores` puts it)")
+    parser.add_argument("--clip", type=Path, help=f"CLIP ViT-L/14: the Hugging Face folder of openai/clip-vit-large-patch14, or a .safetensors inside it (default: {DEFAULT_CLIP_EVAL} in the ComfyUI's models/{CLIP_EVAL_FOLDER}, where `download --scores` puts it)")
+    parser.add_argument("--comfyui", type=Path, metavar="PATH", help="the ComfyUI whose model folders hold the score models (default: $COMFYUI_PATH, else the ComfyUI this pack is installed in)")
     parser.add_argument("--clip-tokenizer", type=Path, help="folder with CLIP's vocab.json and merges.txt, for a --clip file that is not inside its model folder")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images per job, one batch (default 4)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -469,9 +473,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def score_model(given: Optional[Path], folder: str, file: str, option: str, comfyui: Optional[Path]) -> Path:
+    """``given`` (``--facenet``/``--clip``), else ``file`` in the folders the ComfyUI at ``comfyui``
+    searches for ``folder`` (where ``download`` puts it); a missing one is an error naming the file,
+    the folders and the command that downloads it."""
+    flag = f"--{option}"
+    if given is not None:
+        if not given.exists():
+            raise EvaluationError(
+                f"{flag} {given}: no such file or folder; `{command_line(['--scores'])}` downloads the official score models "
+                f"into the ComfyUI's model folders, where evaluate finds them without {flag}"
+            )
+        return given
+    if comfyui is None:
+        raise EvaluationError(
+            f"scoring needs {file} and no ComfyUI was found to look in: download it with "
+            f"`{command_line([flag], comfyui=Path('/path/to/ComfyUI'))}` and pass the same --comfyui, or give {flag} PATH (or --no-score to only generate)"
+        )
+    folders = comfyui_model_folders(comfyui, name=folder)
+    found = find_model(folders, file)
+    if found is None:
+        raise EvaluationError(
+            f"scoring needs {file}, which is not in {', '.join(map(str, folders))}: download it with "
+            f"`{command_line([flag], comfyui=comfyui)}`, or give {flag} PATH (or --no-score to only generate)"
+        )
+    return found
+
+
 def evaluate(args: argparse.Namespace) -> int:
-    if not args.no_score and (args.facenet is None or args.clip is None):
-        raise EvaluationError("scoring needs --facenet and --clip (or give --no-score to only generate)")
+    if not args.no_score:
+        try:
+            comfyui = find_comfyui(args.comfyui)
+        except FaceDiffuserError:
+            if args.comfyui:
+                raise
+            comfyui = None  # only --facenet and --clip
+        args.facenet = score_model(args.facenet, FACENET_FOLDER, FACENET_WEIGHTS, "facenet", comfyui)
+        args.clip = score_model(args.clip, CLIP_EVAL_FOLDER, DEFAULT_CLIP_EVAL, "clip", comfyui)
     if min(args.images_per_prompt, args.steps, args.max_combinations) < 1 or args.size < 64 or args.size % 8:
         raise EvaluationError("--images-per-prompt, --steps and --max-combinations must be >= 1, --size a multiple of 8 and at least 64")
     settings = Settings(

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from PIL import Image
 from facediffuser_core.comfy_client import ComfyClient, JobError, ServerUnavailable
 from facediffuser_core.errors import EvaluationError, FaceDiffuserError
 from facediffuser_core.evaluate import (
+    score_model,
     Job,
     OutputFolder,
     Settings,
@@ -626,11 +628,39 @@ def test_ctrl_c_keeps_finished_jobs_cancels_the_running_one_and_says_how_to_resu
     server.shutdown()
 
 
-def test_command_errors_are_reported_cleanly(tmp_path, subjects_dir, capsys):
+def test_missing_score_models_are_named_with_the_download_command_and_found_where_it_puts_them(
+    tmp_path, subjects_dir, generated_png, facenet_file, tiny_clip_folder, capsys, monkeypatch
+):
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "comfy").mkdir(parents=True)
+    (comfyui / "main.py").write_text("")
+    monkeypatch.setenv("COMFYUI_PATH", str(comfyui))
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a man <|image|>\n")
-    assert main(["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--server", "127.0.0.1:1"]) == 2
-    assert "error: scoring needs --facenet and --clip (or give --no-score to only generate)" in capsys.readouterr().err
+    prompts.write_text("a man <|image|> in a park\n")
+    server = FakeComfy(generated_png, {})
+    args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--server", server.address]
+    args += ["--images-per-prompt", "1", "--steps", "3", "--size", "64", "--device", "cpu"]
+    models = comfyui / "models"
+    assert main(args) == 2
+    assert (
+        f"error: scoring needs 20180402-114759-vggface2.pt, which is not in {models / 'facenet'}: download it with "
+        f"`python -m facediffuser_core download --facenet --comfyui {comfyui}`, or give --facenet PATH (or --no-score to only generate)"
+    ) in capsys.readouterr().err
+    (models / "facenet").mkdir(parents=True)
+    shutil.copy(facenet_file, models / "facenet" / "20180402-114759-vggface2.pt")  # where download --scores puts them
+    assert main(args) == 2
+    assert f"error: scoring needs clip-vit-large-patch14/model.safetensors, which is not in {models / 'clip_eval'}: download it with " in capsys.readouterr().err
+    shutil.copytree(tiny_clip_folder, models / "clip_eval" / "clip-vit-large-patch14")
+    assert main(args) == 0, capsys.readouterr().err
+    assert len(parse_csv((tmp_path / "out" / "scores.csv").read_text())) == 2 and server.queued  # one job per subject, generated and scored with the found models
+    server.shutdown()
+
+
+def test_a_score_model_path_that_does_not_exist_names_the_download(tmp_path):
+    with pytest.raises(EvaluationError, match=r"--clip .*nope: no such file or folder; `python -m facediffuser_core download --scores` downloads"):
+        score_model(tmp_path / "nope", "clip_eval", "clip-vit-large-patch14/model.safetensors", "clip", None)
+    with pytest.raises(EvaluationError, match=r"no ComfyUI was found to look in: download it with `python -m facediffuser_core download --facenet --comfyui /path/to/ComfyUI`"):
+        score_model(None, "facenet", "20180402-114759-vggface2.pt", "facenet", None)
 
 
 def test_command_stops_on_a_bad_row_and_keeps_the_scores(tmp_path, subjects_dir, capsys):
