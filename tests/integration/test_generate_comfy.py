@@ -1,18 +1,21 @@
 """``python -m facediffuser_core generate`` against the real ComfyUI (--cpu, random SD1.5-sized models,
 64 px, 3 steps: the pictures are noise, the pipeline is real): started by the command (--comfyui)
 and a running one (--server, the suite's server), one, two and four faces, two photos of one person,
-a batch, a photo without a face, usage errors before any start, Ctrl-C while sampling, and the
-workflow a PNG carries re-queued on another server giving the same picture.
+a batch, a photo without a face, usage errors before any start, Ctrl-C while sampling, the
+workflow a PNG carries re-queued on another server giving the same picture, and a missing model whose
+error names the ``download`` command that, run as printed against a fake hub, fills the folder.
 
 The tests that start a ComfyUI have the suite's server unload its models first (``quiet_servers``):
 one loaded SD1.5-sized set at a time. The ComfyUI they start runs as the suite's servers do."""
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -27,6 +30,7 @@ import pytest
 from PIL import Image
 
 from comfy_suite import quiet_servers
+from fake_hub import FakeHub
 from harness import LOW_MEMORY_ENV, SERVER_ARGS, make_base_directory
 from paths import FACES, ROOT
 from processes import gone, sigint_default
@@ -220,3 +224,33 @@ def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base
     assert result.returncode == 2
     assert "error: the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)" in result.stderr
     assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_names_the_download_that_fills_the_folder_generate_then_uses(comfyui_path, model_files, tmp_path, request):
+    """The SDM is missing from the ComfyUI's --base-directory: generate names the download command;
+    run as printed (the fake hub serves the suite's SD1.5-sized official SDM file), it downloads and
+    converts only the SDM (the TDM is there) into that folder, and generate then runs on it."""
+    base = make_base_directory(tmp_path / "base", {"facediffuser_tdm.safetensors": model_files.tdm}, [])
+    args = ["--face", str(MAN1), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base)]
+    missing = generate(*args, timeout=300)
+    folder = base / "models" / "facediffuser"
+    assert missing.returncode == 2 and "error: no model file facediffuser_sdm.safetensors in the folders ComfyUI searches" in missing.stderr
+    assert f"({folder}); download it with: python -m facediffuser_core download --to {folder}\n" in missing.stderr
+    assert "starting ComfyUI" not in missing.stderr
+    command = shlex.split(missing.stderr.split("download it with: ")[1].strip())
+    hub = FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": model_files.sdm_official})
+    try:
+        env = {**COMMAND_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        fetched = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        hub.close()
+    request.addfinalizer(lambda: shutil.rmtree(base / "models"))  # 2.7 GB: not kept until the session ends
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert f"{folder / 'facediffuser_tdm.safetensors'} is already there: nothing to download" in fetched.stdout
+    assert [request[1] for request in hub.byte_requests()] == ["/CodeGoat24/Face-diffuser/resolve/main/SDM/pytorch_model.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert filecmp.cmp(folder / "facediffuser_sdm.safetensors", model_files.sdm, shallow=False)  # the converter's file, byte for byte
+    assert not (base / "models" / ".facediffuser-download").exists()
+    result = generate(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_outputs(tmp_path / "out", 1)
