@@ -1,7 +1,7 @@
 """Command line (also installed as ``facediffuser``):
 
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
-- ``python -m facediffuser_core download [--fastcomposer] [--all] [--to DIR] [--keep-original]``
+- ``python -m facediffuser_core download [--fastcomposer] [--scores] [--all] [--to DIR] [--keep-original]``
 - ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32] [--kind sdm|tdm|fastcomposer]``
 
 Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
@@ -65,11 +65,12 @@ def parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
     fetch = commands.add_parser(
         "download",
-        help="the official models from the Hugging Face Hub, converted into ComfyUI's models/facediffuser",
+        help="the official models, ready in ComfyUI's models/facediffuser (and models/facenet, models/clip_eval)",
         description="Download the official models (Face-diffuser's SDM and TDM by default) from the Hugging Face Hub "
         "(HF_ENDPOINT and HF_TOKEN apply) and convert them to safetensors under the names the nodes and generate "
-        "use, in the model folder of the ComfyUI this pack is installed in. A model already there is skipped; a "
-        "download that was cut off resumes.",
+        "use, in the model folders of the ComfyUI this pack is installed in; --scores stores the score models "
+        "(FaceNet from facenet-pytorch's release, CLIP ViT-L/14 from the hub) as published. A model already there "
+        "is skipped; a download that was cut off resumes.",
         epilog="Example: python -m facediffuser_core download --all",
     )
     download.add_arguments(fetch)
