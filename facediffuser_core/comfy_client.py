@@ -26,11 +26,12 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .detailer import DEFAULT_FEATHER, DEFAULT_SIZE, MATCH_BY_SUBJECT_ENCODER
 from .errors import FaceDiffuserError
 from .faces import DEFAULT_MARGIN
+from .model_folders import MODEL_FOLDER
 from .prompt import MAX_SUBJECTS
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION
 from .subjects import DEFAULT_COMBINE
@@ -411,6 +412,20 @@ class ComfyClient:
             raise ServerUnavailable(f"{self.url} answered {getattr(error, 'code', 'no JSON')}: is it a ComfyUI server?") from None
         if "FaceDiffuserSampler" not in info:
             raise ServerUnavailable(f"{self.url} has no Face-diffuser nodes: install the pack in its custom_nodes folder")
+
+    def check_models(self, files: Sequence[str]) -> None:
+        """Raise :class:`ServerUnavailable` when the server's Face-diffuser model folders (its
+        ``GET /models/facediffuser``) lack one of ``files``, naming the command that downloads them."""
+        try:
+            listed = self._json(f"/models/{MODEL_FOLDER}")
+        except urllib.error.HTTPError:
+            return  # a server without that route: the queue's validation names a missing file
+        missing = [file for file in files if file not in listed]
+        if missing:
+            raise ServerUnavailable(
+                f"{self.url} has no {' or '.join(missing)} in its models/{MODEL_FOLDER} ({len(listed)} file(s) there); on that machine, "
+                "`python -m facediffuser_core download` in the pack's folder downloads the official models (or pick other files with --sdm/--tdm)"
+            )
 
     def upload(self, stem: str, data: bytes, subfolder: str) -> str:
         """Upload PNG ``data`` into ComfyUI's input folder as ``<subfolder>/<stem>_<content hash>.png``

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .comfy_client import ComfyClient, Generation, JobError, JobGraph, ServerUnavailable, build_graph, fill_template
+from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, ServerUnavailable, build_graph, fill_template
 from .comfy_launch import find_comfyui
 from .download import DEFAULT_CLIP_EVAL, command_line
 from .errors import EvaluationError, FaceDiffuserError, FaceNotFoundError
@@ -384,8 +384,9 @@ def reference_uploads(subjects: Sequence[Subject], margin: Optional[float], dete
 
 
 class ServerWorker:
-    """Runs jobs on one ComfyUI server: uploads the references it needs (once), queues the job's
-    graph, waits for it and saves the images into the output folder."""
+    """Runs jobs on one ComfyUI server: checks it has the pack and the models (a server without them
+    takes no jobs), uploads the references it needs (once), queues the job's graph, waits for it and
+    saves the images into the output folder."""
 
     def __init__(self, client: ComfyClient, templates: Optional[Mapping[int, dict]], settings: Settings, uploads: Mapping[str, tuple[str, bytes]], out: OutputFolder, timeout: float) -> None:
         self.client, self.templates, self.settings = client, templates, settings
@@ -393,9 +394,17 @@ class ServerWorker:
         self.uploaded: dict[str, str] = {}
         self.checked = False
 
+    def model_files(self) -> list[str]:
+        """The SDM and TDM names the jobs use (a template's own are checked when it is queued)."""
+        sdm, tdm = self.settings.sdm, self.settings.tdm
+        if not self.templates:
+            sdm, tdm = sdm or DEFAULT_SDM, tdm or DEFAULT_TDM
+        return [name for name in (sdm, tdm) if name]
+
     def __call__(self, job: Job) -> list[Path]:
         if not self.checked:
             self.client.check()
+            self.client.check_models(self.model_files())
             self.checked = True
         for subject in job.subjects:
             if subject not in self.uploaded:

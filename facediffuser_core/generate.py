@@ -244,6 +244,7 @@ def generate(args: argparse.Namespace) -> int:
         with _comfyui(args, comfyui) as server:
             client = ComfyClient(server)
             client.check()
+            client.check_models([args.sdm, args.tdm])  # what a running --server has (a started one's folders were checked before it started)
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,

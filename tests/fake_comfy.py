@@ -51,6 +51,7 @@ class FakeComfy(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), FakeHandler)
         self.image, self.mask, self.fail = image, mask, dict(fail or {})
         self.hang, self.has_pack = True, has_pack
+        self.models = ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]  # GET /models/facediffuser
         self.queued: list[dict] = []
         self.uploads: list[tuple[str, str]] = []
         self.cancelled: list[tuple[str, dict]] = []  # (path, body) of /queue and /interrupt calls
@@ -129,6 +130,8 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.answer({"FaceDiffuserSampler": {}} if self.server.has_pack else {})
         elif path.path == "/system_stats":
             self.answer({"system": {}})
+        elif path.path == "/models/facediffuser":
+            self.answer(self.server.models)
         elif path.path == "/ws":
             self.websocket(query["clientId"][0])
         elif path.path.startswith("/history/"):

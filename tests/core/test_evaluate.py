@@ -656,6 +656,28 @@ def test_missing_score_models_are_named_with_the_download_command_and_found_wher
     server.shutdown()
 
 
+def test_a_server_without_the_models_takes_no_jobs_and_says_which_file_is_missing(tmp_path, subjects_dir, generated_png, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a man <|image|> in a park\n")
+    bare, ready = FakeComfy(generated_png, {}), FakeComfy(generated_png, {})
+    bare.models = ["facediffuser_tdm.safetensors"]
+
+    def evaluate(out: str, *servers: FakeComfy) -> int:
+        args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(tmp_path / out), "--no-score"]
+        args += ["--images-per-prompt", "1", "--steps", "3", "--size", "64"]
+        return main(args + [option for server in servers for option in ("--server", server.address)])
+
+    assert evaluate("out", bare, ready) == 0, capsys.readouterr().err
+    assert bare.queued == [] and len(ready.queued) == 2  # the bare server's job went to the other one
+    ready.shutdown()
+    bare.models = []
+    assert evaluate("alone", bare) == 1
+    err = capsys.readouterr().err
+    assert f"http://{bare.address} has no facediffuser_sdm.safetensors or facediffuser_tdm.safetensors in its models/facediffuser (0 file(s) there)" in err
+    assert "`python -m facediffuser_core download` in the pack's folder downloads the official models" in err and bare.queued == []
+    bare.shutdown()
+
+
 def test_a_score_model_path_that_does_not_exist_names_the_download(tmp_path):
     with pytest.raises(EvaluationError, match=r"--clip .*nope: no such file or folder; `python -m facediffuser_core download --scores` downloads"):
         score_model(tmp_path / "nope", "clip_eval", "clip-vit-large-patch14/model.safetensors", "clip", None)

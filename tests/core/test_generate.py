@@ -294,6 +294,20 @@ def test_generate_on_a_running_server(fake, tmp_path, capsys):
     assert next(n["inputs"]["seed"] for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserSampler") == seed
 
 
+def test_a_running_server_without_the_model_file_is_an_error_before_any_upload(fake, tmp_path, capsys):
+    fake.models = ["facediffuser_sdm.safetensors", "other_tdm.safetensors"]
+    args = ["--face", str(MAN1), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), "--server", fake.address, "--size", "64"]
+    code, _, err = run_main(capsys, *args)
+    assert code == 2
+    assert f"error: http://{fake.address} has no facediffuser_tdm.safetensors in its models/facediffuser (2 file(s) there)" in err
+    assert "`python -m facediffuser_core download` in the pack's folder downloads the official models" in err
+    assert fake.uploads == [] and fake.queued == [] and not (tmp_path / "out").exists()
+    code, _, err = run_main(capsys, *args, "--tdm", "other_tdm.safetensors")
+    assert code == 0, err
+    (graph,) = fake.queued
+    assert next(n["inputs"]["tdm_name"] for n in graph.values() if n["class_type"] == "FaceDiffuserLoader") == "other_tdm.safetensors"
+
+
 def test_detail_adds_the_face_detailer_between_decoding_and_saving(fake, tmp_path, capsys):
     args = ["--face", str(MAN2), "--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|> playing chess", "-o", str(tmp_path / "out"),
             "--server", fake.address, "--steps", "6", "--cfg", "4", "--size", "64", "--seed", "7", "--sampler", "euler", "--scheduler", "karras"]  # fmt: skip
