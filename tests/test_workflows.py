@@ -66,6 +66,29 @@ def test_models_are_the_converted_files_the_readme_names(ui_path, api_path):
         assert source["class_type"] == "CheckpointLoaderSimple" and source["inputs"]["ckpt_name"] in readme
 
 
+# The ComfyUI web UI 1.49.6 (missingModelMetadata-*.js) offers a missing model for download when a node's
+# properties.models has an entry whose name is the widget's value, whose url starts with one of these and
+# whose name ends with one of these. The official Face-diffuser, FastComposer and FaceNet files are
+# none of them (.bin on the hub, .pt on GitHub): only the scene checkpoint's entry qualifies.
+WEB_UI_DOWNLOAD_SOURCES = ("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/", "http://localhost:")
+WEB_UI_DOWNLOAD_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pth", ".pt")
+WEB_UI_MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints"}  # node -> the folder its file goes in
+
+
+@pytest.mark.parametrize("ui_path", [ui for ui, _ in PAIRS], ids=[p.stem for p, _ in PAIRS])
+def test_model_download_entries_follow_the_web_uis_rules(ui_path):
+    graph = load(ui_path)
+    for node in graph["nodes"]:
+        entries = node.get("properties", {}).get("models", [])
+        if node["type"] == "CheckpointLoaderSimple":
+            assert entries, "the scene checkpoint can be offered for download: say where it is"
+        for entry in entries:
+            assert set(entry) == {"name", "url", "directory"} and entry["directory"] == WEB_UI_MODEL_FOLDERS[node["type"]]
+            assert entry["name"] in node["widgets_values"] and entry["url"].endswith("/" + entry["name"])
+            assert entry["url"].startswith(WEB_UI_DOWNLOAD_SOURCES) and entry["name"].endswith(WEB_UI_DOWNLOAD_SUFFIXES)
+    assert "models" not in graph  # per node, as ComfyUI's own templates carry them
+
+
 def test_the_scene_checkpoint_workflow_encodes_the_scene_prompts_with_the_scene_models_clip():
     api = load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")
     (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
