@@ -306,13 +306,14 @@ def _get(url: str, whole: Path, incomplete: Path, size: int) -> None:
 
     have = incomplete.stat().st_size if incomplete.is_file() else 0
     incomplete.parent.mkdir(parents=True, exist_ok=True)
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as response:
-        response.raise_for_status()
-        have = have if response.status_code == 206 else 0  # a server that ignores the range sends it all
-        with open(incomplete, "ab" if have else "wb") as out, tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=whole.name) as bar:
-            for chunk in response.iter_content(_CHUNK):
-                out.write(chunk)
-                bar.update(len(chunk))
+    if have < size:  # (a run stopped between the last byte and the rename has nothing left to fetch)
+        with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as response:
+            response.raise_for_status()
+            have = have if response.status_code == 206 else 0  # a server that ignores the range sends it all
+            with open(incomplete, "ab" if have else "wb") as out, tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=whole.name) as bar:
+                for chunk in response.iter_content(_CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
     if incomplete.stat().st_size < size:
         raise requests.ConnectionError(f"the connection closed after {incomplete.stat().st_size} of {size} bytes")
     incomplete.replace(whole)
@@ -330,7 +331,7 @@ def _fetch(fetch: _Fetch, staging: Path) -> Path:
     try:
         if model.url:
             whole, incomplete = _url_paths(staging, model)
-            if fetch.have < fetch.size:
+            if not whole.is_file():
                 _get(model.source(), whole, incomplete, fetch.size)
             return whole
         return Path(hf_hub_download(model.repo_id, model.filename, local_dir=staging, endpoint=os.environ.get("HF_ENDPOINT")))
