@@ -23,6 +23,7 @@ from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.model_folders import MODEL_FOLDER
 
 CATEGORY = "Face-diffuser"
+PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # where `python -m facediffuser_core` runs
 T = TypeVar("T")
 
 
@@ -37,9 +38,6 @@ def register_model_folder(name: str = MODEL_FOLDER, extensions: Iterable[str] = 
     paths, known = folder_paths.folder_names_and_paths[name]
     if not known:
         folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
-
-
-PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[str] = ()) -> Optional[str]:

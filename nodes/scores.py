@@ -14,9 +14,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..facediffuser_core.consistency import CLIP_URL, clean_prompt, load_clip, prompt_consistency
-from ..facediffuser_core.model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER
 from ..facediffuser_core.faces import load_detector, pil_to_image, to_pil_images
 from ..facediffuser_core.identity import FACENET_URL, FACENET_WEIGHTS, annotate_identity, load_facenet, reference_embeddings, score_identity
+from ..facediffuser_core.model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER
 from ..facediffuser_core.prompt import MARKER
 from .common import CATEGORY, auxiliary_model, cached_by_file, errors_named, loaded, missing_model, progress
 
