@@ -24,6 +24,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer
 
 from .checkpoints import read_state_dict
 from .errors import CheckpointError
+from .model_folders import CLIP_TOKENIZER_FILES
 from .preprocess import CLIP_MEAN, CLIP_STD, to_rgb
 from .prompt import MARKER
 from .subject_encoder import vision_config_from_state_dict
@@ -31,7 +32,6 @@ from .subject_encoder import vision_config_from_state_dict
 __all__ = ["CLIP_URL", "Clip", "load_clip", "clip_config_from_state_dict", "clip_pixels", "clean_prompt", "prompt_consistency"]
 
 CLIP_URL = "https://huggingface.co/openai/clip-vit-large-patch14"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _HEAD_DIM = 64  # every OpenAI CLIP uses 64-wide attention heads
 _TEXT = "text_model."
 
@@ -42,7 +42,7 @@ class Clip(NamedTuple):
 
 
 def _tokenizer(folder: Path) -> CLIPTokenizer:
-    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    missing = [name for name in CLIP_TOKENIZER_FILES if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder} has no CLIP tokenizer ({', '.join(missing)} missing); use the folder of {CLIP_URL}")
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -74,7 +74,7 @@ def clip_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConf
 
 def _load_file(path: Path, tokenizer_folder: Optional[Path]) -> Clip:
     if tokenizer_folder is None:
-        if not all((path.parent / name).is_file() for name in TOKENIZER_FILES):
+        if not all((path.parent / name).is_file() for name in CLIP_TOKENIZER_FILES):
             raise CheckpointError(
                 f"{path} is a single CLIP weights file: give the folder of a CLIP tokenizer (vocab.json, merges.txt) "
                 f"too, or use the whole folder of {CLIP_URL}"

@@ -30,10 +30,8 @@ from typing import Optional, Sequence
 from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import find_comfyui
-from .consistency import TOKENIZER_FILES
 from .errors import FaceDiffuserError
-from .identity import FACENET_WEIGHTS
-from .model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER, MODEL_FOLDER, comfyui_model_folders
+from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
 
 __all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "command_line", "selected", "free_bytes", "space_needed", "download"]
 
@@ -88,7 +86,7 @@ MODELS = {
     "clip": HubModel(
         "openai/clip-vit-large-patch14", "model.safetensors", DEFAULT_CLIP_EVAL,
         "MIT license (https://github.com/openai/CLIP/blob/main/LICENSE); intended for research (see its model card)",
-        folder=CLIP_EVAL_FOLDER, extras=("config.json", *TOKENIZER_FILES),
+        folder=CLIP_EVAL_FOLDER, extras=("config.json", *CLIP_TOKENIZER_FILES),
     ),
 }  # fmt: skip
 def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = "python") -> str:

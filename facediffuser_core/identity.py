@@ -21,6 +21,7 @@ from PIL import Image
 
 from .checkpoints import read_state_dict
 from .errors import CheckpointError, FaceNotFoundError
+from .model_folders import FACENET_WEIGHTS
 from .faces import CHOSEN, MIN_FACE_SIZE, Face, detect, draw_boxes, import_facenet
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "annotate_identity",
 ]
 
-FACENET_WEIGHTS = "20180402-114759-vggface2.pt"
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases"
 UNUSED = (160, 160, 160)  # box colour of detected faces that no reference was matched to
 

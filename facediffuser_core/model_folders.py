@@ -16,11 +16,13 @@ from typing import Sequence
 
 from .errors import FaceDiffuserError
 
-__all__ = ["MODEL_FOLDER", "FACENET_FOLDER", "CLIP_EVAL_FOLDER", "comfyui_model_folders", "find_model"]
+__all__ = ["MODEL_FOLDER", "FACENET_FOLDER", "CLIP_EVAL_FOLDER", "FACENET_WEIGHTS", "CLIP_TOKENIZER_FILES", "comfyui_model_folders", "find_model"]
 
 MODEL_FOLDER = "facediffuser"  # the pack's model folder names (nodes/__init__.py registers them)
 FACENET_FOLDER = "facenet"
 CLIP_EVAL_FOLDER = "clip_eval"
+FACENET_WEIGHTS = "20180402-114759-vggface2.pt"  # FaceNet VGGFace2 as facenet-pytorch publishes it, in FACENET_FOLDER
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")  # next to a CLIP model in CLIP_EVAL_FOLDER
 
 
 def _add(paths: list[Path], path: Path, is_default: bool) -> None:
