@@ -262,6 +262,7 @@ def test_sdxl_shaped_model(server):
 def test_the_scene_checkpoint_and_its_lora_shape_only_the_scene_and_fusion_stages(server):
     """The shipped scene-checkpoint workflow (a generated single-file SD1.5 checkpoint and LoRA): the
     LoRA's strength changes the picture; with every step in the subject stage it cannot."""
+    server.free()  # the earlier tests' models (5.5 GB) would stay cached while this one loads its own: 11 GB at once
     graph = with_saved_latent(small(load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")))
     assert node_of(graph, "FaceDiffuserLoader")["inputs"]["tdm_name"] == "none (another scene model)"
     without_lora = copy.deepcopy(graph)
