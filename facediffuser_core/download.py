@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import find_comfyui
-from .errors import FaceDiffuserError
+from .errors import CheckpointError, FaceDiffuserError
 from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
 
 __all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "command_line", "selected", "free_bytes", "space_needed", "download"]
@@ -89,14 +89,6 @@ MODELS = {
         folder=CLIP_EVAL_FOLDER, extras=("config.json", *CLIP_TOKENIZER_FILES),
     ),
 }  # fmt: skip
-def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = "python") -> str:
-    """The ``download`` command with ``flags`` (e.g. ``--scores``), writing to ``to`` or into the
-    model folders of ``comfyui`` (shell-quoted)."""
-    where = ["--to", str(to)] if to else ["--comfyui", str(comfyui)] if comfyui else []
-    return shlex.join([python, "-m", "facediffuser_core", "download", *flags, *where])
-
-
-GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip")}  # command-line flag -> models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -317,12 +309,12 @@ def _get(url: str, whole: Path, incomplete: Path, size: int) -> None:
     incomplete.replace(whole)
 
 
-def _fetch(fetch: _Fetch, staging: Path) -> Path:
-    """Download (or resume) one file into ``staging``: with huggingface_hub, or by URL."""
+def _fetch(fetch: _Fetch) -> Path:
+    """Download (or resume) one file into its staging folder: with huggingface_hub, or by URL."""
     import requests
     from huggingface_hub import hf_hub_download
 
-    model = fetch.model
+    model, staging = fetch.model, fetch.staging
     print(f"license of {model.repo_id}: {model.license}")
     resume = f", resuming at {_gb(fetch.have)}" if 0 < fetch.have < fetch.size else ""
     print(f"downloading {model.describe()} ({_gb(fetch.size)}{resume})")
@@ -348,8 +340,7 @@ def _place(source: Path, target: Path) -> None:
 
 def _check_published(path: Path, model: HubModel) -> None:
     """A model stored as published loads as what it is meant to be, before it gets its final name."""
-    from .errors import CheckpointError
-    from .identity import load_facenet
+    from .identity import load_facenet  # torch and PIL: only when a FaceNet file is stored
 
     try:
         if model.folder == FACENET_FOLDER:
@@ -388,7 +379,7 @@ def _store(fetch: _Fetch, original: Path, args: argparse.Namespace) -> None:
 
 
 def _verified(fetch: _Fetch) -> Path:
-    original = _fetch(fetch, fetch.staging)
+    original = _fetch(fetch)
     _verify(original, fetch)
     return original
 
