@@ -23,6 +23,10 @@ from typing import Iterator, Optional, Union
 Content = Union[bytes, Path]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SDM_KEY, TDM_KEY, FASTCOMPOSER_KEY = "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin", "CodeGoat24/Face-diffuser/TDM/pytorch_model.bin", "mit-han-lab/fastcomposer/pytorch_model.bin"
+FACENET_KEY = "releases/v2.2.9/20180402-114759-vggface2.pt"  # a plain web file
+CLIP_REPO = "openai/clip-vit-large-patch14"
+CLIP_FILES = ("model.safetensors", "config.json", "vocab.json", "merges.txt")
 
 
 class FakeHub:
@@ -134,3 +138,17 @@ def _chunks(content: Content, start: int, end: int, chunk: int = 2**22) -> Itera
         while start < end and (piece := source.read(min(chunk, end - start))):
             start += len(piece)
             yield piece
+
+
+def official_hub(official: dict[str, Path], facenet: Path, clip_folder: Path) -> FakeHub:
+    """The official models' places, served with the suite's stand-ins: the tiny SDM and TDM
+    ({"SDM": path, "TDM": path}; the SDM's bytes as FastComposer's model), a tiny CLIP folder as CLIP
+    ViT-L/14's repository and random FaceNet weights as the FaceNet release file."""
+    sdm, tdm = official["SDM"].read_bytes(), official["TDM"].read_bytes()
+    clip = {f"{CLIP_REPO}/{name}": (clip_folder / name).read_bytes() for name in CLIP_FILES}
+    return FakeHub({SDM_KEY: sdm, TDM_KEY: tdm, FASTCOMPOSER_KEY: sdm, FACENET_KEY: facenet.read_bytes(), **clip})
+
+
+def download_env(hub: FakeHub) -> dict[str, str]:
+    """The environment under which ``download`` fetches everything from ``hub``."""
+    return {"HF_ENDPOINT": hub.endpoint, "FACEDIFFUSER_FACENET_URL": hub.url(FACENET_KEY), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}

@@ -24,27 +24,19 @@ from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from facediffuser_core.convert import convert_checkpoint
 from facediffuser_core.generate import UsageError, check_models
 from facediffuser_core.model_folders import comfyui_model_folders
-from fake_hub import FakeHub
+from fake_hub import CLIP_FILES, CLIP_REPO, FACENET_KEY, SDM_KEY, TDM_KEY, download_env, official_hub
 from paths import ROOT
 from processes import sigint_default
 
-SDM_KEY, TDM_KEY, FASTCOMPOSER_KEY = "CodeGoat24/Face-diffuser/SDM/pytorch_model.bin", "CodeGoat24/Face-diffuser/TDM/pytorch_model.bin", "mit-han-lab/fastcomposer/pytorch_model.bin"
-FACENET_KEY = "releases/v2.2.9/20180402-114759-vggface2.pt"  # a plain web file
-CLIP_REPO = "openai/clip-vit-large-patch14"
-CLIP_FILES = ("model.safetensors", "config.json", "vocab.json", "merges.txt")
 FACEDIFFUSER_LICENSE = "license of CodeGoat24/Face-diffuser: non-commercial academic use only"
 
 
 @pytest.fixture
 def hub(official_files, facenet_file, tiny_clip_folder, monkeypatch):
-    """The fake hub with the tiny SDM and TDM (and the SDM's bytes as FastComposer's model), the tiny
-    CLIP folder as CLIP ViT-L/14's repository, and random FaceNet weights as the FaceNet release file."""
-    sdm, tdm = official_files["SDM"].read_bytes(), official_files["TDM"].read_bytes()
-    clip = {f"{CLIP_REPO}/{name}": (tiny_clip_folder / name).read_bytes() for name in CLIP_FILES}
-    server = FakeHub({SDM_KEY: sdm, TDM_KEY: tdm, FASTCOMPOSER_KEY: sdm, FACENET_KEY: facenet_file.read_bytes(), **clip})
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("FACEDIFFUSER_FACENET_URL", server.url(FACENET_KEY))
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """The fake hub with the official models' stand-ins (fake_hub.official_hub), in the environment."""
+    server = official_hub(official_files, facenet_file, tiny_clip_folder)
+    for name, value in download_env(server).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield server
     server.close()

@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from fake_hub import FakeHub
-
-CLIP_REPO = "openai/clip-vit-large-patch14"
-FACENET_KEY = "releases/20180402-114759-vggface2.pt"
+from fake_hub import FakeHub, download_env, official_hub
 
 
 @pytest.fixture
 def hub(official_files, facenet_file, tiny_clip_folder):
-    files = {f"CodeGoat24/Face-diffuser/{kind}/pytorch_model.bin": official_files[kind].read_bytes() for kind in ("SDM", "TDM")}
-    files[FACENET_KEY] = facenet_file.read_bytes()
-    files.update({f"{CLIP_REPO}/{name}": (tiny_clip_folder / name).read_bytes() for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt")})
-    server = FakeHub(files)
+    server = official_hub(official_files, facenet_file, tiny_clip_folder)
     yield server
     server.close()
 
@@ -44,7 +38,7 @@ def empty_folders(comfy, tmp_path, monkeypatch):
 def run_printed_command(message: str, hub: FakeHub) -> None:
     """Run the command a message prints (``cd PACK && PYTHON -m facediffuser_core download ...``) in a shell."""
     command = message.split("Download the official files with: ")[1].split("   then press R")[0]
-    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "FACEDIFFUSER_FACENET_URL": hub.url(FACENET_KEY), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, **download_env(hub)}
     result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
 
