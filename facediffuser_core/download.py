@@ -4,9 +4,12 @@ loads them from.
 Face-diffuser's (and FastComposer's) ``pytorch_model.bin`` are converted to safetensors; the score
 models are stored as published: CLIP ViT-L/14's Hugging Face folder in ``models/clip_eval`` and
 FaceNet's VGGFace2 weights (a facenet-pytorch release file, not on the hub) in ``models/facenet``.
-Hub files come through ``huggingface_hub`` (its resume, progress bars, ``HF_ENDPOINT`` and
-``HF_TOKEN``), the FaceNet file through a ranged HTTP GET that resumes the same way
-(``FACEDIFFUSER_FACENET_URL`` names a mirror). Each goes into a staging folder next to its model
+Every file comes through a ranged HTTP GET (``requests``) into a ``.incomplete`` file that the next
+run resumes: hub files at the address and with the headers ``huggingface_hub``'s public API gives
+(``hf_hub_url``, ``get_hf_file_metadata``, ``build_hf_headers``: ``HF_ENDPOINT``, ``HF_TOKEN`` or a
+stored login apply), the FaceNet file at its release URL (``FACEDIFFUSER_FACENET_URL`` names a
+mirror). huggingface_hub's own ``hf_hub_download`` is not used: from 2.0 on it deletes a cut-off
+file, so a run stopped by Ctrl-C would start over. Each goes into a staging folder next to its model
 folder (``models/.facediffuser-download``: outside the folder ComfyUI lists, so an unverified file is
 never offered). Before the first byte, the free space is checked for what is left to download plus
 the converted files. A downloaded file is checked against the size and, for large (LFS) hub files,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import re
 import shlex
@@ -180,39 +184,60 @@ def _staging(folder: Path) -> Path:
     return folder.parent / f".{folder.name}-download"
 
 
-def _is_download(relative: Path) -> bool:
-    """Whether a file in the staging folder is (part of) a download rather than huggingface_hub's
-    bookkeeping in ``.cache/`` (locks, metadata)."""
-    return relative.parts[0] != ".cache" or relative.name.endswith(".incomplete")
+def _paths(staging: Path, filename: str) -> tuple[Path, Path]:
+    """(the whole file, the cut-off download) of ``filename`` (a path in its repository) in ``staging``."""
+    return staging / filename, staging / f"{filename}.incomplete"
 
 
-def _url_paths(staging: Path, model: HubModel) -> tuple[Path, Path]:
-    """(the whole file, the cut-off download) of a file outside the hub, in ``staging``."""
-    return staging / model.filename, staging / f"{model.filename}.incomplete"
-
-
-def _partial_bytes(staging: Path, model: HubModel, etag: str, size: int) -> int:
+def _partial_bytes(staging: Path, model: HubModel, size: int) -> int:
     """Bytes of ``model`` already in ``staging``: a whole file, or a cut-off download that resumes."""
-    if not staging.is_dir():
-        return 0  # (get_local_download_paths makes its folders)
-    if model.url:
-        whole, incomplete = _url_paths(staging, model)
-    else:
-        from huggingface_hub._local_folder import get_local_download_paths  # where hf_hub_download keeps a cut-off file
-
-        paths = get_local_download_paths(staging, model.filename)
-        whole, incomplete = paths.file_path, paths.incomplete_path(etag)
+    whole, incomplete = _paths(staging, model.filename)
     if whole.is_file() and whole.stat().st_size == size:
         return size
     return incomplete.stat().st_size if incomplete.is_file() else 0
 
 
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a request that fails for want of a network or a good answer raises: ``requests``' errors
+    (the FaceNet file, every GET, and huggingface_hub < 1.0), the hub's own HTTP errors, and the
+    transport errors of the HTTP library of huggingface_hub 1.x (``httpx``) or 2.x (``httpx2``)."""
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [requests.RequestException, HfHubHTTPError]
+    for library in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(library).HTTPError)
+        except (ImportError, AttributeError):
+            pass  # not installed: huggingface_hub does not use it
+    return tuple(errors)
+
+
+def _hub_url(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo_id, filename, endpoint=os.environ.get("HF_ENDPOINT"))
+
+
+def _hub_headers() -> dict[str, str]:
+    """The hub's request headers: user agent and the token (HF_TOKEN, or a stored login)."""
+    from huggingface_hub.utils import build_hf_headers
+
+    return build_hf_headers()
+
+
+def _hub_metadata(repo_id: str, filename: str) -> tuple[Optional[int], Optional[str]]:
+    """(size, ETag) of a file on the hub: a HEAD request through huggingface_hub."""
+    from huggingface_hub import get_hf_file_metadata
+
+    meta = get_hf_file_metadata(_hub_url(repo_id, filename), endpoint=os.environ.get("HF_ENDPOINT"))
+    return meta.size, meta.etag
+
+
 def _metadata(model: HubModel, folder: Path, name: str) -> _Fetch:
     """HEAD the file on the hub (HF_ENDPOINT, HF_TOKEN apply), or at its URL."""
     import requests
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    endpoint = os.environ.get("HF_ENDPOINT")
     url = model.source()
     try:
         if url:
@@ -221,15 +246,14 @@ def _metadata(model: HubModel, folder: Path, name: str) -> _Fetch:
             size, etag = response.headers.get("Content-Length"), ""
             size = int(size) if size and size.isdigit() else None
         else:
-            meta = get_hf_file_metadata(hf_hub_url(model.repo_id, model.filename, endpoint=endpoint), endpoint=endpoint)
-            size, etag = meta.size, meta.etag
-    except requests.RequestException as error:
+            size, etag = _hub_metadata(model.repo_id, model.filename)
+    except network_errors() as error:
         fix = f"{FACENET_URL_VARIABLE} for a mirror" if url else "HF_ENDPOINT for a mirror, HF_TOKEN for a token"
         where = f"at {url}" if url else "on the hub"
         raise DownloadError(f"cannot reach {model.describe()} {where} ({error}); check the connection ({fix})") from None
     if size is None or etag is None:
         raise DownloadError(f"{url or 'the hub'} reported no size or ETag for {model.describe()}; nothing can be verified, so nothing was downloaded")
-    return _Fetch(name, model, size, etag, _partial_bytes(_staging(folder), model, etag, size), folder)
+    return _Fetch(name, model, size, etag, _partial_bytes(_staging(folder), model, size), folder)
 
 
 def _output_bytes(size: int, dtype: str) -> int:
@@ -289,15 +313,17 @@ def _verify(path: Path, fetch: _Fetch) -> None:
         raise DownloadError(f"{fetch.model.describe()} {problem}: it was removed and nothing was converted; run the command again to download it anew")
 
 
-def _get(url: str, whole: Path, incomplete: Path, size: int) -> None:
-    """Download ``url`` into ``incomplete``, resuming it with a ranged GET, then rename it ``whole``."""
+def _get(url: str, whole: Path, incomplete: Path, size: int, headers: Optional[dict[str, str]] = None) -> None:
+    """Download ``url`` into ``incomplete``, resuming it with a ranged GET, then rename it ``whole``.
+    ``headers`` go with the request (redirects to another host drop the token, as requests does)."""
     import requests
     from tqdm import tqdm
 
     have = incomplete.stat().st_size if incomplete.is_file() else 0
     incomplete.parent.mkdir(parents=True, exist_ok=True)
     if have < size:  # (a run stopped between the last byte and the rename has nothing left to fetch)
-        with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as response:
+        ranged = {**(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
+        with requests.get(url, headers=ranged, stream=True, timeout=30) as response:
             response.raise_for_status()
             have = have if response.status_code == 206 else 0  # a server that ignores the range sends it all
             with open(incomplete, "ab" if have else "wb") as out, tqdm(total=size, initial=have, unit="B", unit_scale=True, desc=whole.name) as bar:
@@ -310,23 +336,32 @@ def _get(url: str, whole: Path, incomplete: Path, size: int) -> None:
 
 
 def _fetch(fetch: _Fetch) -> Path:
-    """Download (or resume) one file into its staging folder: with huggingface_hub, or by URL."""
-    import requests
-    from huggingface_hub import hf_hub_download
-
+    """Download (or resume) one file into its staging folder: from the hub, or by URL."""
     model, staging = fetch.model, fetch.staging
     print(f"license of {model.repo_id}: {model.license}")
     resume = f", resuming at {_gb(fetch.have)}" if 0 < fetch.have < fetch.size else ""
     print(f"downloading {model.describe()} ({_gb(fetch.size)}{resume})")
+    whole, incomplete = _paths(staging, model.filename)
     try:
-        if model.url:
-            whole, incomplete = _url_paths(staging, model)
-            if not whole.is_file():
-                _get(model.source(), whole, incomplete, fetch.size)
-            return whole
-        return Path(hf_hub_download(model.repo_id, model.filename, local_dir=staging, endpoint=os.environ.get("HF_ENDPOINT")))
-    except (requests.RequestException, OSError) as error:  # a dropped connection; huggingface_hub's size check
+        if not whole.is_file():
+            url, headers = (model.source(), None) if model.url else (_hub_url(model.repo_id, model.filename), _hub_headers())
+            _get(url, whole, incomplete, fetch.size, headers)
+        return whole
+    except (*network_errors(), OSError) as error:  # a dropped connection; a full disk
         raise DownloadError(f"the download of {model.describe()} stopped ({error}); run the command again to resume it") from None
+
+
+def _fetch_extra(model: HubModel, extra: str, staging: Path) -> Path:
+    """One small file of ``model``'s repository (``extras``), downloaded into ``staging``."""
+    whole, incomplete = _paths(staging, extra)
+    try:
+        size, _ = _hub_metadata(model.repo_id, extra)
+        if size is None:
+            raise DownloadError(f"the hub reported no size for {extra} of {model.repo_id}; nothing can be verified, so nothing was stored")
+        _get(_hub_url(model.repo_id, extra), whole, incomplete, size, _hub_headers())
+    except (*network_errors(), OSError) as error:
+        raise DownloadError(f"the download of {extra} of {model.repo_id} stopped ({error}); run the command again to resume it") from None
+    return whole
 
 
 def _place(source: Path, target: Path) -> None:
@@ -355,15 +390,13 @@ def _check_published(path: Path, model: HubModel) -> None:
 def _store(fetch: _Fetch, original: Path, args: argparse.Namespace) -> None:
     """Convert a downloaded model into its folder (keeping or removing the .bin), or store it as published
     with its extras."""
-    from huggingface_hub import hf_hub_download
-
     from .convert import convert_checkpoint
 
     model, target = fetch.model, fetch.folder / fetch.model.target
     if model.kind is None:
         _check_published(original, model)
         for extra in model.extras:
-            _place(Path(hf_hub_download(model.repo_id, extra, local_dir=fetch.staging, endpoint=os.environ.get("HF_ENDPOINT"))), target.parent / extra)
+            _place(_fetch_extra(model, extra, fetch.staging), target.parent / extra)
         _place(original, target)
         print(f"wrote {target} ({_gb(target.stat().st_size)}), verified")
         return
@@ -414,8 +447,8 @@ def download(args: argparse.Namespace) -> int:
         print("interrupted: nothing half-written is left in the model folder; run the command again to resume the download", flush=True)
         return 130
     for staging in {fetch.staging for fetch in fetches}:
-        if staging.is_dir() and not any(_is_download(path.relative_to(staging)) for path in staging.rglob("*") if path.is_file()):
-            shutil.rmtree(staging)  # only huggingface_hub's bookkeeping is left
+        if staging.is_dir() and not any(path.is_file() for path in staging.rglob("*")):
+            shutil.rmtree(staging)  # only empty folders are left
     for folder in dict.fromkeys(folders.values()):
         print(f"the models are in {folder}")
     return 0

@@ -1,11 +1,12 @@
 """A fake Hugging Face Hub on 127.0.0.1: the part of the HTTP protocol huggingface_hub's
-``hf_hub_download`` and ``get_hf_file_metadata`` use (0.2x/0.36), for ``HF_ENDPOINT``.
+``get_hf_file_metadata`` and a plain ranged ``GET`` use (huggingface_hub 0.36 to 2.x), for ``HF_ENDPOINT``.
 
 ``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}`` answer with ``X-Repo-Commit``, ``ETag`` and
 ``X-Linked-Etag`` (the SHA-256, as the hub reports LFS files), ``X-Linked-Size`` and ``Content-Length``;
 ``GET`` honours ``Range: bytes=N-`` with a 206. Any other path is a plain web file (``/{key}``), as
 the FaceNet release file is. A file is given as bytes or as a path (streamed from disk, for the
-SD1.5-sized files of the integration suite). Every request is logged as (method, path, Range).
+SD1.5-sized files of the integration suite). Every request is logged as (method, path, Range), and
+the Authorization header of each path's last request is kept.
 Faults, by path: ``cut[path] = N`` sends the first N bytes of the next GET and drops the connection;
 ``served[path] = bytes`` serves other bytes than the advertised size and SHA-256 describe;
 ``hold[path] = N`` sends the first N bytes of the next GET and then waits until ``release`` is set.
@@ -36,6 +37,7 @@ class FakeHub:
         self.files = dict(files)
         self._sha: dict[tuple[str, int], str] = {}
         self.requests: list[tuple[str, str, Optional[str]]] = []
+        self.authorization: dict[str, Optional[str]] = {}  # path -> the Authorization header of its last request
         self.cut: dict[str, int] = {}
         self.served: dict[str, bytes] = {}
         self.hold: dict[str, int] = {}
@@ -68,10 +70,13 @@ class FakeHub:
         return f"{self.endpoint}/{key}"
 
     def byte_requests(self, method: str = "GET") -> list[tuple[str, str, Optional[str]]]:
-        return [request for request in self.requests if request[0] == method]
+        """The ``method`` requests for files: not the hub's API calls (``/api/...``: huggingface_hub 2.x
+        asks for ``/api/agent-harnesses`` before its first file request)."""
+        return [request for request in self.requests if request[0] == method and not request[1].startswith("/api/")]
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((handler.command, handler.path, handler.headers.get("Range")))
+        self.authorization[handler.path] = handler.headers.get("Authorization")
         match = re.fullmatch(r"/(.+?/.+?)/resolve/[^/]+/(.+)", handler.path)
         key = f"{match.group(1)}/{match.group(2)}" if match else handler.path[1:]
         if key not in self.files:

@@ -160,6 +160,15 @@ def test_an_unreachable_hub_is_an_error_naming_hf_endpoint(hub, tmp_path, capsys
     assert "(HF_ENDPOINT for a mirror, HF_TOKEN for a token)" in err and not (tmp_path / "models").exists()
 
 
+def test_the_hub_files_go_with_the_token_and_the_release_file_without(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert run(capsys, "--to", str(tmp_path / "models"), "--facediffuser")[0] == 0
+    assert run(capsys, "--to", str(tmp_path / "facenet"), "--facenet")[0] == 0
+    for key in ("SDM/pytorch_model.bin", "TDM/pytorch_model.bin"):
+        assert hub.authorization[f"/CodeGoat24/Face-diffuser/resolve/main/{key}"] == "Bearer hf_test_token"
+    assert hub.authorization[f"/{FACENET_KEY}"] is None  # GitHub's file: the hub's token is not sent elsewhere
+
+
 def test_a_corrupted_file_is_refused_removed_and_never_converted(hub, tmp_path, capsys):
     folder = tmp_path / "models"
     good = hub.files[TDM_KEY]
