@@ -4,7 +4,8 @@
 (``ComfyUI/custom_nodes/<pack>/facediffuser_core``, also when the pack folder is a symlink).
 :func:`device_args` adds ``--cpu`` where torch finds no GPU and the user chose no device.
 :class:`LocalComfyUI` starts ``main.py`` with this Python on 127.0.0.1 and a free port, in a process
-group of its own, waits until it answers, and stops the whole group again, on errors and Ctrl-C too.
+group of its own (a new session on POSIX, a new process group on Windows), waits until it answers, and
+stops it with its whole process tree again (psutil, which ComfyUI requires), on errors and Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import psutil
 
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
 
-__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "LocalComfyUI"]
+__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CREATE_NEW_PROCESS_GROUP = 0x200  # subprocess.CREATE_NEW_PROCESS_GROUP, which only Windows' Python defines
 # ComfyUI's options that choose the device (comfy/cli_args.py, where the VRAM modes from --gpu-only
 # to --novram are mutually exclusive with --cpu): a user who gives one has chosen
 DEVICE_OPTIONS = frozenset({
@@ -110,6 +114,52 @@ def _stop_with_parent() -> Callable[[], None]:
     return request
 
 
+def start_options(platform: str = sys.platform) -> dict[str, Any]:
+    """``Popen`` options that put the server in a process group of its own, so that the Ctrl-C of the
+    console reaches this command alone, which then stops the server: a new process group on Windows,
+    a new session elsewhere, and on Linux the parent-death guard (:func:`_stop_with_parent`)."""
+    if platform == "win32":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True, "preexec_fn": _stop_with_parent() if platform.startswith("linux") else None}
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants (empty when it has ended)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def end_process_tree(pid: int, grace: float) -> None:
+    """Ask ``pid`` and its descendants to exit (SIGTERM; on Windows TerminateProcess, which is final),
+    wait up to ``grace`` seconds, then kill what is left, descendants started meanwhile included. Where
+    the platform has process groups (``os.killpg``), the group of ``pid`` is killed last too: it also
+    holds descendants whose parent died before them. A Ctrl-C during the wait only cuts it short."""
+    tree = process_tree(pid)
+    for process in tree:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        psutil.wait_procs(tree, timeout=grace)
+    except KeyboardInterrupt:
+        pass
+    for process in {*tree, *process_tree(pid)}:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    killpg, kill_signal = getattr(os, "killpg", None), getattr(signal, "SIGKILL", None)
+    if killpg and kill_signal:
+        try:
+            killpg(pid, kill_signal)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left in the group
+
+
 class LocalComfyUI:
     """``with LocalComfyUI(path, args) as server:`` ComfyUI running headless; ``server`` is its
     ``127.0.0.1:port``. Its output goes to a log file whose last lines are quoted if it fails. On
@@ -130,8 +180,7 @@ class LocalComfyUI:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,  # its own process group: Ctrl-C is ours to pass on
-                preexec_fn=_stop_with_parent() if sys.platform.startswith("linux") else None,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **start_options(),  # its own process group: Ctrl-C is ours to pass on
             )  # fmt: skip
         try:
             self._wait_until_up()
@@ -167,22 +216,12 @@ class LocalComfyUI:
             return
         raise ServerUnavailable(f"ComfyUI in {self.path} did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass  # nothing left in the group
-
     def stop(self, grace: float = 20.0) -> None:
-        """Stop ComfyUI (SIGTERM, ``grace`` seconds to exit) and then kill whatever is left of its
-        process group, children included. A second Ctrl-C while it waits only cuts the wait short."""
+        """Stop ComfyUI and its children (:func:`end_process_tree`: ``grace`` seconds to exit, then
+        killed). A second Ctrl-C while it waits only cuts the wait short."""
         if self.process is None:
             return
         try:
-            self._signal_group(signal.SIGTERM)
-            self.process.wait(grace)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            pass
+            end_process_tree(self.process.pid, grace)
         finally:
-            self._signal_group(signal.SIGKILL)
             self.process.wait()

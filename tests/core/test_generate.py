@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -410,6 +411,48 @@ def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
             pass
     started = json.loads((fake_comfyui / "started.json").read_text())
     assert gone(started["pid"], started["child"]) and not launcher.log.exists()
+
+
+def without(module, name: str) -> types.ModuleType:
+    """A copy of ``module`` lacking ``name``, as Windows' ``os`` lacks ``killpg`` and its ``signal`` ``SIGKILL``."""
+    copy = types.ModuleType(module.__name__)
+    copy.__dict__.update({key: value for key, value in vars(module).items() if key != name})
+    return copy
+
+
+def test_the_server_gets_a_process_group_of_its_own_on_every_platform():
+    windows = comfy_launch.start_options("win32")
+    assert windows == {"creationflags": 0x200}  # CREATE_NEW_PROCESS_GROUP: no preexec_fn or session, which Windows lacks
+    assert getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200) == 0x200
+    assert comfy_launch.start_options("darwin") == {"start_new_session": True, "preexec_fn": None}
+    linux = comfy_launch.start_options("linux")
+    assert linux["start_new_session"] is True and callable(linux["preexec_fn"])  # the parent-death guard
+
+
+def test_stop_ends_the_process_tree_where_windows_lacks_killpg_and_sigkill(fake_comfyui, monkeypatch):
+    """With the platform faked as Windows (the launcher sees no os.killpg and no signal.SIGKILL; psutil,
+    the portable layer, keeps its own platform's calls), stopping the server ends it and the child it
+    started: psutil's tree walk, not the POSIX process group, does it."""
+    launcher = LocalComfyUI(fake_comfyui, startup_timeout=120)
+    with launcher:
+        started = json.loads((fake_comfyui / "started.json").read_text())
+        assert [process.pid for process in comfy_launch.process_tree(started["pid"])] == [started["pid"], started["child"]]
+        monkeypatch.setattr(sys, "platform", "win32")
+        monkeypatch.setattr(comfy_launch, "os", without(os, "killpg"))
+        monkeypatch.setattr(comfy_launch, "signal", without(signal, "SIGKILL"))
+    assert gone(started["pid"], started["child"]) and launcher.process.returncode is not None
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    script = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+             "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); " \
+             "print(child.pid, flush=True); time.sleep(600)"  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, **comfy_launch.start_options())
+    child = int(process.stdout.readline())
+    started = time.monotonic()
+    comfy_launch.end_process_tree(process.pid, grace=1.0)
+    process.wait(10)
+    assert gone(process.pid, child) and time.monotonic() - started >= 1.0
 
 
 def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: Optional[str] = "--cpu --base-directory {desk}") -> tuple[list[str], dict, Path]:
