@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import psutil
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
 
-__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
+__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "quote_command", "split_command", "change_folder", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -73,6 +74,26 @@ def find_comfyui(explicit: Optional[Path] = None, environ: Mapping[str, str] = o
         f"no ComfyUI to start: this pack ({pack}) is not inside a ComfyUI/custom_nodes folder; pass "
         "--comfyui /path/to/ComfyUI or set COMFYUI_PATH, or use a running one with --server HOST:PORT"
     )
+
+
+def quote_command(args: Sequence[str], platform: str = sys.platform) -> str:
+    """``args`` as one command line to paste into the platform's shell: double quotes where needed on
+    Windows (cmd and PowerShell), POSIX shell quoting elsewhere."""
+    return subprocess.list2cmdline(list(args)) if platform == "win32" else shlex.join(args)
+
+
+def split_command(text: str, platform: str = sys.platform) -> list[str]:
+    """A command line typed by the user (``--comfyui-args``) as arguments: POSIX shell rules, except on
+    Windows, where a backslash is a path separator, not an escape, and double quotes group."""
+    if platform != "win32":
+        return shlex.split(text)
+    return [arg[1:-1] if len(arg) > 1 and arg[0] == arg[-1] == '"' else arg for arg in shlex.split(text, posix=False)]
+
+
+def change_folder(folder: str, platform: str = sys.platform) -> str:
+    """The shell command that makes ``folder`` the working directory (``cd /d`` changes the drive
+    too in Windows' cmd)."""
+    return f"cd /d {quote_command([folder], platform)}" if platform == "win32" else f"cd {shlex.quote(folder)}"
 
 
 def free_port() -> int:
@@ -162,8 +183,10 @@ def end_process_tree(pid: int, grace: float) -> None:
 
 class LocalComfyUI:
     """``with LocalComfyUI(path, args) as server:`` ComfyUI running headless; ``server`` is its
-    ``127.0.0.1:port``. Its output goes to a log file whose last lines are quoted if it fails. On
-    Linux it also ends when the thread that started it does (enter it from one that outlives it)."""
+    ``127.0.0.1:port``. Its output goes to a log file in the temporary folder whose last lines are
+    quoted if it fails to start; the file is removed after a run that ends well or by Ctrl-C and kept
+    after an error. On Linux it also ends when the thread that started it does (enter it from one
+    that outlives it)."""
 
     def __init__(self, path: Path, args: Sequence[str] = (), startup_timeout: float = 600.0) -> None:
         self.path, self.args, self.startup_timeout = Path(path), list(args), startup_timeout
@@ -185,13 +208,14 @@ class LocalComfyUI:
         try:
             self._wait_until_up()
         except BaseException:
-            self.__exit__()
+            self.__exit__(*sys.exc_info())
             raise
         return self.server
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type: Optional[type] = None, *exc_info) -> None:
         self.stop()
-        self.log.unlink(missing_ok=True)  # what went wrong was quoted from it
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+            self.log.unlink(missing_ok=True)  # kept after an error: ComfyUI's traceback is there
 
     @property
     def pid(self) -> Optional[int]:
@@ -206,7 +230,7 @@ class LocalComfyUI:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerUnavailable(f"ComfyUI in {self.path} exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+                raise ServerUnavailable(f"ComfyUI in {self.path} exited with code {self.process.returncode} while starting ({self.log}):\n{self.log_tail()}")
             try:
                 client.ping()
             except ServerUnavailable:
@@ -214,7 +238,7 @@ class LocalComfyUI:
                 continue
             client.check()  # it answers: does it have the pack's nodes?
             return
-        raise ServerUnavailable(f"ComfyUI in {self.path} did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerUnavailable(f"ComfyUI in {self.path} did not answer within {self.startup_timeout:.0f} s ({self.log}):\n{self.log_tail()}")
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop ComfyUI and its children (:func:`end_process_tree`: ``grace`` seconds to exit, then

@@ -25,15 +25,15 @@ import hashlib
 import importlib
 import os
 import re
-import shlex
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
-from .comfy_launch import find_comfyui
+from .comfy_launch import find_comfyui, quote_command
 from .errors import CheckpointError, FaceDiffuserError
 from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
 
@@ -112,11 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-original", action="store_true", help="keep each downloaded pytorch_model.bin (as SDM/, TDM/ or fastcomposer/pytorch_model.bin in the folder) instead of removing it after the conversion")
 
 
-def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = "python") -> str:
+def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = sys.executable) -> str:
     """The ``download`` command with ``flags`` (e.g. ``--scores``), writing to ``to`` or into the
-    model folders of ``comfyui`` (shell-quoted)."""
+    model folders of ``comfyui``, run by ``python`` (the running interpreter: ComfyUI's, e.g.
+    ``python_embeded\\python.exe`` on the Windows portable build), quoted for this platform's shell."""
     where = ["--to", str(to)] if to else ["--comfyui", str(comfyui)] if comfyui else []
-    return shlex.join([python, "-m", "facediffuser_core", "download", *flags, *where])
+    return quote_command([python, "-m", "facediffuser_core", "download", *flags, *where])
 
 
 GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip"), "facenet": ("facenet",), "clip": ("clip",)}  # flag -> models

@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import re
-import shlex
 import sys
 import zlib
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
-from .comfy_launch import LocalComfyUI, device_args, find_comfyui
+from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
@@ -210,15 +209,20 @@ def _comfyui(args: argparse.Namespace, comfyui: Optional[Path]) -> Iterator[str]
     if comfyui is None:
         yield args.server
         return
-    chosen = shlex.split(args.comfyui_args)
+    chosen = split_command(args.comfyui_args)
     added = device_args(chosen)
     if added:
         print(f"no CUDA, MPS or XPU device found: starting ComfyUI with {' '.join(added)} (give a device option in --comfyui-args to choose yourself)", file=sys.stderr)
     launcher = LocalComfyUI(comfyui, [*chosen, *added], args.startup_timeout)
     print(f"starting ComfyUI from {comfyui} on {launcher.server} (its log: {launcher.log})", file=sys.stderr)
-    with launcher as server:
-        print(f"ComfyUI is up (pid {launcher.pid})", file=sys.stderr)
-        yield server
+    try:
+        with launcher as server:
+            print(f"ComfyUI is up (pid {launcher.pid})", file=sys.stderr)
+            yield server
+    except Exception:
+        if launcher.log.is_file():
+            print(f"ComfyUI stopped; its log of this run is kept: {launcher.log}", file=sys.stderr)
+        raise
     print("ComfyUI stopped", file=sys.stderr)
 
 
@@ -229,7 +233,7 @@ def generate(args: argparse.Namespace) -> int:
     _check_settings(args)
     comfyui = None if args.server else find_comfyui(args.comfyui)
     if comfyui is not None:
-        check_models([args.sdm, args.tdm], comfyui, explicit=bool(args.comfyui or os.environ.get("COMFYUI_PATH")), comfyui_args=shlex.split(args.comfyui_args))
+        check_models([args.sdm, args.tdm], comfyui, explicit=bool(args.comfyui or os.environ.get("COMFYUI_PATH")), comfyui_args=split_command(args.comfyui_args))
     margin = None if args.no_crop else DEFAULT_MARGIN
     detector = None if args.no_crop else load_detector("cpu")
     references = []  # each subject's photos as (file stem, PNG crop)

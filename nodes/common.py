@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -18,6 +16,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
+from ..facediffuser_core.comfy_launch import change_folder
 from ..facediffuser_core.download import command_line
 from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.model_folders import MODEL_FOLDER
@@ -48,10 +47,10 @@ def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[s
         return None
     folders = folder_paths.get_folder_paths(folder)
     what = f"there is no file '{name}'" if name else "no model file was picked"
-    command = command_line(flags, to=Path(folders[0]), python=sys.executable)
+    command = command_line(flags, to=Path(folders[0]))
     return (
         f"{node}: {what} in models/{folder} ({', '.join(folders)}). Download the official files with: "
-        f"cd {shlex.quote(PACK_FOLDER)} && {command}   then press R in the web UI to refresh the lists."
+        f"{change_folder(PACK_FOLDER)} && {command}   then press R in the web UI to refresh the lists."
     )
 
 

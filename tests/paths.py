@@ -1,8 +1,11 @@
 """Paths the tests share: the repository, the read-only ../shared folder and its face photos."""
 
+import shlex
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 SHARED = ROOT.parent / "shared"
 FACES = SHARED / "testdata" / "faces"
+PYTHON = shlex.quote(sys.executable)  # the interpreter, as the printed download commands name it on POSIX

@@ -93,7 +93,7 @@ def test_the_command_generate_names_for_missing_models_fixes_it(hub, comfyui, ca
     with pytest.raises(UsageError, match="download it with: ") as missing:
         check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])
     command = str(missing.value).split("download it with: ")[1].split()
-    assert command[:4] == ["python", "-m", "facediffuser_core", "download"]
+    assert command[:4] == [sys.executable, "-m", "facediffuser_core", "download"]  # the interpreter that runs, not `python` on PATH
     assert main(command[3:]) == 0, capsys.readouterr().err
     check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])  # generate now finds both
 

@@ -33,7 +33,7 @@ from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, Promp
 from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
 from fake_comfy import FakeComfy
-from paths import FACES, ROOT, TESTS
+from paths import FACES, PYTHON, ROOT, TESTS
 from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
@@ -153,19 +153,19 @@ def test_a_missing_model_is_named_with_the_folders_and_the_download_command(fake
     code, _, err = run_main(capsys, *common)
     default = fake_comfyui / "models" / "facediffuser"
     assert code == 2
-    assert f"error: no model file {DEFAULT_TDM} in the folders ComfyUI searches for Face-diffuser models ({default}); download it with: python -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    assert f"error: no model file {DEFAULT_TDM} in the folders ComfyUI searches for Face-diffuser models ({default}); download it with: {PYTHON} -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
     desk = tmp_path / "desk"
     add_models(desk)
     (desk / "models" / "facediffuser" / DEFAULT_SDM).unlink()
     (fake_comfyui / "extra_model_paths.yaml").write_text(f"other:\n  base_path: {tmp_path / 'elsewhere'}\n  facediffuser: fd\n")
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--sdm", "fastcomposer.safetensors")
     searched = f"{tmp_path / 'elsewhere' / 'fd'}, {desk / 'models' / 'facediffuser'}"
-    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: python -m facediffuser_core download --fastcomposer --comfyui {fake_comfyui}\n" in err
+    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {PYTHON} -m facediffuser_core download --fastcomposer --comfyui {fake_comfyui}\n" in err
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: python -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {PYTHON} -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
     (fake_comfyui / "extra_model_paths.yaml").unlink()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: python -m facediffuser_core download --to {desk / 'models' / 'facediffuser'}\n" in err
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: {PYTHON} -m facediffuser_core download --to {desk / 'models' / 'facediffuser'}\n" in err
     (desk / "models" / "facediffuser" / DEFAULT_SDM).touch()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
     assert f"no model file mine.safetensors in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); put it in one of them\n" in err
@@ -401,16 +401,20 @@ def test_nothing_is_added_when_torch_finds_a_device(monkeypatch):
 
 def test_a_comfyui_that_fails_to_start_is_reported_with_its_log(fake_comfyui):
     (fake_comfyui / "mode.txt").write_text("crash")
-    with pytest.raises(ServerUnavailable, match=r"exited with code 3 while starting:\nboom: something is missing"):
-        with LocalComfyUI(fake_comfyui, startup_timeout=120):
+    crashed = LocalComfyUI(fake_comfyui, startup_timeout=120)
+    with pytest.raises(ServerUnavailable, match=rf"exited with code 3 while starting \({re.escape(str(crashed.log))}\):\nboom: something is missing"):
+        with crashed:
             pass
+    assert crashed.log.read_text() == "boom: something is missing\n"  # kept after an error
+    crashed.log.unlink()
     (fake_comfyui / "mode.txt").write_text("no-pack")
     launcher = LocalComfyUI(fake_comfyui, startup_timeout=120)
     with pytest.raises(ServerUnavailable, match="has no Face-diffuser nodes: install the pack in its custom_nodes folder"):
         with launcher:
             pass
     started = json.loads((fake_comfyui / "started.json").read_text())
-    assert gone(started["pid"], started["child"]) and not launcher.log.exists()
+    assert gone(started["pid"], started["child"]) and launcher.log.is_file()
+    launcher.log.unlink()
 
 
 def without(module, name: str) -> types.ModuleType:
@@ -427,6 +431,19 @@ def test_the_server_gets_a_process_group_of_its_own_on_every_platform():
     assert comfy_launch.start_options("darwin") == {"start_new_session": True, "preexec_fn": None}
     linux = comfy_launch.start_options("linux")
     assert linux["start_new_session"] is True and callable(linux["preexec_fn"])  # the parent-death guard
+
+
+def test_commands_are_quoted_and_split_for_the_platforms_shell():
+    python, folder = r"C:\ComfyUI_windows_portable\python_embeded\python.exe", r"C:\My Models\facediffuser"
+    args = [python, "-m", "facediffuser_core", "download", "--to", folder]
+    windows = comfy_launch.quote_command(args, "win32")
+    assert windows == rf'{python} -m facediffuser_core download --to "{folder}"'
+    assert comfy_launch.split_command(windows, "win32") == args  # backslashes are path separators there
+    assert comfy_launch.split_command(r'--base-directory C:\desk\comfy --lowvram', "win32") == ["--base-directory", r"C:\desk\comfy", "--lowvram"]
+    posix = comfy_launch.quote_command(["/opt/my python/bin/python", "-m", "x", "--to", "/data/it's"], "linux")
+    assert comfy_launch.split_command(posix, "linux") == ["/opt/my python/bin/python", "-m", "x", "--to", "/data/it's"]
+    assert comfy_launch.change_folder(r"C:\Comfy UI\custom_nodes\pack", "win32") == r'cd /d "C:\Comfy UI\custom_nodes\pack"'
+    assert comfy_launch.change_folder("/home/me/Comfy UI", "linux") == "cd '/home/me/Comfy UI'"
 
 
 def test_stop_ends_the_process_tree_where_windows_lacks_killpg_and_sigkill(fake_comfyui, monkeypatch):
