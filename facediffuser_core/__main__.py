@@ -3,6 +3,8 @@
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
 - ``python -m facediffuser_core download [--fastcomposer] [--scores] [--all] [--to DIR] [--keep-original]``
 - ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32] [--kind sdm|tdm|fastcomposer]``
+- ``python -m facediffuser_core evaluate --subjects DIR --prompts FILE --out DIR --server HOST:PORT`` (also
+  ``python -m facediffuser_core.evaluate``)
 
 Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
 """
@@ -47,8 +49,14 @@ def _download(args: argparse.Namespace) -> int:
     return download(args)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import run
+
+    return run(args)
+
+
 def parser() -> argparse.ArgumentParser:
-    from . import download
+    from . import download, evaluate
     from .generate import add_arguments
 
     main_parser = argparse.ArgumentParser(prog="python -m facediffuser_core", description="Face-diffuser tools")
@@ -91,6 +99,14 @@ def parser() -> argparse.ArgumentParser:
         "so a file without 'fastcomposer' in its name or folder needs --kind fastcomposer)",
     )
     convert.set_defaults(run=_convert)
+    scores = commands.add_parser(
+        "evaluate",
+        help="the paper's benchmark on ComfyUI servers: images, then Identity Preservation and Prompt Consistency scores",
+        description=evaluate.DESCRIPTION,
+        epilog=evaluate.EPILOG,
+    )
+    evaluate.add_arguments(scores)
+    scores.set_defaults(run=_evaluate)
     return main_parser
 
 

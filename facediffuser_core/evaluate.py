@@ -449,14 +449,22 @@ class Scorer:
         return scores
 
 
+DESCRIPTION = (
+    "Generate images with Face-diffuser on one or more ComfyUI servers and score Identity Preservation "
+    "(FaceNet) and Prompt Consistency (CLIP ViT-L/14) as the paper does. Run it again on the same --out "
+    "folder to resume."
+)
+EPILOG = "The paper's protocol: 15 subjects x 30-40 prompts x 4 images, 50 steps, guidance 5."
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m facediffuser_core.evaluate",
-        description="Generate images with Face-diffuser on one or more ComfyUI servers and score Identity "
-        "Preservation (FaceNet) and Prompt Consistency (CLIP ViT-L/14) as the paper does. Run it again on "
-        "the same --out folder to resume.",
-        epilog="The paper's protocol: 15 subjects x 30-40 prompts x 4 images, 50 steps, guidance 5.",
-    )
+    """The parser of ``python -m facediffuser_core.evaluate`` (also ``python -m facediffuser_core evaluate``)."""
+    parser = argparse.ArgumentParser(prog="python -m facediffuser_core.evaluate", description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", type=Path, required=True, help="folder with one folder of photos per subject (the first photo by name is the reference)")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line with <|image|> after each subject's class word (1 to 4 subjects)")
     parser.add_argument("--server", action="append", required=True, metavar="HOST:PORT", help="a ComfyUI server with this pack and the models; repeat to spread the jobs over several")
@@ -479,7 +487,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a job may take on a server, queue included (default 3600)")
     parser.add_argument("--device", help="device for scoring (default: cuda if available, else cpu)")
     parser.add_argument("--no-score", action="store_true", help="only generate the images; a later run with the models scores them")
-    return parser
 
 
 def score_model(given: Optional[Path], folder: str, file: str, option: str, comfyui: Optional[Path]) -> Path:
@@ -590,7 +597,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`evaluate` with its exit codes: 0 done, 1 some jobs failed, 2 an error, 130 stopped (the
+    finished jobs kept)."""
     try:
         return evaluate(args)
     except (FaceDiffuserError, OSError) as error:

@@ -21,6 +21,7 @@ from typing import Sequence
 import pytest
 from PIL import Image
 
+from facediffuser_core.__main__ import main as package_main
 from facediffuser_core.comfy_client import ComfyClient, JobError, ServerUnavailable
 from facediffuser_core.errors import EvaluationError, FaceDiffuserError
 from facediffuser_core.evaluate import (
@@ -579,6 +580,19 @@ def test_images_downloaded_before_a_kill_are_scored_without_generating(tmp_path,
     server.shutdown()
 
 
+def test_evaluate_is_a_subcommand_with_the_modules_options(capsys):
+    with pytest.raises(SystemExit):
+        package_main(["--help"])
+    assert "{generate,download,convert,evaluate}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        package_main(["evaluate", "--help"])
+    subcommand = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    module = capsys.readouterr().out
+    assert subcommand.split("options:")[1] == module.split("options:")[1]  # every option, as the module entry has it
+
+
 def test_no_score_only_generates_and_a_later_run_scores(tmp_path, subjects_dir, generated_png, facenet_file, tiny_clip_folder):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a man <|image|> in a park\n")
@@ -590,7 +604,8 @@ def test_no_score_only_generates_and_a_later_run_scores(tmp_path, subjects_dir, 
     assert len(server.queued) == 2 and len(list((out / "images").glob("*.png"))) == 4
     assert not (out / "scores.csv").exists() and not (out / "summary.md").exists()
     assert main([*common, "--no-score"]) == 0 and len(server.queued) == 2  # nothing left to generate
-    assert main([*common, "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder)]) == 0
+    # the same command as a subcommand of python -m facediffuser_core (and the facediffuser script)
+    assert package_main(["evaluate", *common, "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder)]) == 0
     assert len(server.queued) == 2  # scored from the images on disk
     assert len(OutputFolder(out, SETTINGS).read_scores()) == 4 and (out / "summary.md").is_file()
     server.shutdown()
