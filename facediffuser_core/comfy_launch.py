@@ -27,7 +27,7 @@ import psutil
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
 
-__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "quote_command", "split_command", "change_folder", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
+__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "quote_command", "split_command", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -88,12 +88,6 @@ def split_command(text: str, platform: str = sys.platform) -> list[str]:
     if platform != "win32":
         return shlex.split(text)
     return [arg[1:-1] if len(arg) > 1 and arg[0] == arg[-1] == '"' else arg for arg in shlex.split(text, posix=False)]
-
-
-def change_folder(folder: str, platform: str = sys.platform) -> str:
-    """The shell command that makes ``folder`` the working directory (``cd /d`` changes the drive
-    too in Windows' cmd)."""
-    return f"cd /d {quote_command([folder], platform)}" if platform == "win32" else f"cd {shlex.quote(folder)}"
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
-from .comfy_launch import find_comfyui, quote_command
+from .comfy_launch import PACK, find_comfyui, quote_command
 from .errors import CheckpointError, FaceDiffuserError
 from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
 
@@ -115,9 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command_line(flags: Sequence[str] = (), to: Optional[Path] = None, comfyui: Optional[Path] = None, python: str = sys.executable) -> str:
     """The ``download`` command with ``flags`` (e.g. ``--scores``), writing to ``to`` or into the
     model folders of ``comfyui``, run by ``python`` (the running interpreter: ComfyUI's, e.g.
-    ``python_embeded\\python.exe`` on the Windows portable build), quoted for this platform's shell."""
+    ``python_embeded\\python.exe`` on the Windows portable build) through the pack's ``cli.py`` (so it
+    works from any folder, and where the working directory is not on ``sys.path``), quoted for this
+    platform's shell."""
     where = ["--to", str(to)] if to else ["--comfyui", str(comfyui)] if comfyui else []
-    return quote_command([python, "-m", "facediffuser_core", "download", *flags, *where])
+    return quote_command([python, str(PACK / "cli.py"), "download", *flags, *where])
 
 
 GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "scores": ("facenet", "clip"), "facenet": ("facenet",), "clip": ("clip",)}  # flag -> models

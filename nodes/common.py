@@ -16,13 +16,11 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from ..facediffuser_core.comfy_launch import change_folder
 from ..facediffuser_core.download import command_line
 from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.model_folders import MODEL_FOLDER
 
 CATEGORY = "Face-diffuser"
-PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # where `python -m facediffuser_core` runs
 T = TypeVar("T")
 
 
@@ -50,7 +48,7 @@ def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[s
     command = command_line(flags, to=Path(folders[0]))
     return (
         f"{node}: {what} in models/{folder} ({', '.join(folders)}). Download the official files with: "
-        f"{change_folder(PACK_FOLDER)} && {command}   then press R in the web UI to refresh the lists."
+        f"{command}   then press R in the web UI to refresh the lists."
     )
 
 

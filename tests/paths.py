@@ -8,4 +8,4 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 SHARED = ROOT.parent / "shared"
 FACES = SHARED / "testdata" / "faces"
-PYTHON = shlex.quote(sys.executable)  # the interpreter, as the printed download commands name it on POSIX
+CLI = shlex.join([sys.executable, str(ROOT / "cli.py")])  # how the printed download commands start, on POSIX

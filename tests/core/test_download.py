@@ -93,9 +93,16 @@ def test_the_command_generate_names_for_missing_models_fixes_it(hub, comfyui, ca
     with pytest.raises(UsageError, match="download it with: ") as missing:
         check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])
     command = str(missing.value).split("download it with: ")[1].split()
-    assert command[:4] == [sys.executable, "-m", "facediffuser_core", "download"]  # the interpreter that runs, not `python` on PATH
-    assert main(command[3:]) == 0, capsys.readouterr().err
+    assert command[:3] == [sys.executable, str(ROOT / "cli.py"), "download"]  # the interpreter that runs, not `python` on PATH
+    assert main(command[2:]) == 0, capsys.readouterr().err
     check_models([DEFAULT_SDM, DEFAULT_TDM], comfyui, explicit=True, comfyui_args=[])  # generate now finds both
+
+
+def test_cli_py_runs_the_commands_from_any_folder_in_isolated_mode(tmp_path):
+    """``python -I PACK/cli.py``: isolated mode, where neither the working directory nor the script's
+    folder is on sys.path (as for the Windows portable build's python_embeded with its ._pth file)."""
+    result = subprocess.run([sys.executable, "-I", str(ROOT / "cli.py"), "download", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--keep-original" in result.stdout
 
 
 def test_a_second_run_fetches_nothing_and_says_so(hub, tmp_path, capsys):

@@ -39,7 +39,7 @@ from facediffuser_core.evaluate import (
 )
 from facediffuser_core.report import CSV_FIELDS, REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
 from fake_comfy import FakeComfy
-from paths import PYTHON, ROOT
+from paths import CLI, ROOT
 from processes import sigint_default
 from workflow_format import API_WORKFLOWS
 
@@ -659,7 +659,7 @@ def test_missing_score_models_are_named_with_the_download_command_and_found_wher
     assert main(args) == 2
     assert (
         f"error: scoring needs 20180402-114759-vggface2.pt, which is not in {models / 'facenet'}: download it with "
-        f"`{PYTHON} -m facediffuser_core download --facenet --comfyui {comfyui}`, or give --facenet PATH (or --no-score to only generate)"
+        f"`{CLI} download --facenet --comfyui {comfyui}`, or give --facenet PATH (or --no-score to only generate)"
     ) in capsys.readouterr().err
     (models / "facenet").mkdir(parents=True)
     shutil.copy(facenet_file, models / "facenet" / "20180402-114759-vggface2.pt")  # where download --scores puts them
@@ -694,9 +694,9 @@ def test_a_server_without_the_models_takes_no_jobs_and_says_which_file_is_missin
 
 
 def test_a_score_model_path_that_does_not_exist_names_the_download(tmp_path):
-    with pytest.raises(EvaluationError, match=rf"--clip .*nope: no such file or folder; `{re.escape(PYTHON)} -m facediffuser_core download --scores` downloads"):
+    with pytest.raises(EvaluationError, match=rf"--clip .*nope: no such file or folder; `{re.escape(CLI)} download --scores` downloads"):
         score_model(tmp_path / "nope", "clip_eval", "clip-vit-large-patch14/model.safetensors", "clip", None)
-    with pytest.raises(EvaluationError, match=rf"no ComfyUI was found to look in: download it with `{re.escape(PYTHON)} -m facediffuser_core download --facenet --comfyui /path/to/ComfyUI`"):
+    with pytest.raises(EvaluationError, match=rf"no ComfyUI was found to look in: download it with `{re.escape(CLI)} download --facenet --comfyui /path/to/ComfyUI`"):
         score_model(None, "facenet", "20180402-114759-vggface2.pt", "facenet", None)
 
 

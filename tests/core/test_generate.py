@@ -33,7 +33,7 @@ from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, Promp
 from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
 from fake_comfy import FakeComfy
-from paths import FACES, PYTHON, ROOT, TESTS
+from paths import CLI, FACES, ROOT, TESTS
 from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
@@ -153,19 +153,19 @@ def test_a_missing_model_is_named_with_the_folders_and_the_download_command(fake
     code, _, err = run_main(capsys, *common)
     default = fake_comfyui / "models" / "facediffuser"
     assert code == 2
-    assert f"error: no model file {DEFAULT_TDM} in the folders ComfyUI searches for Face-diffuser models ({default}); download it with: {PYTHON} -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    assert f"error: no model file {DEFAULT_TDM} in the folders ComfyUI searches for Face-diffuser models ({default}); download it with: {CLI} download --comfyui {fake_comfyui}\n" in err
     desk = tmp_path / "desk"
     add_models(desk)
     (desk / "models" / "facediffuser" / DEFAULT_SDM).unlink()
     (fake_comfyui / "extra_model_paths.yaml").write_text(f"other:\n  base_path: {tmp_path / 'elsewhere'}\n  facediffuser: fd\n")
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--sdm", "fastcomposer.safetensors")
     searched = f"{tmp_path / 'elsewhere' / 'fd'}, {desk / 'models' / 'facediffuser'}"
-    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {PYTHON} -m facediffuser_core download --fastcomposer --comfyui {fake_comfyui}\n" in err
+    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --fastcomposer --comfyui {fake_comfyui}\n" in err
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {PYTHON} -m facediffuser_core download --comfyui {fake_comfyui}\n" in err
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --comfyui {fake_comfyui}\n" in err
     (fake_comfyui / "extra_model_paths.yaml").unlink()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: {PYTHON} -m facediffuser_core download --to {desk / 'models' / 'facediffuser'}\n" in err
+    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: {CLI} download --to {desk / 'models' / 'facediffuser'}\n" in err
     (desk / "models" / "facediffuser" / DEFAULT_SDM).touch()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
     assert f"no model file mine.safetensors in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); put it in one of them\n" in err
@@ -442,8 +442,6 @@ def test_commands_are_quoted_and_split_for_the_platforms_shell():
     assert comfy_launch.split_command(r'--base-directory C:\desk\comfy --lowvram', "win32") == ["--base-directory", r"C:\desk\comfy", "--lowvram"]
     posix = comfy_launch.quote_command(["/opt/my python/bin/python", "-m", "x", "--to", "/data/it's"], "linux")
     assert comfy_launch.split_command(posix, "linux") == ["/opt/my python/bin/python", "-m", "x", "--to", "/data/it's"]
-    assert comfy_launch.change_folder(r"C:\Comfy UI\custom_nodes\pack", "win32") == r'cd /d "C:\Comfy UI\custom_nodes\pack"'
-    assert comfy_launch.change_folder("/home/me/Comfy UI", "linux") == "cd '/home/me/Comfy UI'"
 
 
 def test_stop_ends_the_process_tree_where_windows_lacks_killpg_and_sigkill(fake_comfyui, monkeypatch):

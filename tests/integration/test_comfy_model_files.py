@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,10 +38,10 @@ def empty_folders(comfy, tmp_path, monkeypatch):
 
 
 def run_printed_command(message: str, hub: FakeHub) -> None:
-    """Run the command a message prints (``cd PACK && PYTHON -m facediffuser_core download ...``) in a shell."""
+    """Run the command a message prints (``PYTHON PACK/cli.py download ...``) in a shell, from another folder."""
     command = message.split("Download the official files with: ")[1].split("   then press R")[0]
     env = {**os.environ, **download_env(hub)}
-    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stderr
 
 
@@ -49,8 +51,8 @@ def test_the_loader_names_the_empty_folder_and_the_command_that_fills_it(comfy, 
     folder = empty_folders["facediffuser"]
     message = loader.validate_inputs(sdm_name="facediffuser_sdm.safetensors", tdm_name="facediffuser_tdm.safetensors")
     assert message.startswith(f"Face-diffuser Loader: there is no file 'facediffuser_sdm.safetensors' in models/facediffuser ({folder}).")
-    pack = Path(comfy.loader.__file__).resolve().parents[1]
-    assert f"cd {shlex.quote(str(pack))} && " in message and f"-m facediffuser_core download --to {folder}" in message
+    cli = Path(comfy.loader.__file__).absolute().parents[1] / "cli.py"
+    assert f"with: {shlex.join([sys.executable, str(cli), 'download', '--to', str(folder)])}   then press R" in message
     run_printed_command(message, hub)
     assert sorted(path.name for path in folder.iterdir()) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
     assert loader.validate_inputs(sdm_name="facediffuser_sdm.safetensors", tdm_name="facediffuser_tdm.safetensors") is True

@@ -32,7 +32,7 @@ from PIL import Image
 from comfy_suite import quiet_servers
 from fake_hub import FakeHub
 from harness import LOW_MEMORY_ENV, SERVER_ARGS, make_base_directory
-from paths import FACES, PYTHON, ROOT
+from paths import CLI, FACES, ROOT
 from processes import gone, sigint_default
 
 MAN1, MAN2 = FACES / "man1.jpeg", FACES / "man2.jpeg"
@@ -235,7 +235,7 @@ def test_a_missing_model_names_the_download_that_fills_the_folder_generate_then_
     missing = generate(*args, timeout=300)
     folder = base / "models" / "facediffuser"
     assert missing.returncode == 2 and "error: no model file facediffuser_sdm.safetensors in the folders ComfyUI searches" in missing.stderr
-    assert f"({folder}); download it with: {PYTHON} -m facediffuser_core download --to {folder}\n" in missing.stderr
+    assert f"({folder}); download it with: {CLI} download --to {folder}\n" in missing.stderr
     assert "starting ComfyUI" not in missing.stderr
     command = shlex.split(missing.stderr.split("download it with: ")[1].strip())
     hub = FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": model_files.sdm_official})
