@@ -27,7 +27,7 @@ import psutil
 from .comfy_client import ComfyClient, ServerUnavailable
 from .errors import FaceDiffuserError
 
-__all__ = ["find_comfyui", "free_port", "accelerator_available", "device_args", "quote_command", "split_command", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
+__all__ = ["find_comfyui", "user_folder", "free_port", "accelerator_available", "device_args", "quote_command", "split_command", "start_options", "process_tree", "end_process_tree", "LocalComfyUI"]
 
 PACK = Path(__file__).absolute().parents[1]  # the pack folder as this module was imported (not resolved)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -70,6 +70,13 @@ def find_comfyui(explicit: Optional[Path] = None, environ: Mapping[str, str] = o
     for candidate in _pack_candidates(pack, environ.get("PWD")):
         if _is_comfyui(candidate):
             return candidate
+    user = user_folder(pack, environ.get("PWD"))
+    if user is not None:
+        raise FaceDiffuserError(
+            f"this pack is in {user}, a ComfyUI user folder without ComfyUI's code (the desktop app's): use the "
+            f"app's server with --server 127.0.0.1:8000 while it is open, or pass --comfyui PATH (a folder with main.py) "
+            f'with --comfyui-args="--base-directory {user}"'
+        )
     raise FaceDiffuserError(
         f"no ComfyUI to start: this pack ({pack}) is not inside a ComfyUI/custom_nodes folder; pass "
         "--comfyui /path/to/ComfyUI or set COMFYUI_PATH, or use a running one with --server HOST:PORT"
@@ -88,6 +95,16 @@ def split_command(text: str, platform: str = sys.platform) -> list[str]:
     if platform != "win32":
         return shlex.split(text)
     return [arg[1:-1] if len(arg) > 1 and arg[0] == arg[-1] == '"' else arg for arg in shlex.split(text, posix=False)]
+
+
+def user_folder(pack: Path = PACK, cwd: Optional[str] = None) -> Optional[Path]:
+    """The ComfyUI user folder the pack is installed in where that folder holds no ComfyUI code: the
+    desktop app's (``custom_nodes``, ``models``, ``input``, ``output`` there; ``main.py`` inside the
+    app, which starts it with ``--base-directory`` that folder). None elsewhere."""
+    for candidate in _pack_candidates(pack, cwd):
+        if (candidate / "custom_nodes").is_dir() and (candidate / "models").is_dir() and not _is_comfyui(candidate):
+            return candidate
+    return None
 
 
 def free_port() -> int:

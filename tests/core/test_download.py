@@ -8,6 +8,7 @@ file's stand-in, through FACEDIFFUSER_FACENET_URL)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 from facediffuser_core import download as download_module
 from facediffuser_core.__main__ import main
 from facediffuser_core.checkpoints import ModelKind
+from facediffuser_core.comfy_launch import find_comfyui
+from facediffuser_core.errors import FaceDiffuserError
 from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from facediffuser_core.convert import convert_checkpoint
 from facediffuser_core.generate import UsageError, check_models
@@ -242,6 +245,26 @@ def test_the_folder_from_extra_model_paths_yaml_is_where_it_downloads(hub, comfy
     assert code == 0, err
     assert model_files(tmp_path / "shared" / "facediffuser") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
     assert not (comfyui / "models").exists()
+
+
+def test_in_the_desktop_apps_user_folder_it_downloads_into_that_folders_models(hub, tmp_path, capsys, monkeypatch):
+    """The desktop app's user folder holds custom_nodes and models but no ComfyUI code: download fills
+    its models (and a folder its extra_model_paths.yaml names); generate says how to run there."""
+    user = tmp_path / "Documents" / "ComfyUI"
+    pack = user / "custom_nodes" / "ComfyUI-FaceDiffuser"
+    pack.mkdir(parents=True)
+    (user / "models").mkdir()
+    (user / "extra_model_paths.yaml").write_text(f"desk:\n  base_path: {tmp_path / 'shared'}\n  facenet: facenet\n")
+    monkeypatch.setattr(download_module, "PACK", pack)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("PWD", raising=False)
+    code, out, err = run(capsys, "--facediffuser", "--facenet")
+    assert code == 0, err
+    assert f"this pack is in the ComfyUI user folder {user}: downloading into its model folders" in out
+    assert model_files(user / "models" / "facediffuser") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert model_files(tmp_path / "shared" / "facenet") == ["20180402-114759-vggface2.pt"]
+    with pytest.raises(FaceDiffuserError, match=rf"this pack is in {re.escape(str(user))}, a ComfyUI user folder without ComfyUI's code .*--server 127.0.0.1:8000"):
+        find_comfyui(environ={}, pack=pack)
 
 
 def test_model_folders_follow_comfyuis_rules(comfyui, tmp_path):
