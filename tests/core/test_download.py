@@ -278,6 +278,20 @@ def test_a_cut_facenet_download_resumes_with_a_ranged_request(hub, facenet_file,
     assert (folder / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
 
 
+def test_a_facenet_download_stopped_before_its_rename_is_finished_without_a_request(hub, facenet_file, tmp_path, capsys):
+    """Every byte already in the staging folder's .incomplete file (a run stopped between the last
+    byte and the rename): the next run renames, checks and stores it, and fetches no byte."""
+    folder = tmp_path / "facenet"
+    staging = tmp_path / ".facenet-download"
+    staging.mkdir()
+    (staging / "20180402-114759-vggface2.pt.incomplete").write_bytes(facenet_file.read_bytes())
+    code, out, err = run(capsys, "--to", str(folder), "--facenet")
+    assert code == 0, err
+    assert hub.byte_requests() == []  # only the HEAD that reads the size
+    assert model_files(folder) == ["20180402-114759-vggface2.pt"] and not staging.exists()
+    assert (folder / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
+
+
 def test_a_facenet_file_that_does_not_load_is_refused_and_removed(hub, tmp_path, capsys):
     good = hub.files[FACENET_KEY]
     hub.served[FACENET_KEY] = bytes(len(good))  # the advertised size, no SHA-256 to check: the load check catches it
