@@ -1,7 +1,8 @@
 """The ``download`` command against a fake hub on 127.0.0.1 (tests/fake_hub.py, through HF_ENDPOINT)
 serving tiny random official-layout files: download and conversion into the ComfyUI's model folder,
-a second run that fetches nothing, a cut-off download resumed with a ranged request, a corrupted file
-refused, too little disk space refused before any byte, and the folders ComfyUI searches. The score
+a second run that fetches nothing, a cut-off download resumed with a ranged request (and one stopped
+before its rename finished with no request), a corrupted file refused, too little disk space refused
+before any byte, and the folders ComfyUI searches. The score
 models: a tiny CLIP folder from the hub and random FaceNet weights as a plain web file (the release
 file's stand-in, through FACEDIFFUSER_FACENET_URL)."""
 
