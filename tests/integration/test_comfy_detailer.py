@@ -102,7 +102,7 @@ def test_people_as_subject_nodes_match_as_images_do(comfy, loaded, picture, refe
     man1, man2 = references[:1], references[1:]
     # person 1: an even blend of the two men, then man2 darkened; person 2: man1 darkened
     two_photos = subject(subject(None, "average", {"images": (man1 + man2) / 2, "images_2": man2 * 0.5}), "average", {"images": man1 * 0.5})
-    _, _, _, encoder = loaded[1:]
+    encoder = loaded[4]
     embed, people_embeds = comfy.detailer.encoder_embedder(encoder, people_references(two_photos, ["man", "man"]), SETTINGS["margin"], 512)
     faces = sorted(detect(load_detector("cpu"), to_pil_images(picture)[0]), key=lambda face: face.box[0])
     per_photo = [cosine_matrix(embed(picture, 0, faces), photos).double() for photos in people_embeds]  # [left/right face, photo]
