@@ -79,14 +79,15 @@ CACHE_ARGS = ["--cache-classic"]
 
 def start_server(
     comfyui_path: Path, model_files, face_pngs: list[Path], tmp_path_factory, inputs: list[Path] = (),
-    models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS,
+    models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS, server_args: list[str] | None = None,
 ):  # fmt: skip
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
     converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
     folders; an SD1.5 checkpoint and a LoRA under the scene-checkpoint workflow's names in
     models/checkpoints and models/loras, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in
     a folder of extra_model_paths.yaml; face_1.png, face_2.png and ``inputs`` in input/. Stop it
-    with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default)."""
+    with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default); ``server_args``: in
+    place of the suites' ``harness.SERVER_ARGS`` (``[]``: ComfyUI as users run it)."""
     from harness import ComfyServer, make_base_directory
     from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
 
@@ -113,6 +114,8 @@ def start_server(
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
     comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml), *cache_args])
+    if server_args is not None:
+        comfy.server_args = server_args
     STARTED.append(comfy)
     return comfy.start()
 

@@ -1,7 +1,8 @@
 """The ``download`` command against a fake hub on 127.0.0.1 (tests/fake_hub.py, through HF_ENDPOINT)
 serving tiny random official-layout files: download and conversion into the ComfyUI's model folder,
-a second run that fetches nothing, a cut-off download resumed with a ranged request, a corrupted file
-refused, too little disk space refused before any byte, and the folders ComfyUI searches. The score
+a second run that fetches nothing, a cut-off download resumed with a ranged request (and one stopped
+before its rename finished with no request), a corrupted file refused, too little disk space refused
+before any byte, and the folders ComfyUI searches. The score
 models: a tiny CLIP folder from the hub and random FaceNet weights as a plain web file (the release
 file's stand-in, through FACEDIFFUSER_FACENET_URL)."""
 
@@ -314,6 +315,20 @@ def test_a_cut_facenet_download_resumes_with_a_ranged_request(hub, facenet_file,
     assert code == 0, err
     assert f"resuming at {have / 1e9:.2f} GB" in out
     assert [request[2] for request in hub.byte_requests()] == [f"bytes={have}-"]
+    assert (folder / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
+
+
+def test_a_facenet_download_stopped_before_its_rename_is_finished_without_a_request(hub, facenet_file, tmp_path, capsys):
+    """Every byte already in the staging folder's .incomplete file (a run stopped between the last
+    byte and the rename): the next run renames, checks and stores it, and fetches no byte."""
+    folder = tmp_path / "facenet"
+    staging = tmp_path / ".facenet-download"
+    staging.mkdir()
+    (staging / "20180402-114759-vggface2.pt.incomplete").write_bytes(facenet_file.read_bytes())
+    code, out, err = run(capsys, "--to", str(folder), "--facenet")
+    assert code == 0, err
+    assert hub.byte_requests() == []  # only the HEAD that reads the size
+    assert model_files(folder) == ["20180402-114759-vggface2.pt"] and not staging.exists()
     assert (folder / "20180402-114759-vggface2.pt").read_bytes() == facenet_file.read_bytes()
 
 

@@ -160,15 +160,15 @@ def test_a_missing_model_is_named_with_the_folders_and_the_download_command(fake
     (fake_comfyui / "extra_model_paths.yaml").write_text(f"other:\n  base_path: {tmp_path / 'elsewhere'}\n  facediffuser: fd\n")
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--sdm", "fastcomposer.safetensors")
     searched = f"{tmp_path / 'elsewhere' / 'fd'}, {desk / 'models' / 'facediffuser'}"
-    assert f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --fastcomposer --comfyui {fake_comfyui}\n" in err
+    assert code == 2 and f"no model file fastcomposer.safetensors in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --fastcomposer --comfyui {fake_comfyui}\n" in err
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --comfyui {fake_comfyui}\n" in err
+    assert code == 2 and f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({searched}); download it with: {CLI} download --comfyui {fake_comfyui}\n" in err
     (fake_comfyui / "extra_model_paths.yaml").unlink()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
-    assert f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: {CLI} download --to {desk / 'models' / 'facediffuser'}\n" in err
+    assert code == 2 and f"no model file {DEFAULT_SDM} in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); download it with: {CLI} download --to {desk / 'models' / 'facediffuser'}\n" in err
     (desk / "models" / "facediffuser" / DEFAULT_SDM).touch()
     code, _, err = run_main(capsys, *common, f"--comfyui-args=--base-directory {desk}", "--tdm", "mine.safetensors")
-    assert f"no model file mine.safetensors in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); put it in one of them\n" in err
+    assert code == 2 and f"no model file mine.safetensors in the folders ComfyUI searches for Face-diffuser models ({desk / 'models' / 'facediffuser'}); put it in one of them\n" in err
     assert not (fake_comfyui / "started.json").exists()
 
 

@@ -12,10 +12,13 @@ import torch
 from conftest import empty_conditioning, image_tensor
 from facediffuser_core.detailer import face_crop, feather_mask
 from facediffuser_core.faces import crop_faces, detect, load_detector, to_pil_images
+from facediffuser_core.identity import cosine_matrix
 from facediffuser_core.preprocess import resize_square, to_rgb
+from facediffuser_core.subjects import people_references
 from paths import FACES
 
 PROMPT = "a man <|image|> and a man <|image|> at a cafe"
+ONE_PERSON = "a man <|image|> at a cafe"
 SETTINGS = dict(seed=11, steps=2, cfg=5.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=0.5, size=64, margin=0.5, feather=0.15)
 HEIGHT = 256
 
@@ -62,6 +65,16 @@ def by_position(placements):
     return sorted(placements, key=lambda p: p.face.box[0])
 
 
+# how a person with several photos could be matched: each face's [F, photos] similarities -> [F]
+PHOTO_RULES = {"mean": lambda s: s.mean(dim=1), "first": lambda s: s[:, 0], "max": lambda s: s.max(dim=1).values}
+
+
+def left_person(similarity: torch.Tensor) -> int:
+    """The person (0 or 1) the left face gets when two faces ([left, right] rows) go to two people
+    with the largest total similarity."""
+    return 0 if similarity[0, 0] + similarity[1, 1] > similarity[0, 1] + similarity[1, 0] else 1
+
+
 def test_each_face_goes_to_its_own_person_whatever_the_marker_order(comfy, loaded, picture, references):
     (placed,) = detail(comfy, loaded, picture, references, denoise=0.0)[3]
     left, right = by_position(placed)
@@ -69,25 +82,102 @@ def test_each_face_goes_to_its_own_person_whatever_the_marker_order(comfy, loade
     (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0)[3]  # references [man2, man1]
     left, right = by_position(placed)
     assert (left.person, right.person) == (1, 0)
-    assert left.similarity > 0.9 and right.similarity > 0.9  # each face against its own photo
+    # each face scores lower against the other man's photo (a face left unmatched reports its best
+    # similarity, here to the one photo given) than against its own
+    left_to_man2 = by_position(detail(comfy, loaded, picture, references[1:], ONE_PERSON, denoise=0.0)[3][0])[0]
+    right_to_man1 = by_position(detail(comfy, loaded, picture, references[:1], ONE_PERSON, denoise=0.0)[3][0])[1]
+    assert left_to_man2.person is None and right_to_man1.person is None
+    assert left_to_man2.similarity < left.similarity and right_to_man1.similarity < right.similarity
 
 
 def test_people_as_subject_nodes_match_as_images_do(comfy, loaded, picture, references):
     """Subjects (the Face-diffuser Subject chain) instead of images: the same people, the same picture;
-    a person with two photos is matched by the mean similarity over them."""
+    a person with two photos is matched by the mean similarity over them, on photos where the mean,
+    the first photo alone and the best photo give different people."""
     subject = comfy.subject.add_subject
     people = subject(subject(None, "average", {"images": references[1:]}), "average", {"images": references[:1]})  # [man2, man1]
     by_images = detail(comfy, loaded, picture, references.flip(0))
     by_subjects = detail(comfy, loaded, picture, people)
     assert torch.equal(by_subjects[0], by_images[0]) and [p.person for p in by_position(by_subjects[3][0])] == [1, 0]
-    two_photos = subject(subject(None, "average", {"images": references[1:], "images_2": references[1:].flip(2)}), "average", {"images": references[:1]})
+    man1, man2 = references[:1], references[1:]
+    # person 1: an even blend of the two men, then man2 darkened; person 2: man1 darkened
+    two_photos = subject(subject(None, "average", {"images": (man1 + man2) / 2, "images_2": man2 * 0.5}), "average", {"images": man1 * 0.5})
+    encoder = loaded[4]
+    embed, people_embeds = comfy.detailer.encoder_embedder(encoder, people_references(two_photos, ["man", "man"]), SETTINGS["margin"], 512)
+    faces = sorted(detect(load_detector("cpu"), to_pil_images(picture)[0]), key=lambda face: face.box[0])
+    per_photo = [cosine_matrix(embed(picture, 0, faces), photos).double() for photos in people_embeds]  # [left/right face, photo]
+    by_rule = {rule: left_person(torch.stack([pick(s) for s in per_photo], dim=1)) for rule, pick in PHOTO_RULES.items()}
+    assert by_rule["mean"] != by_rule["first"] and by_rule["mean"] != by_rule["max"], by_rule  # the photos tell the rules apart
     (placed,) = detail(comfy, loaded, picture, two_photos, denoise=0.0)[3]
-    assert [p.person for p in by_position(placed)] == [1, 0]
+    assert [p.person for p in by_position(placed)] == [by_rule["mean"], 1 - by_rule["mean"]]
 
 
-def test_facenet_matching_gives_the_same_people(comfy, loaded, picture, references, facenet_file):
+def facenet_similarities(facenet_file, picture: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """[left/right face, reference] float64 cosine of FaceNet embeddings computed here with
+    facenet-pytorch alone (MTCNN's 160-px crop of each box, fixed standardisation, the weights read
+    from ``facenet_file``): the faces of ``picture`` and the largest face of each reference photo."""
+    from facenet_pytorch import InceptionResnetV1
+    from facenet_pytorch.models.utils.detect_face import extract_face
+
+    state = torch.load(facenet_file, map_location="cpu", weights_only=True)
+    facenet = InceptionResnetV1(classify=True, num_classes=state["logits.weight"].shape[0])
+    facenet.load_state_dict(state)
+    facenet.classify = False  # the embedding, not the logits
+    facenet = facenet.double().eval()
+    detector = load_detector("cpu")
+
+    def embed(image, boxes) -> torch.Tensor:
+        crops = torch.stack([(extract_face(image, box, 160, 0) - 127.5) / 128 for box in boxes])
+        with torch.no_grad():
+            return torch.nn.functional.normalize(facenet(crops.double()), dim=1)
+
+    scene = to_pil_images(picture)[0]
+    faces = embed(scene, sorted((face.box for face in detect(detector, scene)), key=lambda box: box[0]))
+    photos = torch.cat([embed(photo, [detect(detector, photo)[0].box]) for photo in to_pil_images(references)])
+    return faces @ photos.T
+
+
+def test_facenet_matching_gives_the_same_people_with_facenets_similarities(comfy, loaded, picture, references, facenet_file):
+    """The similarities the FaceNet matching reports are FaceNet's (computed here independently), not
+    the subject encoder's: it would fail if the FaceNet file were ignored."""
     (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0, facenet_path=str(facenet_file))[3]
     assert [p.person for p in by_position(placed)] == [1, 0]
+    expected = facenet_similarities(facenet_file, picture, references.flip(0))  # [face, man2 / man1]
+    got = torch.tensor([p.similarity for p in by_position(placed)], dtype=torch.float64)
+    assert torch.allclose(got, torch.stack([expected[0, 1], expected[1, 0]]), atol=1e-5), (got, expected)
+    by_encoder = torch.tensor([p.similarity for p in by_position(detail(comfy, loaded, picture, references.flip(0), denoise=0.0)[3][0])], dtype=torch.float64)
+    assert (by_encoder - got).abs().max() > 1e-3, (by_encoder, got)  # the two embeddings are told apart
+
+
+def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_folder(comfy, loaded, photos, picture, references, facenet_file, monkeypatch):
+    """The node itself (``execute``), FaceNet weights picked by ``facenet_name`` in models/facenet:
+    both faces change inside their masks and nothing outside; each face's pixels are those the node
+    gives when only its own man is asked for (the other face is then left as it was), and listing the
+    men the other way round changes nothing."""
+    import folder_paths
+
+    node, folder = comfy.detailer.FaceDiffuserFaceDetailer, comfy.detailer.FACENET_FOLDER
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(facenet_file.parent)], folder_paths.folder_names_and_paths[folder][1]))
+    facenet_name = node.define_schema().inputs[-2]
+    assert facenet_name.id == "facenet_name" and facenet_file.name in facenet_name.options
+    _, sdm, clip, vae, encoder = loaded
+
+    def run(prompt, people):
+        settings = (SETTINGS["seed"], SETTINGS["steps"], SETTINGS["cfg"], SETTINGS["sampler_name"], SETTINGS["scheduler"], SETTINGS["denoise"], SETTINGS["size"], SETTINGS["margin"], SETTINGS["feather"])
+        image, masks, _ = node.execute(picture, vae, sdm, clip, encoder, prompt, *settings, "leave it", "error", 512, facenet_file.name, images=people).result
+        return image[0], masks[0]
+
+    image, masks = run(PROMPT, references)
+    assert torch.equal(image[masks == 0], picture[0][masks == 0])
+    assert torch.equal(run(PROMPT, references.flip(0))[0], image)
+    split = side_by_side(photos[0]).shape[2]  # where man1's photo ends
+    for alone, on_his_side in ((references[:1], lambda column: column < split), (references[1:], lambda column: column > split)):
+        own, own_masks = run(ONE_PERSON, alone)
+        square = own_masks > 0
+        assert on_his_side(torch.nonzero(square)[:, 1].double().mean())  # one square, around this man's face
+        assert torch.equal(own[~square], picture[0][~square])  # the other face left as it was
+        assert (own[own_masks == 1] - picture[0][own_masks == 1]).abs().max() > 0.05  # re-rendered
+        assert torch.equal(image[square], own[square])
 
 
 def test_pixels_outside_the_faces_are_unchanged_and_a_seed_repeats(comfy, loaded, picture, references):
@@ -149,7 +239,7 @@ def test_a_picture_without_a_face_stops_or_passes_through(comfy, loaded, referen
 
 
 def test_a_face_that_matches_nobody_is_left_or_rendered_from_the_text(comfy, loaded, picture, references):
-    one_person = "a man <|image|> at a cafe"
+    one_person = ONE_PERSON
     image, masks, _, (placed,) = detail(comfy, loaded, picture, references[1:], prompt=one_person)  # man2 only
     left, right = by_position(placed)
     assert (left.person, left.rendered, right.person, right.rendered) == (None, False, 0, True)

@@ -175,6 +175,42 @@ def default_cache_server(comfyui_path, model_files, face_pngs, server, tmp_path_
     comfy.stop()
 
 
+# The subject stage of Face-diffuser as a stock KSampler: the Loader's SDM (ComfyUI chooses its dtype)
+# with one photo's subject conditioning, at test size; its LATENT saved (node "latent").
+SUBJECT_SAMPLE = {
+    "1": {"class_type": "FaceDiffuserLoader", "inputs": {"sdm_name": "facediffuser_sdm.safetensors", "tdm_name": "none (another scene model)", "weight_dtype": "auto"}},
+    "2": {"class_type": "LoadImage", "inputs": {"image": "face_1.png"}},
+    "3": {"class_type": "FaceDiffuserSubjectEncode", "inputs": {"clip": ["1", 2], "subject_encoder": ["1", 4], "images": ["2", 0], "prompt": "a photo of a man <|image|> in a cafe", "object_resolution": 512}},
+    "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 2]}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+    "6": {"class_type": "KSampler", "inputs": {"model": ["1", 1], "positive": ["3", 1], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 5, "steps": 2, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}},
+    "latent": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "fp16_unet"}},
+}  # fmt: skip
+
+
+@pytest.fixture
+def users_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory):
+    """A server like the suite's without its harness.SERVER_ARGS (``--fp16-unet``): ComfyUI as users run
+    it, which keeps the UNet in float32 on a CPU (one UNet's 3.4 GB); stopped when its test ends."""
+    from comfy_suite import quiet_servers, start_server
+
+    quiet_servers()
+    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory, server_args=[])
+    yield comfy
+    comfy.stop()
+
+
+def test_fp16_unet_of_the_test_servers_gives_the_users_latent_bit_for_bit(server, users_server):
+    """The suites run ComfyUI with --fp16-unet (fp16 weights kept, computed in float32 on a CPU) to halve
+    its memory: one workflow through the pack's Loader gives the same latent, bit for bit, as without it."""
+    assert "--fp16-unet" in server.server_args and users_server.server_args == []
+    users = sampled_latent(users_server, SUBJECT_SAMPLE)
+    users_server.free()
+    suites = sampled_latent(server, SUBJECT_SAMPLE)
+    assert suites.shape == (1, 4, SIZE // 8, SIZE // 8) and suites.abs().max() > 0
+    assert torch.equal(suites, users)
+
+
 @pytest.mark.oldest_host
 def test_the_default_cache_releases_an_earlier_workflows_models(default_cache_server):
     """ComfyUI's default cache (0.33: by RAM pressure, which evicts the outputs of earlier prompts, old
