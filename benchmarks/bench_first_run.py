@@ -13,7 +13,8 @@ Each graph runs once in a fresh server (``--cpu``, ComfyUI's defaults: float32 c
 settings), so every figure is a first run. Printed per graph: the server's resident memory when idle
 (ComfyUI and torch imported), its peak (VmHWM: everything it touched at once, memory-mapped model files
 included) and steady RSS after the run (the loaded models), the peak over the models' float32 size
-(both UNets, CLIP text, VAE, image encoder and postfuse) and over the stock graph's peak.
+(both UNets, CLIP text, VAE, image encoder and postfuse), the same for the peak above idle, and the
+peak over the stock graph's peak.
 """
 
 from __future__ import annotations
@@ -158,12 +159,12 @@ def main() -> None:
             rows[name] = first_run(comfyui_path, files, [face], stock, graph(args.size, args.steps), scratch)
     reference = rows["ksampler (stock loaders)"]["peak"]
     print(f"first run, {args.size} px, {args.steps} steps, --cpu; models in float32: {models / MIB:.0f} MiB")
-    header = f"{'graph':<26}{'idle MiB':>10}{'peak RSS MiB':>14}{'steady MiB':>12}{'peak/models':>13}{'vs ksampler':>13}"
+    header = f"{'graph':<26}{'idle MiB':>10}{'peak RSS MiB':>14}{'steady MiB':>12}{'peak/models':>13}{'above idle':>12}{'vs ksampler':>13}"
     print(header + "\n" + "-" * len(header))
     for name, row in rows.items():
         print(
             f"{name:<26}{row['idle'] / MIB:>10.0f}{row['peak'] / MIB:>14.0f}{row['steady'] / MIB:>12.0f}"
-            f"{row['peak'] / models:>12.2f}x{row['peak'] / reference:>12.2f}x"
+            f"{row['peak'] / models:>12.2f}x{(row['peak'] - row['idle']) / models:>11.2f}x{row['peak'] / reference:>12.2f}x"
         )
 
 
