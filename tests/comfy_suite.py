@@ -68,6 +68,7 @@ def face_pngs(tmp_path_factory) -> list[Path]:
 
 
 STARTED: list = []  # every suite server started (harness.ComfyServer), for quiet_servers()
+IN_PROCESS: list = []  # the in-process model set while it is held (tests/integration/conftest.py, ``loaded``)
 
 
 # The suites' servers keep only the current prompt's outputs, dropping the last prompt's models before
@@ -90,7 +91,7 @@ def start_server(
     from harness import ComfyServer, make_base_directory
     from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
 
-    release_memory()  # whatever this process freed since, before a server loads models beside it
+    release_in_process()  # before a server loads models beside this process's
 
     base = tmp_path_factory.mktemp("comfy-base")
     make_base_directory(
@@ -125,9 +126,22 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def release_in_process() -> None:
+    """Drop the in-process model set, unload every model ComfyUI holds in this process and give the
+    memory back to the system (the modules still holding the set keep it until they end)."""
+    if IN_PROCESS:
+        IN_PROCESS.clear()
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+    release_memory()
+
+
 def quiet_servers() -> None:
-    """Unload the models of every running suite server (before a test loads its own, in this process
-    or in a ComfyUI it starts): one loaded SD1.5-sized set at a time keeps the suite within 12 GB."""
+    """Unload the models of every running suite server and of this process (before a test loads its
+    own, in this process or in a ComfyUI it starts): one loaded SD1.5-sized set at a time keeps the
+    suite within 10 GiB."""
+    release_in_process()
     for comfy in STARTED:
         if comfy.running:
             comfy.free()
