@@ -5,9 +5,12 @@
 Samples every 0.2 s the command's process tree (Linux /proc): the peak of its summed anonymous memory
 (RssAnon + RssShmem: what needs RAM or swap) and of its summed resident set size (RSS, which also
 counts the pages of memory-mapped files such as model files, page cache the kernel can reclaim).
-Shared pages count once per process, so both figures are upper bounds. Prints one line at the end
-(with the wall-clock time of the peak and the three largest processes then)
-and appends it to $PEAK_MEMORY_LOG when set (CI prints those lines last). Exits with the command's code.
+Shared pages count once per process, so both figures are upper bounds. Every 2 s it also samples the
+whole machine's used memory (MemTotal - MemAvailable, /proc/meminfo) and reports its peak above the
+level at the start: what the run costs the machine (the per-process figures name the culprit; this one
+also counts whatever else runs meanwhile). Prints one line at the end (with the wall-clock time of the
+peak and the three largest processes then) and appends it to $PEAK_MEMORY_LOG when set (CI prints
+those lines last). Exits with the command's code.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ def memory(pid: int) -> tuple[int, int]:
             if key in ("VmRSS", "RssAnon", "RssShmem"):
                 fields[key] = int(value.split()[0]) * 1024
     return fields.get("RssAnon", 0) + fields.get("RssShmem", 0), fields.get("VmRSS", 0)
+
+
+def machine_used() -> int:
+    """MemTotal - MemAvailable of the whole machine in bytes (0 without /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = {key: int(value.split()[0]) * 1024 for key, _, value in (line.partition(":") for line in meminfo)}
+    except OSError:
+        return 0
+    return fields.get("MemTotal", 0) - fields.get("MemAvailable", 0)
 
 
 def descendants(root: int) -> list[int]:
@@ -70,16 +83,23 @@ def main() -> int:
     label, separator, *command = sys.argv[1:]
     if separator != "--" or not command:
         sys.exit(__doc__)
+    start_level = machine_used()
     child = subprocess.Popen(command)
-    peak = {"anonymous": 0, "largest": "", "resident": 0, "at": ""}
+    peak = {"anonymous": 0, "largest": "", "resident": 0, "at": "", "machine": 0, "machine_at": ""}
     started = time.monotonic()
 
     def sample() -> None:
+        count = 0
         while child.poll() is None:
             anonymous, resident, largest = tree_memory(child.pid)
             if anonymous > peak["anonymous"]:
                 peak.update(anonymous=anonymous, largest=largest, at=time.strftime("%H:%M:%S"))
             peak["resident"] = max(peak["resident"], resident)
+            if count % 10 == 0:  # every 2 s
+                used = machine_used() - start_level
+                if used > peak["machine"]:
+                    peak.update(machine=used, machine_at=time.strftime("%H:%M:%S"))
+            count += 1
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -91,7 +111,9 @@ def main() -> int:
     sampler.join()
     line = (
         f"{label}: peak memory {peak['anonymous'] / GIB:.1f} GB at {peak['at']} (largest processes then: {peak['largest']}); "
-        f"peak RSS with mapped files {peak['resident'] / GIB:.1f} GB; {(time.monotonic() - started) / 60:.1f} min, exit {code}"
+        f"peak RSS with mapped files {peak['resident'] / GIB:.1f} GB; machine's used memory (MemTotal - MemAvailable) "
+        f"peak {peak['machine'] / GIB:.1f} GiB above its start level at {peak['machine_at'] or '-'}; "
+        f"{(time.monotonic() - started) / 60:.1f} min, exit {code}"
     )
     print(line, flush=True)
     if os.environ.get("PEAK_MEMORY_LOG"):

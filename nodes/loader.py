@@ -94,20 +94,23 @@ def load_models(sdm_path: str, tdm_path: Optional[str], weight_dtype: str = "aut
     ``(tdm, sdm, clip, vae, subject_encoder)``.
 
     CLIP and VAE come from the SDM, whose text encoder the official pipeline uses for every prompt.
-    The SDM file is read first (a swapped pair fails before the TDM is read); each of its parts is
-    dropped once its model is built, so the file's tensors and the models built from them (float32
-    on a CPU: twice their size) are never all in memory at once.
+    The SDM file is checked first (a swapped pair fails before the TDM is read). The files are
+    memory-mapped (see :func:`~facediffuser_core.checkpoints.read_state_dict`): checking a file reads
+    only its keys and shapes, and each model is built from a fresh mapping holding its own tensors
+    alone, which goes when the model is built. So a first run holds the models and, at any time, the
+    file tensors of one model at most: the UNets come first, while the least else is loaded.
     """
     dtype = WEIGHT_DTYPES[weight_dtype]
-    sdm = load_checkpoint(sdm_path, expect=ModelKind.SDM)
+
+    def sdm() -> FaceDiffuserCheckpoint:
+        return load_checkpoint(sdm_path, expect=ModelKind.SDM)
+
+    sdm()
     tdm = None if tdm_path is None else load_unet(load_checkpoint(tdm_path, expect=ModelKind.TDM), dtype)
-    sdm_unet = load_unet(sdm, dtype)
-    sdm.unet.clear()
-    encoder = SubjectEncoderModel(SubjectEncoder.from_state_dict(sdm.subject_encoder), dtype)
-    sdm.subject_encoder.clear()
-    clip = load_clip(sdm)
-    sdm.text_encoder.clear()
-    return tdm, sdm_unet, clip, comfy.sd.VAE(sd=dict(sdm.vae)), encoder
+    sdm_unet = load_unet(sdm(), dtype)
+    encoder = SubjectEncoderModel(SubjectEncoder.from_state_dict(sdm().subject_encoder), dtype)
+    clip = load_clip(sdm())
+    return tdm, sdm_unet, clip, comfy.sd.VAE(sd=dict(sdm().vae)), encoder
 
 
 class FaceDiffuserLoader(io.ComfyNode):

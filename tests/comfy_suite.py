@@ -68,6 +68,7 @@ def face_pngs(tmp_path_factory) -> list[Path]:
 
 
 STARTED: list = []  # every suite server started (harness.ComfyServer), for quiet_servers()
+IN_PROCESS: list = []  # the in-process model set while it is held (tests/integration/conftest.py, ``loaded``)
 
 
 # The suites' servers keep only the current prompt's outputs, dropping the last prompt's models before
@@ -79,19 +80,19 @@ CACHE_ARGS = ["--cache-classic"]
 
 def start_server(
     comfyui_path: Path, model_files, face_pngs: list[Path], tmp_path_factory, inputs: list[Path] = (),
-    models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS, server_args: list[str] | None = None,
+    models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS, suite_settings: bool = True,
 ):  # fmt: skip
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
     converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
     folders; an SD1.5 checkpoint and a LoRA under the scene-checkpoint workflow's names in
     models/checkpoints and models/loras, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in
     a folder of extra_model_paths.yaml; face_1.png, face_2.png and ``inputs`` in input/. Stop it
-    with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default); ``server_args``: in
-    place of the suites' ``harness.SERVER_ARGS`` (``[]``: ComfyUI as users run it)."""
+    with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default); ``suite_settings``:
+    False runs ComfyUI as users do (no ``harness.SERVER_ARGS``, no ``LOW_MEMORY_ENV``)."""
     from harness import ComfyServer, make_base_directory
     from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
 
-    release_memory()  # whatever this process freed since, before a server loads models beside it
+    release_in_process()  # before a server loads models beside this process's
 
     base = tmp_path_factory.mktemp("comfy-base")
     make_base_directory(
@@ -113,9 +114,7 @@ def start_server(
     (extra / "sdxl_shaped.safetensors").symlink_to(model_files.sdxl_shaped)
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(f"facediffuser_tests:\n  base_path: {extra}\n  facediffuser: .\n")
-    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml), *cache_args])
-    if server_args is not None:
-        comfy.server_args = server_args
+    comfy = ComfyServer(comfyui_path, base, ["--preview-method", "latent2rgb", "--extra-model-paths-config", str(yaml), *cache_args], suite_settings=suite_settings)
     STARTED.append(comfy)
     return comfy.start()
 
@@ -128,9 +127,22 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def release_in_process() -> None:
+    """Drop the in-process model set, unload every model ComfyUI holds in this process and give the
+    memory back to the system (the modules still holding the set keep it until they end)."""
+    if IN_PROCESS:
+        IN_PROCESS.clear()
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+    release_memory()
+
+
 def quiet_servers() -> None:
-    """Unload the models of every running suite server (before a test loads its own, in this process
-    or in a ComfyUI it starts): one loaded SD1.5-sized set at a time keeps the suite within 12 GB."""
+    """Unload the models of every running suite server and of this process (before a test loads its
+    own, in this process or in a ComfyUI it starts): one loaded SD1.5-sized set at a time keeps the
+    suite within 10 GiB."""
+    release_in_process()
     for comfy in STARTED:
         if comfy.running:
             comfy.free()

@@ -2,7 +2,9 @@
 requirements are installed in this environment; otherwise every test here is skipped.
 
 The in-process fixtures (ComfyUI imported into the test process, no server) live here so that every
-module shares one import; each module loads the models once (``loaded``) and frees them afterwards.
+module shares one import and one model set (``loaded``: loaded by the first module that asks, kept for
+the next ones, dropped when a server or another set loads models: ``comfy_suite.quiet_servers``). New
+in-process tests take ``loaded`` (and ``conditionings``) rather than loading models of their own.
 The modules that need a server share one (``server``), which unloads its models whenever a test loads
 its own (``quiet_servers``)."""
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_suite import comfyui_path, face_pngs, model_files, quiet_servers, release_memory, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
+from comfy_suite import IN_PROCESS, comfyui_path, face_pngs, model_files, quiet_servers, release_memory, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
@@ -57,17 +59,28 @@ def server(comfyui_path, model_files, face_pngs, facenet_file, tiny_clip_folder,
     comfy.stop()
 
 
+def load_test_models(comfy, sdm: Path, tdm: Path | None) -> tuple:
+    """(tdm, sdm, clip, vae, subject_encoder) through the Loader's code, the UNets stored in fp16 (the
+    files' dtype: ComfyUI computes in float32 on a CPU all the same, bit for bit as with float32 weights,
+    test_comfy_fp16_storage.py) and the subject encoder in float32 (upcast from the files' fp16: the
+    weights the Loader's "fp32" gives). Half the UNets' memory of "fp32"."""
+    models = comfy.loader.load_models(str(sdm), None if tdm is None else str(tdm), "fp16")
+    models[-1].patcher.model.float()
+    return models
+
+
 @pytest.fixture(scope="module")
 def loaded(comfy, model_files):
-    """(tdm, sdm, clip, vae, subject_encoder) from the converted files, UNets in fp32."""
-    quiet_servers()
-    models = list(comfy.loader.load_models(str(model_files.sdm), str(model_files.tdm), "fp32"))
-    yield models
-    release_models(comfy, models)
+    """(tdm, sdm, clip, vae, subject_encoder) from the converted files (:func:`load_test_models`):
+    one set for every in-process module, loaded once and kept until a server or another set loads models."""
+    if not IN_PROCESS:
+        quiet_servers()
+        IN_PROCESS.extend(load_test_models(comfy, model_files.sdm, model_files.tdm))
+    return tuple(IN_PROCESS)
 
 
 def release_models(comfy, models: list) -> None:
-    """Drop a fixture's models (emptied in place: pytest still holds the yielded list while the
+    """Drop a fixture's own models (emptied in place: pytest still holds the yielded list while the
     fixture tears down), unload every model and give the freed memory back to the system, which
     the servers of the later modules need."""
     models.clear()

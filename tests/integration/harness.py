@@ -70,8 +70,8 @@ class ComfyServer:
     base: Path
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
-    server_args: list[str] = field(default_factory=lambda: list(SERVER_ARGS))  # [] runs ComfyUI as users do
     process: Optional[subprocess.Popen] = None
+    suite_settings: bool = True  # SERVER_ARGS and LOW_MEMORY_ENV; False: ComfyUI as a user starts it
 
     @property
     def url(self) -> str:
@@ -84,9 +84,9 @@ class ComfyServer:
     def start(self, timeout: float = 600) -> "ComfyServer":
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base), "--disable-auto-launch", *self.server_args, *self.extra_args,
+            "--base-directory", str(self.base), "--disable-auto-launch", *(SERVER_ARGS if self.suite_settings else []), *self.extra_args,
         ]  # fmt: skip
-        env = {**os.environ, **LOW_MEMORY_ENV, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(LOW_MEMORY_ENV if self.suite_settings else {}), "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

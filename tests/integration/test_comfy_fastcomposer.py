@@ -11,7 +11,7 @@ import torch
 
 from comfy_inprocess import run_guider
 from comfy_suite import quiet_servers
-from conftest import empty_conditioning, release_models
+from conftest import empty_conditioning, load_test_models, release_models
 from facediffuser_core.checkpoints import ModelKind, declared_kind
 from facediffuser_core.sampler import ddim_timesteps, sd15_alphas_cumprod
 
@@ -22,13 +22,14 @@ CFG = 5.0
 
 @pytest.fixture(scope="module")
 def fastcomposer(comfy, model_files):
-    """(model, clip, vae, subject_encoder) from the FastComposer file, through the Loader's code with no TDM."""
+    """(model, clip, vae, subject_encoder) from the FastComposer file, through the Loader's code with no TDM
+    (in place of the shared set, which is dropped first)."""
     from models import ensure_fastcomposer_file
 
     path = ensure_fastcomposer_file(model_files)
     assert declared_kind(path) is ModelKind.FASTCOMPOSER
     quiet_servers()
-    tdm, *models = comfy.loader.load_models(str(path), None, "fp32")
+    tdm, *models = load_test_models(comfy, path, None)
     assert tdm is None
     yield models
     release_models(comfy, models)

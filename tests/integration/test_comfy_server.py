@@ -195,7 +195,7 @@ def users_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory)
     from comfy_suite import quiet_servers, start_server
 
     quiet_servers()
-    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory, server_args=[])
+    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory, suite_settings=False)
     yield comfy
     comfy.stop()
 
@@ -203,7 +203,10 @@ def users_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory)
 def test_fp16_unet_of_the_test_servers_gives_the_users_latent_bit_for_bit(server, users_server):
     """The suites run ComfyUI with --fp16-unet (fp16 weights kept, computed in float32 on a CPU) to halve
     its memory: one workflow through the pack's Loader gives the same latent, bit for bit, as without it."""
-    assert "--fp16-unet" in server.server_args and users_server.server_args == []
+    import psutil
+
+    assert "--fp16-unet" in psutil.Process(server.process.pid).cmdline()
+    assert "--fp16-unet" not in psutil.Process(users_server.process.pid).cmdline()
     users = sampled_latent(users_server, SUBJECT_SAMPLE)
     users_server.free()
     suites = sampled_latent(server, SUBJECT_SAMPLE)
