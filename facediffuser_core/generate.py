@@ -19,7 +19,6 @@ import random
 import re
 import shlex
 import sys
-import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -31,7 +30,8 @@ from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
-from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from .prompt import MARKER
+from .regions import marked_words
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
@@ -96,11 +96,6 @@ def check_photos(subjects: Sequence[tuple[Path, ...]]) -> None:
                 raise UsageError(f"--face #{number}: no such file {photo}")
 
 
-def _word_ids(text: str) -> list[int]:
-    """A stand-in tokenizer (one id per word) for checking a prompt's markers without CLIP."""
-    return [zlib.crc32(word.encode()) for word in text.split()]
-
-
 def check_prompt(prompt: str, faces: int) -> None:
     """The prompt's markers against the number of ``--face`` photos, and the marker placement rules
     Subject Encode applies (the token limit is left to it: it needs CLIP's tokenizer)."""
@@ -109,7 +104,7 @@ def check_prompt(prompt: str, faces: int) -> None:
         raise UsageError(f"the prompt has no {MARKER} marker; put one right after each person's class word, e.g. 'a man {MARKER} reading in a cafe'")
     if count != faces:
         raise UsageError(f"the prompt has {count} {MARKER} marker(s) but --face was given {faces} time(s); give one --face per marker, in marker order (several photos of one person comma-separated)")
-    parse_prompt(prompt, _word_ids, max_subjects=MAX_SUBJECTS, max_position=sys.maxsize)
+    marked_words(prompt)
 
 
 def _check_settings(args: argparse.Namespace) -> None:
