@@ -6,7 +6,8 @@ single-subject prompts, subject combinations (at most ``--max-combinations``) fo
 A job (one prompt with its subjects, 1 to 4) queues the Face-diffuser graph (built in code, or a
 ``--workflow-dir`` template) with the subjects' reference photos through ComfyUI's HTTP API, on
 whichever ``--server`` is free, and downloads its images.
-The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish),
+The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish; with
+several subjects, each face's separation: its similarity to its own person minus to the best other one),
 ``failures.csv``, ``summary.md`` (means) and ``ip_pc.png``. Running the command again on the same
 folder skips finished jobs; a failed job is retried once; Ctrl-C keeps what has finished.
 """
@@ -445,7 +446,8 @@ class Scorer:
         for path, image, pc in zip(paths, images, pcs.tolist()):
             identity = score_identity(self.facenet, self.detector, references, image)
             per_subject = tuple(match.similarity for match in identity.matches)
-            scores.append(ImageScore(job.id, path.name, job.prompt, job.subjects, identity.score, per_subject, len(identity.faces), pc, server))
+            others = tuple(match.other for match in identity.matches)
+            scores.append(ImageScore(job.id, path.name, job.prompt, job.subjects, identity.score, per_subject, len(identity.faces), pc, server, others))
         return scores
 
 
