@@ -35,7 +35,7 @@ from .errors import FaceDiffuserError, FaceNotFoundError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
 from .prompt import MARKER
-from .regions import Box, RegionError, marked_words, named_region
+from .regions import WHOLE_LAYOUTS, Box, RegionError, marked_words, named_region
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
@@ -43,7 +43,6 @@ __all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "pars
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
-LAYOUT_CHOICES = ("columns",)
 ASPECT_TOLERANCE = 0.01  # a mask image's aspect ratio may differ from the picture's by 1 %
 
 
@@ -74,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--detail", action="store_true", help="after sampling, re-render each person's face with their own photo (the Face-diffuser Face Detailer: faces matched to people by identity, 512 px crops, same seed, steps, cfg and sampler)")
     job.add_argument("--detail-denoise", type=float, default=DEFAULT_DENOISE, help=f"how much of each face --detail re-renders, 0..1 (default {DEFAULT_DENOISE:g})")
     job.add_argument("--region", action="append", metavar="WHERE", help="where the person of one --face goes: left, right, centre, n/N (the n-th of N side-by-side columns, e.g. 2/3), or a mask image (white where the person goes, the picture's aspect ratio); repeat once per --face, in marker order; that person's identity acts only there")
-    job.add_argument("--layout", choices=LAYOUT_CHOICES, help="put every --face's person in a region of their own: columns = side by side, the first marker on the left (instead of --region)")
+    job.add_argument("--layout", choices=WHOLE_LAYOUTS, help="put every --face's person in a region of their own: columns = side by side, the first marker on the left (instead of --region)")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")

@@ -25,6 +25,7 @@ from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 
 __all__ = [
     "LAYOUTS",
+    "WHOLE_LAYOUTS",
     "NAMED_REGIONS",
     "COLOURS",
     "Box",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 LAYOUTS = ("columns", "boxes")
+WHOLE_LAYOUTS = ("columns",)  # the layouts that need nothing per person: the commands' --layout
 Box = tuple[float, float, float, float]
 """``(x0, y0, x1, y1)``: a box as fractions of the picture's width and height, 0 <= x0 < x1 <= 1."""
 NAMED_REGIONS: dict[str, Box] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "centre": (0.25, 0.0, 0.75, 1.0), "center": (0.25, 0.0, 0.75, 1.0)}

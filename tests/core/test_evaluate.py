@@ -141,6 +141,23 @@ def test_built_graphs_carry_the_job_and_its_settings():
     assert (loader["inputs"]["sdm_name"], loader["inputs"]["tdm_name"]) == ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors")
     other = job_graph(Job("x", "a man <|image|>", ("a",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"))
     assert nodes_of(other.nodes, "FaceDiffuserLoader")[0]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
+    assert not nodes_of(graph, "FaceDiffuserRegions") and "masks" not in nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]
+
+
+def test_layout_columns_generates_each_subject_in_its_own_region():
+    job = Job("ab", "a man <|image|> and a woman <|image|> at a table", ("a", "b"), 1)
+    graph = job_graph(job, ["a.png", "b.png"], replace(SETTINGS, layout="columns")).nodes
+    encode = nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]
+    assert graph[encode["masks"][0]] == {
+        "class_type": "FaceDiffuserRegions", "_meta": {"title": "Face-diffuser Regions"},
+        "inputs": {"width": 64, "height": 64, "people": 2, "layout": "columns", "boxes": "", "prompt": job.prompt},
+    }  # fmt: skip
+
+
+def test_layout_is_for_the_built_in_graphs(tmp_path, capsys):
+    args = ["--subjects", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--server", "127.0.0.1:1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--no-score", "--layout", "columns", "--workflow-dir", str(API_WORKFLOWS)]) == 2
+    assert "--layout works with the built-in graphs; leave out --workflow-dir" in capsys.readouterr().err
 
 
 def test_jobs_fill_the_shipped_templates():

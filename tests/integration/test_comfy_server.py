@@ -31,7 +31,7 @@ def small(workflow: dict, seed: int = 1, steps: int = STEPS) -> dict:
     graph = copy.deepcopy(workflow)
     for node in graph.values():
         inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "FaceDiffuserRegions"):
             inputs.update(width=SIZE, height=SIZE)
         elif node["class_type"] in ("FaceDiffuserSampler", "FaceDiffuserFaceDetailer"):
             inputs.update(steps=steps, seed=seed)
