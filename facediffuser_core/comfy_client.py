@@ -178,10 +178,10 @@ def build_graph(job: Generation) -> JobGraph:
     (ImageBatch) nodes into Subject Encode's ``images``; with several photos of a person, one chained
     Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
     Encode's ``subjects``, as ``facediffuser_two_photos.json``. The job's regions (see
-    :func:`_region_masks`) go into Subject Encode's ``masks``, or each Subject node's ``mask``.
-    Then the all-in-one Face-diffuser Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face Detailer (same people, prompt, seed,
-    steps, cfg and sampler; a picture without a face passes through, faces that match nobody are left),
-    SaveImage, and the subject mask previewed."""
+    :func:`_region_masks`) go into Subject Encode's ``masks``, or each Subject node's ``mask``. Then
+    the all-in-one Face-diffuser Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face
+    Detailer (same people, prompt, seed, steps, cfg and sampler; a picture without a face passes
+    through, faces that match nobody are left), SaveImage, and the subject mask previewed."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
     if not all(job.faces):
