@@ -3,6 +3,8 @@ preview, as ComfyUI's MASK and IMAGE types, and its errors name the node and the
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -10,8 +12,10 @@ from facediffuser_core.regions import layout_masks, region_preview
 
 
 def run(comfy, **inputs):
+    """The node's outputs for ``inputs`` (``comfy``: the pack imported inside ComfyUI)."""
+    node = importlib.import_module("facediffuser_pack.nodes.regions").FaceDiffuserRegions
     values = {"width": 96, "height": 64, "people": 2, "layout": "columns", "boxes": "", **inputs}
-    return comfy.regions.FaceDiffuserRegions.execute(**values).args
+    return node.execute(**values).args
 
 
 def test_regions_node_outputs_the_core_masks_and_labelled_preview(comfy):
