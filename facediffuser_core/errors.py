@@ -27,6 +27,11 @@ class ReferenceImageError(FaceDiffuserError):
     """Reference images of the wrong shape, channel count or value range, or not one subject per marker."""
 
 
+class RegionError(FaceDiffuserError):
+    """People's region masks that cannot be used: not one per marker, of different sizes, of another
+    aspect ratio than the latent, or empty at the latent's resolution."""
+
+
 class FaceNotFoundError(FaceDiffuserError):
     """An image in which the face detector found no face (or not the requested one)."""
 

@@ -39,12 +39,13 @@ DEFAULT_COMBINE = "average"
 @dataclass(frozen=True)
 class Subject:
     """One subject's reference photos: ComfyUI IMAGE batches [N,H,W,C] in 0..1 whose sizes may differ
-    from batch to batch, ``names`` labelling each batch in messages (e.g. the input it came from), and
-    ``combine``, one of :data:`COMBINE_MODES`."""
+    from batch to batch, ``names`` labelling each batch in messages (e.g. the input it came from),
+    ``combine``, one of :data:`COMBINE_MODES`, and ``mask``, the person's region (a MASK [1,H,W]) or None."""
 
     photos: tuple[torch.Tensor, ...]
     names: tuple[str, ...]
     combine: str = DEFAULT_COMBINE
+    mask: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINE_MODES:
@@ -127,13 +128,14 @@ def check_subjects(subjects: Sequence[Subject], markers: int, words: Optional[Se
 
 
 def people_references(references: References, words: Sequence[str]) -> list[References]:
-    """Each marker's own References (an IMAGE [1,H,W,C] or one Subject), checked as the subject
-    encoder checks them: one person per marker, each with a photo."""
+    """Each marker's own References (an IMAGE [1,H,W,C] or one Subject, without its region mask: each
+    person is alone in its references), checked as the subject encoder checks them: one person per
+    marker, each with a photo."""
     if isinstance(references, torch.Tensor):
         check_count(references.shape[0], len(words), "reference image", words)
         return [references[index : index + 1] for index in range(len(words))]
     check_subjects(references, len(words), words)
-    return [(subject,) for subject in references]
+    return [(dataclasses.replace(subject, mask=None),) for subject in references]
 
 
 def photos_of(person: References) -> list[torch.Tensor]:

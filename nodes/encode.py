@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..facediffuser_core.errors import PromptError, ReferenceImageError
 from ..facediffuser_core.preprocess import DEFAULT_OBJECT_RESOLUTION
 from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from ..facediffuser_core.regional_attention import REGIONS_KEY, people_regions
 from ..facediffuser_core.subjects import References, Subject
 from .common import CATEGORY, errors_named
 from .loader import SubjectEncoderModel, SubjectEncoderType
@@ -52,10 +53,14 @@ def encode_text(clip, text: str):
     return [[cond, {"pooled_output": pooled}]]
 
 
-def encode_subjects(clip, subject_encoder: SubjectEncoderModel, references: References, prompt: str, object_resolution: int):
+def encode_subjects(clip, subject_encoder: SubjectEncoderModel, references: References, prompt: str, object_resolution: int, masks: Optional[torch.Tensor] = None):
     """Returns ``(text, subject)``: the CONDITIONING of the clean prompt, and the same with the
-    reference photos (an IMAGE, one per marker, or one Subject per marker) fused in at the marked words."""
+    reference photos (an IMAGE, one per marker, or one Subject per marker) fused in at the marked words.
+    Where the people have regions (``masks`` [N,H,W], one per marker, or each Subject's mask), both
+    carry them as :class:`Regions` under ``REGIONS_KEY``; without regions both are exactly as before."""
     parsed = parse_prompt(prompt, comfy_tokenizer(clip))
+    subject_masks = [] if isinstance(references, torch.Tensor) else [person.mask for person in references]
+    regions = people_regions(masks, subject_masks, parsed.positions, parsed.words)
     tokens = {"l": _sd1_chunks(clip, parsed.text)}
     first_chunk = tokens["l"][0]
     for position, word in zip(parsed.positions, parsed.words):
@@ -67,7 +72,8 @@ def encode_subjects(clip, subject_encoder: SubjectEncoderModel, references: Refe
             )
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     subject = subject_encoder.augment(cond, references, parsed.positions, object_resolution, parsed.words)
-    return [[cond, {"pooled_output": pooled}]], [[subject, {"pooled_output": pooled}]]
+    extra = {} if regions is None else {REGIONS_KEY: regions}
+    return [[cond, {"pooled_output": pooled, **extra}]], [[subject, {"pooled_output": pooled, **extra}]]
 
 
 def chosen_references(images: Optional[torch.Tensor], subjects: Optional[tuple[Subject, ...]]) -> References:
@@ -104,6 +110,13 @@ OBJECT_RESOLUTION_INPUT = io.Int.Input(
     step=8,
     tooltip="Size the padded-square reference is resized to before the 224 px encoder resize (the official default is 512; match it to your photos' face size).",
 )
+MASKS_INPUT = io.Mask.Input(
+    "masks",
+    optional=True,
+    tooltip=f"Optional: a region per person, a MASK batch with one mask per {MARKER} marker in marker order (e.g. from the "
+    "Face-diffuser Regions node, or painted), at the image's size. Each person's identity acts only inside its mask "
+    "(overlaps are allowed). Leave empty for no regions; with subjects, give each Subject node a mask instead.",
+)
 SUBJECTS_INPUT = SubjectsType.Input(
     "subjects",
     optional=True,
@@ -131,6 +144,7 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
                 PROMPT_INPUT,
                 OBJECT_RESOLUTION_INPUT,
                 SUBJECTS_INPUT,
+                MASKS_INPUT,
             ],
             outputs=[
                 io.Conditioning.Output("text", display_name="text", tooltip="The prompt with the markers removed: positive for the TDM and negative for the SDM."),
@@ -147,7 +161,8 @@ class FaceDiffuserSubjectEncode(io.ComfyNode):
         object_resolution: int,
         images: Optional[torch.Tensor] = None,
         subjects: Optional[tuple[Subject, ...]] = None,
+        masks: Optional[torch.Tensor] = None,
     ) -> io.NodeOutput:
         with errors_named(NAME):
-            text, subject = encode_subjects(clip, subject_encoder, chosen_references(images, subjects), prompt, object_resolution)
+            text, subject = encode_subjects(clip, subject_encoder, chosen_references(images, subjects), prompt, object_resolution, masks)
         return io.NodeOutput(text, subject)

@@ -11,6 +11,7 @@ from ..facediffuser_core.preprocess import FASTCOMPOSER_OBJECT_RESOLUTION
 from ..facediffuser_core.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage
 from .common import CATEGORY, errors_named
 from .guider import StagedCFGGuider, check_sd1
+from .regional_attention import install, regional_patch
 
 NAME = "FastComposer Guider"
 
@@ -21,12 +22,20 @@ class FastComposerCFGGuider(StagedCFGGuider):
     subject-augmented prompt afterwards. Each step is ComfyUI's own CFG, hooks and patches included,
     so with every step on one side it is a stock CFG guider on that pair."""
 
+    node = NAME
+
     def __init__(self, model, cfg: float, start_fraction: float) -> None:
         check_sd1(model, "model", "the Face-diffuser Loader's sdm, loaded from a FastComposer file")
         super().__init__(model, cfg, start_fraction, start_fraction)  # no fusion stage
 
     def set_conds(self, negative, text, subject) -> None:
+        """The conditionings; where they carry people's regions, the model is cloned and the clone gets the regional patch."""
         self.inner_set_conds({"negative": negative, "text": text, "subject": subject})
+        self.regions = regional_patch(self.original_conds)
+        if self.regions is not None:
+            self.model_patcher = self.model_patcher.clone()
+            self.model_options = self.model_patcher.model_options
+            install(self.regions, self.model_patcher, "model")
 
     def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None) -> torch.Tensor:
         delayed = self.stage_of(timestep) is Stage.SCENE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ from ..facediffuser_core.schedule import (
 )
 from .common import CATEGORY, errors_named
 from .loader import NO_TDM
+from .regional_attention import RegionalCrossAttention, install, regional_patch, regioned_entries
 
 NAME = "Face-diffuser Guider"
 TDM_KEY = "facediffuser_tdm"
@@ -90,6 +92,9 @@ class StagedCFGGuider(comfy.samplers.CFGGuider):
     sigma in this run's schedule, against bounds at fractions of its steps (so every sampler and
     scheduler works)."""
 
+    node = NAME  # the node named in errors raised while sampling
+    regions: Optional[RegionalCrossAttention] = None  # the people's regions, when a conditioning carries them
+
     def __init__(self, model, cfg: float, start_fraction: float, final_fraction: float) -> None:
         validate_fractions(start_fraction, final_fraction)
         super().__init__(model)
@@ -97,6 +102,9 @@ class StagedCFGGuider(comfy.samplers.CFGGuider):
         self.start_fraction, self.final_fraction = start_fraction, final_fraction
 
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        if self.regions is not None:
+            with errors_named(self.node):
+                self.regions.check_latent(tuple(noise.shape[-2:]))
         self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
         self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
         try:
@@ -133,6 +141,16 @@ class FaceDiffuserCFGGuider(StagedCFGGuider):
         conds.update({name: value for name, value in own.items() if value is not None})
         self.scene_pair = ("scene_negative" if scene_negative is not None else "negative", "scene_positive" if scene_positive is not None else "text")
         self.inner_set_conds(conds)
+        self.regions = regional_patch(self.original_conds)
+        if self.regions is None:
+            return
+        install(self.regions, self.model_patcher, "sdm")
+        if any(regioned_entries({name: self.original_conds[name] for name in self.scene_pair})):
+            scene = self.tdm.clone()
+            install(self.regions, scene, "scene model (tdm)")
+            self.model_patcher.set_additional_models(TDM_KEY, [scene])
+        else:
+            logging.info("%s: the scene model's own prompt (scene_positive) has no marked people: the scene model runs without regions", self.node)
 
     @property
     def tdm(self):
@@ -244,8 +262,12 @@ STAGE_INPUTS = [
 ]
 
 
-def build_guider(tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float, scene_positive=None, scene_negative=None) -> FaceDiffuserCFGGuider:
+def build_guider(
+    tdm, sdm, text, subject, negative, cfg: float, start_merge: float, final: float, scene_positive=None, scene_negative=None, node: str = NAME
+) -> FaceDiffuserCFGGuider:
+    """The guider of the node ``node`` (named in the errors it raises while sampling)."""
     guider = FaceDiffuserCFGGuider(tdm, sdm, cfg, start_merge, final)
+    guider.node = node
     for name, conditioning in (("scene_positive", scene_positive), ("scene_negative", scene_negative)):
         if conditioning is not None:
             check_scene_conditioning(tdm, name, conditioning)

@@ -69,7 +69,7 @@ class FaceDiffuserSampler(io.ComfyNode):
         cls, tdm, sdm, text, subject, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, start_merge, final, denoise, scene_positive=None, scene_negative=None
     ) -> io.NodeOutput:
         with errors_named(NAME):
-            guider = build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final, scene_positive, scene_negative)
+            guider = build_guider(tdm, sdm, text, subject, negative, cfg, start_merge, final, scene_positive, scene_negative, node=NAME)
         latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.KSampler(guider.model_patcher, steps, guider.model_patcher.load_device, sampler_name, scheduler, denoise).sigmas

@@ -8,6 +8,7 @@ import torch
 
 from comfy_api.latest import io
 
+from ..facediffuser_core.errors import RegionError
 from ..facediffuser_core.prompt import MARKER
 from ..facediffuser_core.subjects import COMBINE_MODES, DEFAULT_COMBINE, Subject
 from .common import CATEGORY, errors_named
@@ -19,10 +20,21 @@ SubjectsType = io.Custom("FACEDIFFUSER_SUBJECTS")
 """A tuple of :class:`~facediffuser_core.subjects.Subject`, one per marker, in marker order."""
 
 
-def add_subject(previous: Optional[tuple[Subject, ...]], combine: str, photos: dict[str, Optional[torch.Tensor]]) -> tuple[Subject, ...]:
-    """``previous`` subjects plus one made of the connected photo inputs (name -> IMAGE or None)."""
+def add_subject(
+    previous: Optional[tuple[Subject, ...]], combine: str, photos: dict[str, Optional[torch.Tensor]], mask: Optional[torch.Tensor] = None
+) -> tuple[Subject, ...]:
+    """``previous`` subjects plus one made of the connected photo inputs (name -> IMAGE or None) and
+    its region ``mask`` (a MASK [1,H,W] or [H,W]; None: no region)."""
+    marker = len(previous or ()) + 1
+    if mask is not None:
+        mask = mask[None] if mask.ndim == 2 else mask
+        if mask.ndim != 3 or mask.shape[0] != 1:
+            raise RegionError(
+                f"mask of marker {marker} is a batch of {mask.shape[0] if mask.ndim == 3 else tuple(mask.shape)} masks; a Subject node takes one "
+                "person's region: connect a single mask (e.g. pick one with an image/mask batch picker), or give all masks to Subject Encode's masks"
+            )
     connected = {f"input {name} of its {NAME} node": batch for name, batch in photos.items() if batch is not None}
-    return (*(previous or ()), Subject(tuple(connected.values()), tuple(connected), combine))
+    return (*(previous or ()), Subject(tuple(connected.values()), tuple(connected), combine, mask))
 
 
 class FaceDiffuserSubject(io.ComfyNode):
@@ -46,6 +58,12 @@ class FaceDiffuserSubject(io.ComfyNode):
                     "direction, at the photos' mean length). Both give the photo's own embedding for a single photo.",
                 ),
                 *(io.Image.Input(name, optional=True, tooltip="More photos of this person, of any size (a batch of one or more).") for name in EXTRA_PHOTO_INPUTS),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Optional: this person's region, one MASK at the image's size; the identity acts only inside it. "
+                    "Give every Subject node a mask, or none.",
+                ),
                 SubjectsType.Input(
                     "previous_subjects",
                     optional=True,
@@ -70,7 +88,8 @@ class FaceDiffuserSubject(io.ComfyNode):
         images_3: Optional[torch.Tensor] = None,
         images_4: Optional[torch.Tensor] = None,
         previous_subjects: Optional[tuple[Subject, ...]] = None,
+        mask: Optional[torch.Tensor] = None,
     ) -> io.NodeOutput:
         with errors_named(NAME):
             photos = {"images": images, "images_2": images_2, "images_3": images_3, "images_4": images_4}
-            return io.NodeOutput(add_subject(previous_subjects, combine, photos))
+            return io.NodeOutput(add_subject(previous_subjects, combine, photos, mask))

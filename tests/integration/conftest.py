@@ -20,7 +20,7 @@ from comfy_suite import comfyui_path, face_pngs, model_files, quiet_servers, rel
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
-PACK_MODULES = ("loader", "encode", "subject", "guider", "sampler", "fastcomposer", "detailer", "scores")
+PACK_MODULES = ("loader", "encode", "subject", "guider", "sampler", "fastcomposer", "detailer", "scores", "regional_attention")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy(comfyui_path):
     """ComfyUI's modules by last name (``comfy.samplers``, ``nodes`` for its core nodes, ...) and
-    the pack's node modules (``loader``, ``encode``, ``subject``, ``guider``, ``sampler``, ``fastcomposer``, ``detailer``, ``scores``),
+    the pack's node modules (``loader``, ``encode``, ``subject``, ``guider``, ``sampler``, ``fastcomposer``, ``detailer``, ``scores``, ``regional_attention``),
     imported in-process."""
     from comfy_inprocess import import_comfy, import_pack
 
