@@ -31,11 +31,11 @@ from tqdm import tqdm
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui
 from .detailer import DEFAULT_DENOISE
-from .errors import FaceDiffuserError, FaceNotFoundError
+from .errors import FaceDiffuserError, FaceNotFoundError, RegionError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
 from .prompt import MARKER
-from .regions import WHOLE_LAYOUTS, Box, RegionError, marked_words, named_region
+from .regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 

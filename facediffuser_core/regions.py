@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import FaceDiffuserError
+from .errors import RegionError
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "NAMED_REGIONS",
     "COLOURS",
     "Box",
-    "RegionError",
     "word_ids",
     "marked_words",
     "column_box",
@@ -51,10 +50,6 @@ COLOURS = ((230, 60, 60), (50, 120, 240), (60, 190, 80), (240, 180, 30))  # one 
 BACKGROUND = (40, 40, 40)
 TINT = 0.55  # how much of a region's colour covers the canvas inside it
 _BOX_EXAMPLE = "0,0,0.5,1; 0.5,0,1,1"
-
-
-class RegionError(FaceDiffuserError):
-    """A layout of regions that cannot be used: a bad box, or boxes that do not match the people."""
 
 
 def word_ids(text: str) -> list[int]:

@@ -6,8 +6,9 @@ import torch
 
 from comfy_api.latest import io
 
+from ..facediffuser_core.errors import RegionError
 from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS
-from ..facediffuser_core.regions import LAYOUTS, RegionError, layout_masks, marked_words, region_preview
+from ..facediffuser_core.regions import LAYOUTS, layout_masks, marked_words, region_preview
 from .common import CATEGORY, errors_named
 
 NAME = "Face-diffuser Regions"

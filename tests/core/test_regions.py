@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from facediffuser_core.errors import PromptError
+from facediffuser_core.errors import RegionError
 from facediffuser_core.regions import (
     BACKGROUND,
     COLOURS,
     TINT,
-    RegionError,
     box_masks,
     format_boxes,
     layout_masks,
