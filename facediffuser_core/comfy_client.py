@@ -26,13 +26,14 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .detailer import DEFAULT_FEATHER, DEFAULT_SIZE, MATCH_BY_SUBJECT_ENCODER
 from .errors import FaceDiffuserError
 from .faces import DEFAULT_MARGIN
 from .model_folders import MODEL_FOLDER
 from .prompt import MAX_SUBJECTS
+from .regions import Box, column_box, format_boxes
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION
 from .subjects import DEFAULT_COMBINE
 
@@ -79,7 +80,10 @@ class Generation:
     person, of one size, combined by ``combine``: one of :data:`~facediffuser_core.subjects.COMBINE_MODES`);
     sizes in pixels; ``start_merge``/``final`` are fractions of the steps; ``sdm``/``tdm`` are model
     file names (None: :data:`DEFAULT_SDM` / :data:`DEFAULT_TDM`, or a template's own); images are
-    saved under ``filename_prefix``."""
+    saved under ``filename_prefix``. Where each person goes: ``layout="columns"`` (side by side, in
+    marker order), or ``regions``, one per face in marker order, each a box (fractions of the width
+    and height, see :mod:`.regions`) or the LoadImage value of an uploaded mask image (white inside,
+    the picture's aspect ratio); neither: no regions."""
 
     prompt: str
     faces: tuple[tuple[str, ...], ...]
@@ -100,6 +104,8 @@ class Generation:
     subject_mask: bool = True  # also preview the sampler's subject_mask (MaskToImage -> PreviewImage)
     combine: str = DEFAULT_COMBINE
     detail: Optional[float] = None  # the Face Detailer's denoise after sampling; None: no detail pass
+    regions: tuple[Union[Box, str], ...] = ()
+    layout: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -132,15 +138,50 @@ class _GraphBuilder:
         return batched
 
 
+def _region_masks(graph: _GraphBuilder, job: Generation, batched: bool) -> list[list]:
+    """The MASK links of the job's regions: one batch in marker order (``batched``, for Subject Encode's
+    ``masks``) or one link per face (for each Face-diffuser Subject's ``mask``); none without regions.
+
+    Columns and boxes come from Face-diffuser Regions nodes, mask images from LoadImage through
+    "Convert Image to Mask" (red channel). A batch that mixes both is made of images (each Regions
+    node through "Convert Mask to Image", batched with Batch Images) converted to one MASK."""
+    count = len(job.faces)
+    size = {"width": job.width, "height": job.height}
+    if job.layout is not None:
+        if batched:
+            return [[graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout=job.layout, boxes="", prompt=job.prompt), 0]]
+        regions: list = [column_box(index, count) for index in range(count)]
+    else:
+        regions = list(job.regions)
+    if not regions:
+        return []
+    if len(regions) != count:
+        raise FaceDiffuserError(f"a Face-diffuser graph needs one region per face, got {len(regions)} region(s) for {count} face(s)")
+    if batched and not any(isinstance(region, str) for region in regions):
+        return [[graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout="boxes", boxes=format_boxes(regions), prompt=job.prompt), 0]]
+    links = []
+    for number, region in enumerate(regions, start=1):
+        if isinstance(region, str):
+            image = [graph.add("LoadImage", f"Region {number} (mask image)", image=region), 0]
+            links.append(image if batched else [graph.add("ImageToMask", f"Region {number}", image=image, channel="red"), 0])
+        else:
+            mask = [graph.add("FaceDiffuserRegions", f"Region {number}", **size, people=1, layout="boxes", boxes=format_boxes([region]), prompt=""), 0]
+            links.append([graph.add("MaskToImage", f"Region {number} as image", mask=mask), 0] if batched else mask)
+    if not batched:
+        return links
+    return [[graph.add("ImageToMask", "Regions", image=graph.batch(links, "Regions"), channel="red"), 0]]
+
+
 def build_graph(job: Generation) -> JobGraph:
     """The API workflow of the shipped ``facediffuser_one_subject.json`` for any 1 to 4 faces: with
     one photo per face, each a LoadImage batched in marker order by chained "Batch Images"
     (ImageBatch) nodes into Subject Encode's ``images``; with several photos of a person, one chained
     Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
-    Encode's ``subjects``, as ``facediffuser_two_photos.json``. Then the all-in-one Face-diffuser
-    Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face Detailer (same people, prompt, seed,
-    steps, cfg and sampler; a picture without a face passes through, faces that match nobody are left),
-    SaveImage, and the subject mask previewed."""
+    Encode's ``subjects``, as ``facediffuser_two_photos.json``. The job's regions (see
+    :func:`_region_masks`) go into Subject Encode's ``masks``, or each Subject node's ``mask``. Then
+    the all-in-one Face-diffuser Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face
+    Detailer (same people, prompt, seed, steps, cfg and sampler; a picture without a face passes
+    through, faces that match nobody are left), SaveImage, and the subject mask previewed."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
     if not all(job.faces):
@@ -151,16 +192,20 @@ def build_graph(job: Generation) -> JobGraph:
         [[graph.add("LoadImage", f"Face {number}" + (f", photo {index}" if len(faces) > 1 else ""), image=photo), 0] for index, photo in enumerate(faces, start=1)]
         for number, faces in enumerate(job.faces, start=1)
     ]  # fmt: skip
-    if all(len(faces) == 1 for faces in job.faces):
+    one_photo_each = all(len(faces) == 1 for faces in job.faces)
+    masks = _region_masks(graph, job, batched=one_photo_each)
+    regions = {"masks": masks[0]} if one_photo_each and masks else {}
+    if one_photo_each:
         references = {"images": graph.batch([links[0] for links in photos], "Faces")}
     else:
         subjects = None
         for number, links in enumerate(photos, start=1):
             chained = {} if subjects is None else {"previous_subjects": subjects}
-            subjects = [graph.add("FaceDiffuserSubject", f"Face-diffuser Subject {number}", images=graph.batch(links, f"Face {number} photos"), combine=job.combine, **chained), 0]
+            region = {"mask": masks[number - 1]} if masks else {}
+            subjects = [graph.add("FaceDiffuserSubject", f"Face-diffuser Subject {number}", images=graph.batch(links, f"Face {number} photos"), combine=job.combine, **chained, **region), 0]
         references = {"subjects": subjects}
     clip = [loader, 2]
-    encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], prompt=job.prompt, object_resolution=512, **references)
+    encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], prompt=job.prompt, object_resolution=512, **references, **regions)
     negative = graph.add("CLIPTextEncode", "Negative prompt (TDM scene stage)", text=job.negative, clip=clip)
     latent = graph.add("EmptyLatentImage", "Empty Latent Image", width=job.width, height=job.height, batch_size=job.batch)
     sampler = graph.add(

@@ -29,7 +29,8 @@ class ReferenceImageError(FaceDiffuserError):
 
 class RegionError(FaceDiffuserError):
     """People's region masks that cannot be used: not one per marker, of different sizes, of another
-    aspect ratio than the latent, or empty at the latent's resolution."""
+    aspect ratio than the latent, or empty at the latent's resolution; or a layout of regions (a bad
+    box, boxes that do not match the people)."""
 
 
 class FaceNotFoundError(FaceDiffuserError):

@@ -6,7 +6,8 @@ single-subject prompts, subject combinations (at most ``--max-combinations``) fo
 A job (one prompt with its subjects, 1 to 4) queues the Face-diffuser graph (built in code, or a
 ``--workflow-dir`` template) with the subjects' reference photos through ComfyUI's HTTP API, on
 whichever ``--server`` is free, and downloads its images.
-The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish),
+The output folder holds ``images/``, ``scores.csv`` (one row per image, appended as jobs finish; with
+several subjects, each face's separation: its similarity to its own person minus to the best other one),
 ``failures.csv``, ``summary.md`` (means) and ``ip_pc.png``. Running the command again on the same
 folder skips finished jobs; a failed job is retried once; Ctrl-C keeps what has finished.
 """
@@ -42,6 +43,7 @@ from .faces import DEFAULT_MARGIN, load_detector, open_photo, pil_to_image, refe
 from .identity import FACENET_WEIGHTS, load_facenet, reference_embeddings, score_identity
 from .model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER, comfyui_model_folders, find_model
 from .prompt import MARKER, MAX_SUBJECTS
+from .regions import WHOLE_LAYOUTS
 from .report import SUBJECT_SEPARATOR, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown, unreadable_line
 
 __all__ = [
@@ -99,6 +101,7 @@ class Settings:
     sdm: Optional[str] = None  # model file names on the servers; None keeps the workflow's
     tdm: Optional[str] = None
     crop_margin: Optional[float] = DEFAULT_MARGIN  # None: upload the photos uncropped
+    layout: Optional[str] = None  # "columns": each subject in a region of its own, side by side in marker order
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def job_graph(job: Job, faces: Sequence[str], settings: Settings, templates: Opt
     generation = Generation(
         job.prompt, tuple((face,) for face in faces), seed=settings.seed, steps=settings.steps, cfg=settings.cfg, width=settings.size,
         height=settings.size, batch=settings.images, sdm=settings.sdm, tdm=settings.tdm,
-        filename_prefix=f"{UPLOAD_FOLDER}/{job.id}", subject_mask=False,
+        filename_prefix=f"{UPLOAD_FOLDER}/{job.id}", subject_mask=False, layout=settings.layout,
     )  # fmt: skip
     if templates is None:
         return build_graph(generation)
@@ -445,7 +448,8 @@ class Scorer:
         for path, image, pc in zip(paths, images, pcs.tolist()):
             identity = score_identity(self.facenet, self.detector, references, image)
             per_subject = tuple(match.similarity for match in identity.matches)
-            scores.append(ImageScore(job.id, path.name, job.prompt, job.subjects, identity.score, per_subject, len(identity.faces), pc, server))
+            others = tuple(match.other for match in identity.matches)
+            scores.append(ImageScore(job.id, path.name, job.prompt, job.subjects, identity.score, per_subject, len(identity.faces), pc, server, others))
         return scores
 
 
@@ -484,6 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdm", help="SDM file name on the servers (default: the workflow's facediffuser_sdm.safetensors)")
     parser.add_argument("--tdm", help="TDM file name on the servers (default: the workflow's facediffuser_tdm.safetensors)")
     parser.add_argument("--workflow-dir", type=Path, help="use your own API workflows instead of the built-in graph: a folder with facediffuser_one_subject.json and/or facediffuser_two_subjects.json (e.g. the pack's workflows/api)")
+    parser.add_argument("--layout", choices=WHOLE_LAYOUTS, help="generate with each subject in a region of its own: columns = side by side in marker order (compare the separation with and without it; built-in graphs only)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a job may take on a server, queue included (default 3600)")
     parser.add_argument("--device", help="device for scoring (default: cuda if available, else cpu)")
     parser.add_argument("--no-score", action="store_true", help="only generate the images; a later run with the models scores them")
@@ -528,9 +533,11 @@ def evaluate(args: argparse.Namespace) -> int:
         args.clip = score_model(args.clip, CLIP_EVAL_FOLDER, DEFAULT_CLIP_EVAL, "clip", comfyui)
     if min(args.images_per_prompt, args.steps, args.max_combinations) < 1 or args.size < 64 or args.size % 8:
         raise EvaluationError("--images-per-prompt, --steps and --max-combinations must be >= 1, --size a multiple of 8 and at least 64")
+    if args.layout and args.workflow_dir:
+        raise EvaluationError("--layout works with the built-in graphs; leave out --workflow-dir (or put the regions in your own workflows)")
     settings = Settings(
         images=args.images_per_prompt, steps=args.steps, cfg=args.cfg, size=args.size, seed=args.seed,
-        sdm=args.sdm, tdm=args.tdm, crop_margin=None if args.no_crop else args.crop_margin,
+        sdm=args.sdm, tdm=args.tdm, crop_margin=None if args.no_crop else args.crop_margin, layout=args.layout,
     )  # fmt: skip
     subjects = find_subjects(args.subjects)
     jobs = plan_jobs(read_prompts(args.prompts), [s.name for s in subjects], settings.images, args.max_combinations, settings.seed)

@@ -4,7 +4,9 @@ headless for the run and stopped afterwards).
 
 Everything that can be checked here (the prompt's markers against the photos, the settings, a face
 in each photo) is checked before a server starts. Each photo is face-cropped with MTCNN locally,
-uploaded, and the graph is built in code (:func:`~facediffuser_core.comfy_client.build_graph`).
+uploaded, and the graph is built in code (:func:`~facediffuser_core.comfy_client.build_graph`);
+``--region``/``--layout`` place each person in a region (Face-diffuser Regions nodes, or uploaded
+mask images, into Subject Encode's ``masks``).
 The PNGs ComfyUI saves carry the API workflow (dropping one on the canvas reopens it); each comes
 with its subject mask. Exit codes: 0 done, 1 the job failed in ComfyUI, 2 usage or server error,
 130 interrupted.
@@ -14,30 +16,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import random
 import re
 import sys
-import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 from .detailer import DEFAULT_DENOISE
-from .errors import FaceDiffuserError, FaceNotFoundError
+from .errors import FaceDiffuserError, FaceNotFoundError, RegionError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
-from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from .prompt import MARKER
+from .regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
-__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "check_models", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
+ASPECT_TOLERANCE = 0.01  # a mask image's aspect ratio may differ from the picture's by 1 %
 
 
 class UsageError(FaceDiffuserError):
@@ -66,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--combine", choices=COMBINE_MODES, default=DEFAULT_COMBINE, help=f"how several photos of one person become one face embedding: their average, or norm average (the mean direction at the photos' mean length) (default {DEFAULT_COMBINE})")
     job.add_argument("--detail", action="store_true", help="after sampling, re-render each person's face with their own photo (the Face-diffuser Face Detailer: faces matched to people by identity, 512 px crops, same seed, steps, cfg and sampler)")
     job.add_argument("--detail-denoise", type=float, default=DEFAULT_DENOISE, help=f"how much of each face --detail re-renders, 0..1 (default {DEFAULT_DENOISE:g})")
+    job.add_argument("--region", action="append", metavar="WHERE", help="where the person of one --face goes: left, right, centre, n/N (the n-th of N side-by-side columns, e.g. 2/3), or a mask image (white where the person goes, the picture's aspect ratio); repeat once per --face, in marker order; that person's identity acts only there")
+    job.add_argument("--layout", choices=WHOLE_LAYOUTS, help="put every --face's person in a region of their own: columns = side by side, the first marker on the left (instead of --region)")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
@@ -95,11 +102,6 @@ def check_photos(subjects: Sequence[tuple[Path, ...]]) -> None:
                 raise UsageError(f"--face #{number}: no such file {photo}")
 
 
-def _word_ids(text: str) -> list[int]:
-    """A stand-in tokenizer (one id per word) for checking a prompt's markers without CLIP."""
-    return [zlib.crc32(word.encode()) for word in text.split()]
-
-
 def check_prompt(prompt: str, faces: int) -> None:
     """The prompt's markers against the number of ``--face`` photos, and the marker placement rules
     Subject Encode applies (the token limit is left to it: it needs CLIP's tokenizer)."""
@@ -108,7 +110,45 @@ def check_prompt(prompt: str, faces: int) -> None:
         raise UsageError(f"the prompt has no {MARKER} marker; put one right after each person's class word, e.g. 'a man {MARKER} reading in a cafe'")
     if count != faces:
         raise UsageError(f"the prompt has {count} {MARKER} marker(s) but --face was given {faces} time(s); give one --face per marker, in marker order (several photos of one person comma-separated)")
-    parse_prompt(prompt, _word_ids, max_subjects=MAX_SUBJECTS, max_position=sys.maxsize)
+    marked_words(prompt)
+
+
+def _mask_png(path: Path, number: int, width: int, height: int) -> bytes:
+    """The mask image of ``--region #number`` as PNG bytes, checked: readable, the picture's aspect
+    ratio, and white (red channel >= 128) somewhere."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"--region #{number}: {path} is not an image ({error}); give a mask image, white where the person goes") from None
+    if abs(image.width * height - image.height * width) > ASPECT_TOLERANCE * image.width * height:
+        raise UsageError(f"--region #{number}: the mask image {path} is {image.width}x{image.height} but the picture is {width}x{height}; give a mask of the picture's aspect ratio")
+    if image.getchannel("R").getextrema()[1] < 128:
+        raise UsageError(f"--region #{number}: the mask image {path} is black everywhere; paint the person's region white")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces: int, width: int, height: int) -> list[Union[Box, bytes]]:
+    """``--region`` values -> per face, in marker order, a box (fractions of the width and height) or a
+    mask image's PNG bytes; none without --region (``--layout`` is passed to the graph as it is)."""
+    if regions and layout:
+        raise UsageError("give --region once per --face or --layout for all of them, not both")
+    if not regions:
+        return []
+    if len(regions) != faces:
+        raise UsageError(f"--region was given {len(regions)} time(s) but --face {faces} time(s); give one --region per --face, in marker order (or --layout columns for all)")
+    parsed: list[Union[Box, bytes]] = []
+    for number, spec in enumerate(regions, start=1):
+        try:
+            box = named_region(spec)
+        except RegionError as error:
+            raise UsageError(f"--region #{number}: {error}") from None
+        if box is None and not Path(spec).is_file():
+            raise UsageError(f"--region #{number}: '{spec}' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file")
+        parsed.append(box if box is not None else _mask_png(Path(spec), number, width, height))
+    return parsed
 
 
 def _check_settings(args: argparse.Namespace) -> None:
@@ -231,6 +271,7 @@ def generate(args: argparse.Namespace) -> int:
     check_photos(faces)
     check_prompt(args.prompt, len(faces))
     _check_settings(args)
+    regions = parse_regions(args.region, args.layout, len(faces), args.width or args.size, args.height or args.size)
     comfyui = None if args.server else find_comfyui(args.comfyui)
     if comfyui is not None:
         check_models([args.sdm, args.tdm], comfyui, explicit=bool(args.comfyui or os.environ.get("COMFYUI_PATH")), comfyui_args=split_command(args.comfyui_args))
@@ -250,11 +291,12 @@ def generate(args: argparse.Namespace) -> int:
             client.check()
             client.check_models([args.sdm, args.tdm])  # what a running --server has (a started one's folders were checked before it started)
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
+            placed = tuple(client.upload(f"region{number}", region, UPLOAD_FOLDER) if isinstance(region, bytes) else region for number, region in enumerate(regions, start=1))
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
-                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None,
+                filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None, regions=placed, layout=args.layout,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

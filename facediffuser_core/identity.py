@@ -6,6 +6,8 @@ VGGFace2 weights) embeds each crop as a unit 512-vector; similarity is the dot p
 A reference is the largest face of its photo. A generated image contributes its R largest faces for
 R references; they are matched greedily (take the most similar remaining face-reference pair, strike
 both, repeat). A reference left without a face scores 0. The image's IP is max(min over references, 0).
+With several references, each matched face's separation is its similarity to its own person minus
+its highest similarity to any other person: how well the identities stay apart (0 or below: blended).
 """
 
 from __future__ import annotations
@@ -46,11 +48,19 @@ UNUSED = (160, 160, 160)  # box colour of detected faces that no reference was m
 @dataclass(frozen=True)
 class Match:
     """Reference ``reference`` matched to generated face ``face`` (an index into the image's faces,
-    largest first) with cosine ``similarity``; ``face`` is None (similarity 0) when none was left."""
+    largest first) with cosine ``similarity``; ``face`` is None (similarity 0) when none was left.
+    ``other``: that face's highest similarity to any other reference (None without a face, or with
+    one reference)."""
 
     reference: int
     face: Optional[int]
     similarity: float
+    other: Optional[float] = None
+
+    @property
+    def separation(self) -> Optional[float]:
+        """``similarity - other``: the face's own person against the best other one (None without ``other``)."""
+        return None if self.other is None else self.similarity - self.other
 
 
 @dataclass(frozen=True)
@@ -127,13 +137,15 @@ def cosine_matrix(generated: torch.Tensor, references: torch.Tensor) -> torch.Te
 
 def greedy_match(similarity: torch.Tensor) -> tuple[Match, ...]:
     """Greedy matching of a [faces, references] similarity matrix: repeatedly take the largest
-    remaining entry and strike its row and column. Returns one :class:`Match` per reference."""
+    remaining entry and strike its row and column. Returns one :class:`Match` per reference, with the
+    matched face's best similarity to the other references."""
     faces, references = similarity.shape
     remaining = similarity.detach().double().cpu().clone()
     found: dict[int, Match] = {}
     for _ in range(min(faces, references)):
         face, reference = divmod(int(torch.argmax(remaining)), references)
-        found[reference] = Match(reference, face, float(similarity[face, reference]))
+        others = [float(similarity[face, r]) for r in range(references) if r != reference]
+        found[reference] = Match(reference, face, float(similarity[face, reference]), max(others) if others else None)
         remaining[face, :] = -torch.inf
         remaining[:, reference] = -torch.inf
     return tuple(found.get(r, Match(r, None, 0.0)) for r in range(references))

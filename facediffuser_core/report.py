@@ -11,10 +11,11 @@ from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 from .errors import EvaluationError, MissingDependencyError
 
-__all__ = ["REFERENCE_POINTS", "CSV_FIELDS", "ImageScore", "parse_csv", "unreadable_line", "format_rows", "summary_markdown", "plot_ip_pc"]
+__all__ = ["REFERENCE_POINTS", "SCORE_FIELDS", "CSV_FIELDS", "ImageScore", "parse_csv", "unreadable_line", "format_rows", "summary_markdown", "plot_ip_pc"]
 
 REFERENCE_POINTS = {"FastComposer (paper, single subject)": (0.514, 0.243)}  # (IP, PC)
-CSV_FIELDS = ("job", "image", "prompt", "subjects", "num_subjects", "ip", "ip_per_subject", "faces", "pc", "server")
+SCORE_FIELDS = ("job", "image", "prompt", "subjects", "num_subjects", "ip", "ip_per_subject", "faces", "pc", "server")  # scores.csv before separation
+CSV_FIELDS = (*SCORE_FIELDS, "other_per_subject", "separation_per_subject")
 SUBJECT_SEPARATOR = "+"
 Number = TypeVar("Number", int, float)
 
@@ -23,7 +24,9 @@ Number = TypeVar("Number", int, float)
 class ImageScore:
     """The scores of one generated image. ``ip``: the image's IP (max(min, 0)); ``ip_per_subject``:
     each subject's matched similarity (0 where its face is missing), in ``subjects`` order; ``faces``:
-    how many faces were detected; ``pc``: prompt consistency."""
+    how many faces were detected; ``pc``: prompt consistency; ``other_per_subject``: per subject, its
+    matched face's highest similarity to another subject of the image (None without a face or another
+    subject, or scored before this was measured)."""
 
     job: str
     image: str
@@ -34,6 +37,16 @@ class ImageScore:
     faces: int
     pc: float
     server: str
+    other_per_subject: tuple[Optional[float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.other_per_subject:  # not measured: unknown for every subject
+            object.__setattr__(self, "other_per_subject", (None,) * len(self.subjects))
+
+    @property
+    def separation_per_subject(self) -> tuple[Optional[float], ...]:
+        """Per subject: its own similarity minus the best other subject's, for its matched face (None where unknown)."""
+        return tuple(None if other is None else own - other for own, other in zip(self.ip_per_subject, self.other_per_subject))
 
     def row(self) -> dict[str, str]:
         return {
@@ -47,14 +60,17 @@ class ImageScore:
             "faces": str(self.faces),
             "pc": f"{self.pc:.6f}",
             "server": self.server,
+            "other_per_subject": _join_optional(self.other_per_subject),
+            "separation_per_subject": _join_optional(self.separation_per_subject),
         }
 
     @classmethod
-    def from_fields(cls, fields: Sequence[str]) -> "ImageScore":
-        """The score in one CSV record (values in :data:`CSV_FIELDS` order); ValueError says what is wrong."""
-        if len(fields) != len(CSV_FIELDS):
-            raise ValueError(f"it has {len(fields)} fields, a score has {len(CSV_FIELDS)} ({', '.join(CSV_FIELDS)})")
-        row = dict(zip(CSV_FIELDS, fields))
+    def from_fields(cls, fields: Sequence[str], names: Sequence[str] = CSV_FIELDS) -> "ImageScore":
+        """The score in one CSV record (values in ``names`` order: :data:`CSV_FIELDS`, or
+        :data:`SCORE_FIELDS` for a file written before separation was measured); ValueError says what is wrong."""
+        if len(fields) != len(names):
+            raise ValueError(f"it has {len(fields)} fields, a score has {len(names)} ({', '.join(names)})")
+        row = dict(zip(names, fields))
         empty = next((name for name in ("job", "image", "subjects") if not row[name]), None)
         if empty:
             raise ValueError(f"its {empty} is empty")
@@ -69,7 +85,17 @@ class ImageScore:
         if faces < 0:
             raise ValueError(f"its faces is {faces}: a count of faces cannot be negative")
         ip, pc = _parse(float, "ip", row["ip"]), _parse(float, "pc", row["pc"])
-        return cls(row["job"], row["image"], row["prompt"], subjects, ip, per_subject, faces, pc, row["server"])
+        others: tuple[Optional[float], ...] = ()
+        if "other_per_subject" in row:
+            others = tuple(None if value == "" else _parse(float, "other_per_subject", value) for value in row["other_per_subject"].split(";"))
+            if len(others) != len(subjects):
+                raise ValueError(f"its other_per_subject ({row['other_per_subject']!r}) does not have one value per subject ({row['subjects']!r})")
+        return cls(row["job"], row["image"], row["prompt"], subjects, ip, per_subject, faces, pc, row["server"], others)
+
+
+def _join_optional(values: Sequence[Optional[float]]) -> str:
+    """``;``-joined values with 6 decimals, an empty field for None."""
+    return ";".join("" if value is None else f"{value:.6f}" for value in values)
 
 
 def _parse(kind: Callable[[str], Number], name: str, value: str) -> Number:
@@ -83,19 +109,23 @@ def _parse(kind: Callable[[str], Number], name: str, value: str) -> Number:
 def parse_csv(text: str, source: str = "scores.csv") -> list[ImageScore]:
     """The scores in a scores CSV (as :func:`format_rows` writes it).
 
-    Only a last line without its newline (a run killed while writing it) is left out. Anything
+    A file written before separation was measured (header :data:`SCORE_FIELDS`) is read too, its
+    rows without separation. Only a last line without its newline (a run killed while writing it) is left out. Anything
     else that is not a score (another header, a row with a missing or unreadable value) raises
     :class:`EvaluationError` naming ``source``, the line and what is wrong: a score is never
     dropped silently.
     """
     reader = csv.reader(io.StringIO(text[: text.rfind("\n") + 1]))
     scores = []
+    names = CSV_FIELDS
     try:
         for index, fields in enumerate(reader):
-            if index == 0 and tuple(fields) != CSV_FIELDS:
-                raise ValueError(f"the header is {','.join(fields)!r}, a scores file's is {','.join(CSV_FIELDS)!r}")
-            if index > 0 and fields:  # a blank line holds no score
-                scores.append(ImageScore.from_fields(fields))
+            if index == 0:
+                if tuple(fields) not in (CSV_FIELDS, SCORE_FIELDS):
+                    raise ValueError(f"the header is {','.join(fields)!r}, a scores file's is {','.join(CSV_FIELDS)!r}")
+                names = tuple(fields)
+            elif fields:  # a blank line holds no score
+                scores.append(ImageScore.from_fields(fields, names))
     except (ValueError, csv.Error) as error:
         raise unreadable_line(source, reader.line_num, str(error)) from None
     return scores
@@ -139,9 +169,32 @@ def summary_markdown(scores: Sequence[ImageScore], title: str = "Face-diffuser e
             group = [s for s in scores if subject in s.subjects]
             own = [max(s.ip_per_subject[s.subjects.index(subject)], 0.0) for s in group]
             lines.append(f"| {subject} | {_means(group, own)} |")
+    lines += _separation_lines(scores)
     lines += ["", "Reference points (paper numbers, not measured here):", ""]
     lines += [f"- {name}: IP {ip:.3f}, PC {pc:.3f}" for name, (ip, pc) in REFERENCE_POINTS.items()]
     return "\n".join(lines) + "\n"
+
+
+def _separation_lines(scores: Sequence[ImageScore]) -> list[str]:
+    """The separation table: over every matched face of the multi-subject images, the mean similarity
+    to its own person, to the best other person, and their difference; overall and per subject."""
+    faces: dict[str, list[tuple[float, float]]] = {}  # subject -> (own, best other) per face
+    for score in scores:
+        for subject, own, other in zip(score.subjects, score.ip_per_subject, score.other_per_subject):
+            if other is not None:
+                faces.setdefault(subject, []).append((own, other))
+    if not faces:
+        return []
+
+    def means(pairs: Sequence[tuple[float, float]]) -> str:
+        own, other = fmean(p[0] for p in pairs), fmean(p[1] for p in pairs)
+        return f"{len(pairs)} | {own:.4f} | {other:.4f} | {fmean(p[0] - p[1] for p in pairs):.4f}"
+
+    lines = ["", "Separation (multi-subject images; per generated face, its similarity to its own person and to the best other person; above 0: the identities stay apart):", ""]
+    lines += ["| set | faces | own | best other | separation |", "|---|---:|---:|---:|---:|"]
+    lines.append(f"| all | {means([pair for pairs in faces.values() for pair in pairs])} |")
+    lines += [f"| {subject} | {means(faces[subject])} |" for subject in sorted(faces)]
+    return lines
 
 
 def plot_ip_pc(scores: Sequence[ImageScore], path: Path) -> None:

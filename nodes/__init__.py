@@ -13,6 +13,7 @@ from .faces import FaceDiffuserFaceCrop
 from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
+from .regions import FaceDiffuserRegions
 from .sampler import FaceDiffuserSampler
 from .subject import FaceDiffuserSubject
 from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
@@ -29,6 +30,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserLoader,
             FaceDiffuserSubject,
             FaceDiffuserSubjectEncode,
+            FaceDiffuserRegions,
             FaceDiffuserGuider,
             FaceDiffuserSampler,
             FastComposerGuider,

@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer", "facediffuser_two_regions"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -177,3 +177,17 @@ def test_the_face_detailer_workflow_details_the_sampled_picture_with_the_same_pe
     assert {k: v for k, v in api.items() if v["class_type"] not in ("FaceDiffuserFaceDetailer", "SaveImage") and k in two} == {
         k: v for k, v in two.items() if v["class_type"] != "SaveImage"
     }
+
+
+def test_the_regions_workflow_places_each_marker_in_its_region_with_a_preview():
+    api = load(API_WORKFLOWS / "facediffuser_two_regions.json")
+    (encode,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    regions = api[encode["masks"][0]]
+    assert regions["class_type"] == "FaceDiffuserRegions" and encode["masks"][1] == 0  # its masks output
+    settings = regions["inputs"]
+    assert settings["people"] == encode["prompt"].count("<|image|>") == count_images(api, encode["images"]) == 2
+    assert settings["prompt"] == encode["prompt"] and settings["layout"] == "columns"
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
+    assert (settings["width"], settings["height"]) == (latent["width"], latent["height"])
+    previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
+    assert [encode["masks"][0], 1] in previews  # the regions preview is shown

@@ -17,6 +17,7 @@ WIDGETS: dict[str, list[str]] = {
     "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
     "FaceDiffuserSubject": ["combine"],
     "FaceDiffuserSubjectEncode": ["prompt", "object_resolution"],
+    "FaceDiffuserRegions": ["width", "height", "people", "layout", "boxes", "prompt"],
     "FaceDiffuserGuider": ["cfg", "start_merge", "final"],
     "FaceDiffuserSampler": ["seed", "$control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "start_merge", "final", "denoise"],
     "LoadImage": ["image", "$upload"],

@@ -19,6 +19,7 @@ SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 SMALL = {
     "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+    "FaceDiffuserRegions": {"width": SIZE, "height": SIZE},
     "FaceDiffuserSampler": {"steps": STEPS},
     "BasicScheduler": {"steps": STEPS},
     "FaceDiffuserFaceDetailer": {"steps": STEPS, "size": SIZE},

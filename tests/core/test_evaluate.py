@@ -15,9 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,7 +39,7 @@ from facediffuser_core.evaluate import (
     read_prompts,
     run_jobs,
 )
-from facediffuser_core.report import CSV_FIELDS, REFERENCE_POINTS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
+from facediffuser_core.report import CSV_FIELDS, REFERENCE_POINTS, SCORE_FIELDS, ImageScore, format_rows, parse_csv, plot_ip_pc, summary_markdown
 from fake_comfy import FakeComfy
 from paths import CLI, ROOT
 from processes import sigint_default
@@ -140,6 +142,23 @@ def test_built_graphs_carry_the_job_and_its_settings():
     assert (loader["inputs"]["sdm_name"], loader["inputs"]["tdm_name"]) == ("facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors")
     other = job_graph(Job("x", "a man <|image|>", ("a",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"))
     assert nodes_of(other.nodes, "FaceDiffuserLoader")[0]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
+    assert not nodes_of(graph, "FaceDiffuserRegions") and "masks" not in nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]
+
+
+def test_layout_columns_generates_each_subject_in_its_own_region():
+    job = Job("ab", "a man <|image|> and a woman <|image|> at a table", ("a", "b"), 1)
+    graph = job_graph(job, ["a.png", "b.png"], replace(SETTINGS, layout="columns")).nodes
+    encode = nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]
+    assert graph[encode["masks"][0]] == {
+        "class_type": "FaceDiffuserRegions", "_meta": {"title": "Face-diffuser Regions"},
+        "inputs": {"width": 64, "height": 64, "people": 2, "layout": "columns", "boxes": "", "prompt": job.prompt},
+    }  # fmt: skip
+
+
+def test_layout_is_for_the_built_in_graphs(tmp_path, capsys):
+    args = ["--subjects", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--server", "127.0.0.1:1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--no-score", "--layout", "columns", "--workflow-dir", str(API_WORKFLOWS)]) == 2
+    assert "--layout works with the built-in graphs; leave out --workflow-dir" in capsys.readouterr().err
 
 
 def test_jobs_fill_the_shipped_templates():
@@ -309,16 +328,20 @@ def score_of(job: Job, index: int, ip: float = 0.5, pc: float = 0.25, per: tuple
 
 def test_csv_round_trip_keeps_commas_and_quotes():
     job = Job("j", 'a man <|image|>, "smiling", at a café', ("alice", "bob"), 1)
-    scores = [ImageScore("j", "j_0.png", job.prompt, job.subjects, 0.25, (0.25, 0.75), 2, -0.125, "s")]
+    scores = [ImageScore("j", "j_0.png", job.prompt, job.subjects, 0.25, (0.25, 0.75), 2, -0.125, "s", (0.5, None))]
     text = format_rows(scores, header=True)
     assert parse_csv(text) == scores
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert (row["other_per_subject"], row["separation_per_subject"]) == ("0.500000;", "-0.250000;")  # 0.25 - 0.5; no face: empty
     assert parse_csv(text + "j,j_1.png,truncated") == scores  # a torn last line (no newline) is left out
 
 
-GOOD_ROW = "j,j_1.png,a man,alice+bob,2,0.5,0.5;0.25,2,0.25,s"
+GOOD_ROW = "j,j_1.png,a man,alice+bob,2,0.5,0.5;0.25,2,0.25,s,0.125;,0.375;"
 BAD_ROWS = {
-    "too few fields": ("j,j_1.png,a man,alice,1,0.5,0.5,1,0.25", "it has 9 fields, a score has 10 (job, image, "),
-    "too many fields": (GOOD_ROW + ",extra", "it has 11 fields, a score has 10"),
+    "too few fields": ("j,j_1.png,a man,alice,1,0.5,0.5,1,0.25", "it has 9 fields, a score has 12 (job, image, "),
+    "too many fields": (GOOD_ROW + ",extra", "it has 13 fields, a score has 12"),
+    "others disagree": (GOOD_ROW.replace("0.125;,", "0.125,"), "its other_per_subject ('0.125') does not have one value per subject ('alice+bob')"),
+    "other not a number": (GOOD_ROW.replace("0.125;,", "near;,"), "its other_per_subject is 'near', not a number"),
     "not a number": (GOOD_ROW.replace(",0.5,", ",high,", 1), "its ip is 'high', not a number"),
     "not a count": (GOOD_ROW.replace(",2,0.25", ",two,0.25"), "its faces is 'two', not a whole number"),
     "negative count": (GOOD_ROW.replace(",2,0.25", ",-1,0.25"), "its faces is -1: a count of faces cannot be negative"),
@@ -339,6 +362,19 @@ def test_a_bad_row_before_the_last_line_is_an_error_naming_it(bad):
         parse_csv(text, "out/scores.csv")
     with pytest.raises(EvaluationError, match=r"^out/scores.csv, line 3: "):
         parse_csv(text + "j,j_9.png,torn", "out/scores.csv")  # a torn last line does not excuse it
+
+
+def test_scores_written_before_separation_are_read_and_resume_rewrites_them(tmp_path):
+    settings = Settings(images=1)
+    out = OutputFolder(tmp_path, settings)
+    job = Job("ab", "p", ("alice", "bob"), 1)
+    old = ",".join(SCORE_FIELDS) + "\nab,ab_0.png,p,alice+bob,2,0.4,0.4;0.6,2,0.2,s\n"
+    out.scores.write_text(old)
+    (score,) = out.read_scores()
+    assert score.ip_per_subject == (0.4, 0.6) and score.other_per_subject == (None, None) and score.separation_per_subject == (None, None)
+    assert out.resume([job]) == {"ab"}
+    assert out.scores.read_text() == format_rows([score], header=True)  # now in today's format, appendable
+    assert out.scores.read_text().splitlines()[1].endswith(",s,;,;")
 
 
 def test_another_header_is_an_error():
@@ -433,6 +469,26 @@ def test_summary_means_by_hand():
     assert "| alice | 3 | 0.3333 | 0.2000 |" in text  # (0.6 + 0.4 + max(-0.2, 0)) / 3
     assert "| bob | 2 | 0.6000 | 0.1750 |" in text
     assert "FastComposer (paper, single subject): IP 0.514, PC 0.243" in text
+    assert "Separation" not in text  # no face with another person scored
+
+
+def test_summary_separation_by_hand():
+    pair, trio = Job("ab", "p2", ("alice", "bob"), 2), Job("abc", "p3", ("alice", "bob", "carol"), 1)
+    scores = [
+        score_of(Job("a", "p1", ("alice",), 1), 0, per=(0.9,)),  # one person: no separation
+        replace(score_of(pair, 0, per=(0.6, 0.5)), other_per_subject=(0.2, 0.1)),
+        replace(score_of(pair, 1, per=(0.3, 0.0)), other_per_subject=(0.4, None)),  # bob's face missing
+        replace(score_of(trio, 0, per=(0.5, 0.7, 0.2)), other_per_subject=(0.1, 0.3, 0.6)),
+    ]
+    text = summary_markdown(scores)
+    own = {"alice": [0.6, 0.3, 0.5], "bob": [0.5, 0.7], "carol": [0.2]}
+    other = {"alice": [0.2, 0.4, 0.1], "bob": [0.1, 0.3], "carol": [0.6]}
+    def line(name, owns, others):
+        return f"| {name} | {len(owns)} | {np.mean(owns):.4f} | {np.mean(others):.4f} | {np.mean(np.subtract(owns, others)):.4f} |"
+    assert line("all", sum(own.values(), []), sum(other.values(), [])) in text
+    for name in own:
+        assert line(name, own[name], other[name]) in text
+    assert "| all | 6 | 0.4667 | 0.2833 | 0.1833 |" in text  # the same, worked by hand
 
 
 def test_plot_is_written(tmp_path):
@@ -547,6 +603,18 @@ def test_command_end_to_end_with_retry_failures_and_resume(tmp_path, subjects_di
     assert row.ip == pytest.approx(identity.score, abs=1e-5) and row.faces == len(identity.faces) == 1
     assert row.ip_per_subject == pytest.approx([m.similarity for m in identity.matches], abs=1e-5)
     assert min(row.ip_per_subject) == 0.0  # one face for two subjects
+    # its separation, in float64 from the embeddings: the face's cosine to its own person minus to the other one
+    from facediffuser_core.faces import detect
+    from facediffuser_core.identity import embed_faces, face_tensors
+
+    face = embed_faces(facenet, face_tensors(detector, image, detect(detector, image)[:1]))[0].double().numpy()
+    refs = references.double().numpy()
+    cosines = refs @ face / (np.linalg.norm(refs, axis=1) * np.linalg.norm(face))
+    own = int(np.argmax(cosines))  # one face: it is matched to the person it is nearest to
+    assert row.other_per_subject[1 - own] is None and row.other_per_subject[own] == pytest.approx(cosines[1 - own], abs=1e-5)
+    assert row.separation_per_subject[own] == pytest.approx(cosines[own] - cosines[1 - own], abs=1e-5)
+    means = f"| {cosines[own]:.4f} | {cosines[1 - own]:.4f} | {cosines[own] - cosines[1 - own]:.4f} |"  # every pair image is the same picture
+    assert "Separation" in summary and any(line.startswith("| all | ") and line.endswith(means) for line in summary.splitlines())
 
     # resume: finished jobs are not queued again, the failed ones are retried
     before = {server.address: len(server.queued) for server in servers}
@@ -708,7 +776,7 @@ def test_command_stops_on_a_bad_row_and_keeps_the_scores(tmp_path, subjects_dir,
     (alice, bob) = plan_jobs(read_prompts(prompts), ["alice", "bob"], 2, 10)
     write_rows(folder, [alice])
     with open(folder.scores, "a") as file:
-        file.write("j,j_1.png,a man,alice,1,0.5,0.5,1.5,0.25,s\n")  # faces: 1.5
+        file.write("j,j_1.png,a man,alice,1,0.5,0.5,1.5,0.25,s,,\n")  # faces: 1.5
     write_rows(folder, [bob])
     before = folder.scores.read_bytes()
     args = ["--subjects", str(subjects_dir), "--prompts", str(prompts), "--out", str(out), "--server", "127.0.0.1:1", "--no-score"]

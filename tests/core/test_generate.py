@@ -7,6 +7,7 @@ Ctrl-C too), with --cpu added where torch finds no GPU and the user chose no dev
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -32,6 +33,7 @@ from facediffuser_core.comfy_launch import LocalComfyUI, accelerator_available, 
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
 from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
+from facediffuser_core.regions import parse_boxes
 from fake_comfy import FakeComfy
 from paths import CLI, FACES, ROOT, TESTS
 from processes import gone, sigint_default
@@ -545,3 +547,101 @@ def test_a_killed_command_does_not_leave_its_comfyui_running(fake_comfyui, tmp_p
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(started["pid"], signal.SIGKILL)  # the fake's child, and the fake if it survived
+
+
+# --- regions: who goes where --------------------------------------------------------------------
+
+
+TWO_MEN = ["--face", str(MAN2), "--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|> playing chess"]
+
+
+def node_inputs(graph: dict, link: list) -> dict:
+    return graph[link[0]]["inputs"]
+
+
+def regions_run(fake, tmp_path, capsys, *args: str) -> dict:
+    code, _, err = run_main(capsys, *args, "-o", str(tmp_path / "out"), "--server", fake.address, "--steps", "2", "--size", "64", "--width", "96", "--seed", "1")
+    assert code == 0, err
+    return fake.queued[-1]
+
+
+def test_layout_columns_feeds_one_regions_node_into_subject_encode(fake, tmp_path, capsys):
+    graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, "--layout", "columns")
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    assert graph[encode["masks"][0]]["class_type"] == "FaceDiffuserRegions" and encode["masks"][1] == 0
+    regions = node_inputs(graph, encode["masks"])
+    assert regions == {"width": 96, "height": 64, "people": 2, "layout": "columns", "boxes": "", "prompt": encode["prompt"]}
+    assert [n["class_type"] for n in graph.values()].count("FaceDiffuserRegions") == 1
+    # without regions the graph is the one it always was: no masks input, no region nodes
+    plain = regions_run(fake, tmp_path, capsys, *TWO_MEN)
+    assert {n["class_type"] for n in plain.values()}.isdisjoint({"FaceDiffuserRegions", "ImageToMask"})
+    assert "masks" not in next(n["inputs"] for n in plain.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+
+
+def test_named_regions_become_the_boxes_of_one_regions_node(fake, tmp_path, capsys):
+    graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, "--region", "right", "--region", "1/3")
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    regions = node_inputs(graph, encode["masks"])
+    assert (regions["layout"], regions["people"], regions["width"], regions["height"]) == ("boxes", 2, 96, 64)
+    boxes = parse_boxes(regions["boxes"])
+    assert boxes[0] == (0.5, 0.0, 1.0, 1.0) and boxes[1] == pytest.approx((0.0, 0.0, 1 / 3, 1.0), abs=1e-9)  # marker order
+
+
+def test_a_mask_image_region_is_uploaded_and_batched_with_the_named_ones(fake, tmp_path, capsys):
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (0, 0, 24, 32))  # the left half
+    path = tmp_path / "left.png"
+    mask.save(path)
+    graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, "--region", str(path), "--region", "right")
+    expected = io.BytesIO()
+    mask.convert("RGB").save(expected, format="PNG")
+    uploaded = [name for _, name in fake.uploads if name.startswith("region1_")]
+    assert uploaded == [f"region1_{hashlib.sha1(expected.getvalue()).hexdigest()[:10]}.png"]
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    to_mask = graph[encode["masks"][0]]
+    assert to_mask["class_type"] == "ImageToMask" and to_mask["inputs"]["channel"] == "red"
+    batch = node_inputs(graph, to_mask["inputs"]["image"])  # Batch Images: marker 1, then marker 2
+    first, second = graph[batch["image1"][0]], graph[batch["image2"][0]]
+    assert first["class_type"] == "LoadImage" and first["inputs"]["image"] == f"facediffuser/{uploaded[0]}"
+    assert second["class_type"] == "MaskToImage"
+    regions = node_inputs(graph, second["inputs"]["mask"])
+    assert (regions["people"], regions["layout"], parse_boxes(regions["boxes"])) == (1, "boxes", [(0.5, 0.0, 1.0, 1.0)])
+
+
+def test_several_photos_a_person_put_each_region_on_its_subject_node(fake, tmp_path, capsys):
+    args = ["--face", f"{MAN1},{MAN2}", "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess"]
+    graph = regions_run(fake, tmp_path, capsys, *args, "--layout", "columns")
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    assert "masks" not in encode
+    boxes, link = [], encode["subjects"]
+    while link is not None:  # from the last marker's Subject back to the first
+        subject = node_inputs(graph, link)
+        regions = node_inputs(graph, subject["mask"])
+        assert (regions["people"], regions["layout"]) == (1, "boxes")
+        boxes.insert(0, parse_boxes(regions["boxes"])[0])
+        link = subject.get("previous_subjects")
+    assert boxes == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+
+
+def test_region_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, capsys):
+    black, wide = tmp_path / "black.png", tmp_path / "wide.png"
+    Image.new("RGB", (96, 64), 0).save(black)
+    Image.new("RGB", (128, 32), (255, 255, 255)).save(wide)
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (["--region", "left"], "--region was given 1 time(s) but --face 2 time(s); give one --region per --face"),
+        (["--region", "left", "--region", "right", "--layout", "columns"], "give --region once per --face or --layout for all of them, not both"),
+        (["--region", "left", "--region", "top"], "--region #2: 'top' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file"),
+        (["--region", "3/2", "--region", "left"], "--region #1: region '3/2' asks for column 3 of 2"),
+        (["--region", str(black), "--region", "left"], f"--region #1: the mask image {black} is black everywhere"),
+        (["--region", "left", "--region", str(wide)], f"--region #2: the mask image {wide} is 128x32 but the picture is 96x64"),
+        (["--region", "left", "--region", str(tmp_path / "notes.png")], "--region #2: "),
+    ]
+    for args, message in cases:
+        code, _, err = run_main(capsys, *TWO_MEN, *args, "-o", str(tmp_path / "out"), "--server", fake.address, "--size", "64", "--width", "96")
+        assert code == 2 and message in err, err
+    assert "is not an image" in err
+    assert fake.uploads == [] and fake.queued == []
+    with pytest.raises(SystemExit) as stop:
+        run_main(capsys, *TWO_MEN, "--layout", "rows", "-o", str(tmp_path / "out"), "--server", fake.address)
+    assert stop.value.code == 2 and "invalid choice: 'rows'" in capsys.readouterr().err

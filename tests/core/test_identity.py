@@ -215,6 +215,28 @@ def test_greedy_matching_agrees_with_the_plain_loop_on_random_matrices():
             }
 
 
+def test_separation_is_own_minus_the_best_other_person_by_hand():
+    matches = greedy_match(torch.tensor([[0.9, 0.8, 0.2], [0.85, 0.1, 0.3]], dtype=torch.float64))
+    # face 0 -> person 0 (0.9; others 0.8, 0.2), face 1 -> person 2 (0.3; others 0.85, 0.1): a face nearer another person
+    assert [(m.face, m.other) for m in matches] == [(0, pytest.approx(0.8)), (None, None), (1, pytest.approx(0.85))]
+    assert matches[0].separation == pytest.approx(0.1) and matches[2].separation == pytest.approx(-0.55) and matches[1].separation is None
+    (alone,) = greedy_match(torch.tensor([[0.7]]))
+    assert alone.other is None and alone.separation is None  # one person: nobody to be separated from
+
+
+def test_separation_agrees_with_a_float64_loop_on_random_matrices():
+    rng = np.random.default_rng(1)
+    for faces, references in itertools.product(range(1, 5), range(2, 5)):
+        similarity = rng.uniform(-1, 1, (faces, references))
+        for match in greedy_match(torch.tensor(similarity, dtype=torch.float32)):
+            if match.face is None:
+                assert match.other is None
+                continue
+            row = similarity[match.face]
+            best_other = max(row[r] for r in range(references) if r != match.reference)
+            assert match.separation == pytest.approx(row[match.reference] - best_other, abs=1e-6)
+
+
 def test_identity_score_is_the_clamped_minimum():
     assert IdentityScore((Match(0, 0, 0.6), Match(1, 1, 0.4)), ()).score == pytest.approx(0.4)
     assert IdentityScore((Match(0, 0, -0.3),), ()).score == 0.0

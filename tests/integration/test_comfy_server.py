@@ -16,7 +16,7 @@ from PIL import Image
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer", "FaceDiffuserRegions"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 
@@ -31,7 +31,7 @@ def small(workflow: dict, seed: int = 1, steps: int = STEPS) -> dict:
     graph = copy.deepcopy(workflow)
     for node in graph.values():
         inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "FaceDiffuserRegions"):
             inputs.update(width=SIZE, height=SIZE)
         elif node["class_type"] in ("FaceDiffuserSampler", "FaceDiffuserFaceDetailer"):
             inputs.update(steps=steps, seed=seed)

@@ -207,6 +207,32 @@ def test_four_faces_chain_batch_images_nodes(server, tmp_path):
     assert len(nodes_of(embedded_graph(image), "ImageBatch")) == 3
 
 
+def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
+    """--region and --layout on the real server: regions that cover the whole picture are no regions
+    (bit-identical picture), columns change it; a mask image batched with a named region, and
+    columns on chained Subject nodes (several photos of a person) run through ComfyUI's own nodes."""
+    common = ["--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--start-merge", "0", "--final", "0", "--seed", "8", "--server", f"127.0.0.1:{server.port}"]
+
+    def picture(name: str, *args: str) -> np.ndarray:
+        result = generate(*common, *args, "-o", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        (image,) = check_outputs(tmp_path / name, 1)
+        return pixels(image)
+
+    plain, whole, columns = picture("plain"), picture("whole", "--region", "1/1", "--region", "1/1"), picture("columns", "--layout", "columns")
+    assert np.array_equal(whole, plain) and not np.array_equal(columns, plain)
+    mask = tmp_path / "left.png"
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    left.save(mask)
+    assert np.array_equal(picture("mixed", "--region", str(mask), "--region", "right"), columns)  # the same two halves
+    graph = embedded_graph(next((tmp_path / "mixed").glob("*[0-9].png")))
+    assert len(nodes_of(graph, "ImageToMask")) == 1 and len(nodes_of(graph, "FaceDiffuserRegions")) == 1
+    several = generate(*common[:2], "--face", f"{MAN2},{MAN2}", *common[4:], "--layout", "columns", "-o", str(tmp_path / "subjects"))
+    assert several.returncode == 0, several.stderr[-3000:]
+    assert len(nodes_of(embedded_graph(next((tmp_path / "subjects").glob("*[0-9].png"))), "FaceDiffuserRegions")) == 2  # one per Subject node
+
+
 def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):
     wall = tmp_path / "wall.png"
     Image.new("RGB", (300, 240), (128, 128, 128)).save(wall)

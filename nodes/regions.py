@@ -1,0 +1,74 @@
+"""Face-diffuser Regions: a region (MASK) per person, in marker order, from a layout, and its preview."""
+
+from __future__ import annotations
+
+import torch
+
+from comfy_api.latest import io
+
+from ..facediffuser_core.errors import RegionError
+from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS
+from ..facediffuser_core.regions import LAYOUTS, layout_masks, marked_words, region_preview
+from .common import CATEGORY, errors_named
+
+NAME = "Face-diffuser Regions"
+DEFAULT_BOXES = "0, 0, 0.5, 1; 0.5, 0, 1, 1"
+
+
+def regions(width: int, height: int, people: int, layout: str, boxes: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(masks [people, height, width], preview [1, height, width, 3])``; the preview labels each
+    region with its marked word when ``prompt`` is given (its markers must number ``people``)."""
+    words = marked_words(prompt) if prompt.strip() else ()
+    if prompt.strip() and len(words) != people:
+        raise RegionError(f"the prompt has {len(words)} {MARKER} marker(s) but people is {people}; set people to the number of markers")
+    masks = layout_masks(width, height, people, layout, boxes)
+    return masks, region_preview(masks, words)
+
+
+class FaceDiffuserRegions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserRegions",
+            display_name=NAME,
+            category=CATEGORY,
+            description=f"Where each person of the prompt goes: one region (MASK) per {MARKER} marker, in marker order, "
+            "for Subject Encode's masks. Side by side in columns, or one box per person as fractions of the width and "
+            "height. The preview shows each region in its own colour with its marker number and word. Painted masks "
+            "(the mask editor, any MASK node) work the same way.",
+            inputs=[
+                io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="Width of the masks in pixels: the picture's width (any size of the same aspect ratio works)."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8, tooltip="Height of the masks in pixels: the picture's height."),
+                io.Int.Input("people", default=2, min=1, max=MAX_SUBJECTS, tooltip=f"How many people: one region per {MARKER} marker of the prompt."),
+                io.Combo.Input(
+                    "layout",
+                    options=list(LAYOUTS),
+                    default=LAYOUTS[0],
+                    tooltip="columns: the people side by side in equal columns, the first marker on the left (boxes is ignored). "
+                    "boxes: each person's region is the box given in boxes.",
+                ),
+                io.String.Input(
+                    "boxes",
+                    multiline=True,
+                    default=DEFAULT_BOXES,
+                    tooltip="With layout boxes: one box per person in marker order, separated by ';' or new lines, each "
+                    "x0, y0, x1, y1 as fractions of the width and height (0, 0 is the top left; 0.5, 0, 1, 1 is the right half). Boxes may overlap.",
+                ),
+                io.String.Input(
+                    "prompt",
+                    optional=True,
+                    multiline=True,
+                    default="",
+                    tooltip=f"Optional: the prompt with its {MARKER} markers (the same as Subject Encode's), to label each region with its marked word in the preview.",
+                ),
+            ],
+            outputs=[
+                io.Mask.Output("masks", display_name="masks", tooltip="One region per person in marker order (white inside): into Subject Encode's masks."),
+                io.Image.Output("preview", display_name="preview", tooltip="The regions, each tinted in its own colour and labelled with its marker number and word: into Preview Image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, width: int, height: int, people: int, layout: str, boxes: str, prompt: str = "") -> io.NodeOutput:
+        with errors_named(NAME):
+            return io.NodeOutput(*regions(width, height, people, layout, boxes, prompt))

@@ -1,0 +1,43 @@
+"""Face-diffuser Regions inside an imported ComfyUI (no models): its outputs are the core's masks and
+preview, as ComfyUI's MASK and IMAGE types, and its errors name the node and the fix."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from facediffuser_core.regions import layout_masks, region_preview
+
+
+def run(comfy, **inputs):
+    """The node's outputs for ``inputs`` (``comfy``: the pack imported inside ComfyUI)."""
+    node = importlib.import_module("facediffuser_pack.nodes.regions").FaceDiffuserRegions
+    values = {"width": 96, "height": 64, "people": 2, "layout": "columns", "boxes": "", **inputs}
+    return node.execute(**values).args
+
+
+def test_regions_node_outputs_the_core_masks_and_labelled_preview(comfy):
+    masks, preview = run(comfy, layout="boxes", boxes="0,0,0.6,1; 0.4,0,1,1", prompt="a man <|image|> hugs a woman <|image|>")
+    expected = layout_masks(96, 64, 2, "boxes", "0,0,0.6,1; 0.4,0,1,1")
+    assert torch.equal(masks, expected) and masks.shape == (2, 64, 96)  # MASK: [N,H,W]
+    assert torch.equal(preview, region_preview(expected, ("man", "woman"))) and preview.shape == (1, 64, 96, 3)  # IMAGE: [1,H,W,3]
+    assert not torch.equal(preview, region_preview(expected))  # the words are drawn
+    columns, _ = run(comfy, boxes="not used with columns")
+    assert torch.equal(columns, layout_masks(96, 64, 2, "columns"))
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"layout": "boxes", "boxes": "0,0,1"}, "Face-diffuser Regions: box 1 '0,0,1' is not four numbers x0,y0,x1,y1"),
+        ({"layout": "boxes", "boxes": "0,0,1,1"}, "Face-diffuser Regions: boxes gives 1 box(es) but people is 2"),
+        ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,0,1.2,1"}, "Face-diffuser Regions: box 2 (0.5,0,1.2,1) reaches outside 0..1"),
+        ({"prompt": "a man <|image|> in a park"}, "Face-diffuser Regions: the prompt has 1 <|image|> marker(s) but people is 2"),
+    ],
+)
+def test_regions_node_errors_name_the_node_and_the_fix(comfy, inputs, message):
+    with pytest.raises(ValueError) as error:
+        run(comfy, **inputs)
+    assert str(error.value).startswith(message), str(error.value)
