@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoints import ModelKind
-from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
+from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import find_comfyui
 from .errors import CheckpointError, FaceDiffuserError
 from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
@@ -92,8 +92,7 @@ MODELS = {
         folder=CLIP_EVAL_FOLDER, extras=("config.json", *CLIP_TOKENIZER_FILES),
     ),
     "controlnet_openpose": HubModel(
-        "comfyanonymous/ControlNet-v1-1_fp16_safetensors", "control_v11p_sd15_openpose_fp16.safetensors",
-        "control_v11p_sd15_openpose_fp16.safetensors", CONTROLNET_LICENSE, folder=CONTROLNET_FOLDER,
+        "comfyanonymous/ControlNet-v1-1_fp16_safetensors", DEFAULT_CONTROLNET, DEFAULT_CONTROLNET, CONTROLNET_LICENSE, folder=CONTROLNET_FOLDER,
     ),
 }  # fmt: skip
 
