@@ -63,12 +63,15 @@ def with_controlnet(files, size: int, *conditionings: list) -> tuple:
     """``conditionings`` with the tests' random ControlNet on the shipped pose image (resized to
     ``size``), all in one Face-diffuser Apply ControlNet call."""
     import comfy.controlnet
-    from conftest import image_tensor
+    import numpy as np
+    import torch
     from facediffuser_pack.nodes.controlnet import apply_controlnet
     from models import ensure_controlnet_file
+    from PIL import Image
 
     control_net = comfy.controlnet.load_controlnet(str(ensure_controlnet_file(files, Path(os.environ["COMFYUI_PATH"]))))
-    pose = image_tensor(ROOT / "workflows" / "pose_two_people.png", size)
+    image = Image.open(ROOT / "workflows" / "pose_two_people.png").convert("RGB").resize((size, size))
+    pose = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
     applied = apply_controlnet(dict(enumerate(conditionings)), control_net, pose, 1.0, 0.0, 1.0)
     return tuple(applied.values())
 
