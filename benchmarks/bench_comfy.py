@@ -3,7 +3,7 @@ weights, image size and step count (the integration suite's cached models); and 
 cost per face (denoise 0.45, crops re-rendered at the same size and step count) against the
 Face-diffuser sampling of the base image.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfy.py [--size 512] [--steps 50] [--device cpu|cuda]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfy.py [--size 512] [--steps 50] [--device cpu|cuda] [--controlnet]
 
 Each sampler runs in its own process so its peak memory is its own. Printed per sampler: UNet
 evaluations (one per latent per conditioning), wall time and its ratio to KSampler (the floor is
@@ -12,6 +12,10 @@ time outside them per step, and peak memory (process RSS; CUDA allocator peak on
 detailer's row is per face: a picture of the two test photos side by side (two faces) is detailed
 and its time divided by the faces re-rendered; its "ratio" is against the Face-diffuser
 sampler's row (a base image), "outside ms/step" includes detection, matching, VAE and blending.
+With ``--controlnet`` both samplers instead run with the integration suite's random SD1.5 ControlNet
+(openpose layout) on the shipped pose image, on every conditioning (KSampler: ComfyUI's Apply
+ControlNet; Face-diffuser: Face-diffuser Apply ControlNet), and the detailer is left out; the
+ControlNet's own forward counts as time outside the UNet.
 """
 
 from __future__ import annotations
@@ -55,7 +59,24 @@ class UNetTimer:
         unet.forward = timed
 
 
-def child(mode: str, size: int, steps: int, device: str) -> dict:
+def with_controlnet(files, size: int, *conditionings: list) -> tuple:
+    """``conditionings`` with the tests' random ControlNet on the shipped pose image (resized to
+    ``size``), all in one Face-diffuser Apply ControlNet call."""
+    import comfy.controlnet
+    import numpy as np
+    import torch
+    from facediffuser_pack.nodes.controlnet import apply_controlnet
+    from models import ensure_controlnet_file
+    from PIL import Image
+
+    control_net = comfy.controlnet.load_controlnet(str(ensure_controlnet_file(files, Path(os.environ["COMFYUI_PATH"]))))
+    image = Image.open(ROOT / "workflows" / "pose_two_people.png").convert("RGB").resize((size, size))
+    pose = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
+    applied = apply_controlnet(dict(enumerate(conditionings)), control_net, pose, 1.0, 0.0, 1.0)
+    return tuple(applied.values())
+
+
+def child(mode: str, size: int, steps: int, device: str, controlnet: bool = False) -> dict:
     import torch
 
     from comfy_inprocess import import_comfy, import_pack
@@ -83,6 +104,8 @@ def child(mode: str, size: int, steps: int, device: str) -> dict:
         sdm, clip = loader.load_unet(sdm_checkpoint, None), loader.load_clip(sdm_checkpoint)
         del sdm_checkpoint
         text, negative = encode.encode_text(clip, PROMPT.replace(" <|image|>", "")), encode.encode_text(clip, "")
+        if controlnet:
+            text, negative = with_controlnet(files, size, text, negative)
         timers = [UNetTimer(sdm, synchronize)]
 
         def run(n):
@@ -112,6 +135,8 @@ def child(mode: str, size: int, steps: int, device: str) -> dict:
         tdm, sdm, clip, _, subject_encoder = loader.load_models(str(files.sdm), str(files.tdm))
         text, subject = encode.encode_subjects(clip, subject_encoder, face, PROMPT, 512)
         negative = encode.encode_text(clip, "")
+        if controlnet:
+            text, subject, negative = with_controlnet(files, size, text, subject, negative)
         timers = [UNetTimer(tdm, synchronize), UNetTimer(sdm, synchronize)]
 
         def run(n):
@@ -130,7 +155,7 @@ def child(mode: str, size: int, steps: int, device: str) -> dict:
     unet = sum(t.seconds for t in timers)
     per = faces[-1] if mode == "detailer" else 1  # the detailer's figures are per face
     return {
-        "mode": "detailer/face" if mode == "detailer" else mode,
+        "mode": "detailer/face" if mode == "detailer" else f"{mode}+cn" if controlnet else mode,
         "evaluations": sum(t.evaluations for t in timers) // per,
         "wall_s": wall / per,
         "unet_s": unet / per,
@@ -146,20 +171,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--controlnet", action="store_true", help="both samplers with the tests' random SD1.5 ControlNet on every conditioning (no detailer row)")
     parser.add_argument("--child", choices=["ksampler", "facediffuser", "detailer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH to a ComfyUI 0.8 checkout")
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.steps, args.device)))
+        print(json.dumps(child(args.child, args.size, args.steps, args.device, args.controlnet)))
         return
     results = {}
-    for mode in ("ksampler", "facediffuser", "detailer"):
-        command = [sys.executable, __file__, "--child", mode, "--size", str(args.size), "--steps", str(args.steps), "--device", args.device]
+    for mode in ("ksampler", "facediffuser") if args.controlnet else ("ksampler", "facediffuser", "detailer"):
+        command = [sys.executable, __file__, "--child", mode, "--size", str(args.size), "--steps", str(args.steps), "--device", args.device, *(["--controlnet"] if args.controlnet else [])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
     base = results["ksampler"]
-    print(f"device: {base['device']}, {args.size}x{args.size} px, {args.steps} steps, ddim / ddim_uniform, cfg 5, random SD1.5 weights")
+    control = ", a random SD1.5 ControlNet on every conditioning" if args.controlnet else ""
+    print(f"device: {base['device']}, {args.size}x{args.size} px, {args.steps} steps, ddim / ddim_uniform, cfg 5, random SD1.5 weights{control}")
     header = f"{'sampler':<14} {'UNet evals':>10} {'wall s':>8} {'ratio':>11} {'UNet s':>8} {'outside ms/step':>15} {'peak RSS MiB':>12} {'peak CUDA MiB':>13}"
     print(header)
     print("-" * len(header))

@@ -40,6 +40,7 @@ from .subjects import DEFAULT_COMBINE
 __all__ = [
     "DEFAULT_SDM",
     "DEFAULT_TDM",
+    "DEFAULT_CONTROLNET",
     "JobError",
     "ServerUnavailable",
     "Generation",
@@ -52,6 +53,7 @@ __all__ = [
 
 DEFAULT_SDM = "facediffuser_sdm.safetensors"  # the names the README tells users to give the models
 DEFAULT_TDM = "facediffuser_tdm.safetensors"
+DEFAULT_CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"  # what download --controlnet openpose fetches
 BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images": ComfyUI 0.3.75+, and 0.8's newer node
 EventHandler = Callable[[str, dict], None]
 """``on_event(type, data)`` for each websocket event of the running job (``progress``, ``executing``...)."""
@@ -83,7 +85,9 @@ class Generation:
     saved under ``filename_prefix``. Where each person goes: ``layout="columns"`` (side by side, in
     marker order), or ``regions``, one per face in marker order, each a box (fractions of the width
     and height, see :mod:`.regions`) or the LoadImage value of an uploaded mask image (white inside,
-    the picture's aspect ratio); neither: no regions."""
+    the picture's aspect ratio); neither: no regions. ``pose`` (a LoadImage value) puts the ControlNet file
+    ``controlnet`` (in ComfyUI's models/controlnet) on that image, at ``control_strength``, on every
+    conditioning."""
 
     prompt: str
     faces: tuple[tuple[str, ...], ...]
@@ -106,6 +110,9 @@ class Generation:
     detail: Optional[float] = None  # the Face Detailer's denoise after sampling; None: no detail pass
     regions: tuple[Union[Box, str], ...] = ()
     layout: Optional[str] = None
+    pose: Optional[str] = None  # a control image (an OpenPose render) for the ControlNet; None: no ControlNet
+    controlnet: str = DEFAULT_CONTROLNET
+    control_strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,8 @@ def build_graph(job: Generation) -> JobGraph:
     Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
     Encode's ``subjects``, as ``facediffuser_two_photos.json``. The job's regions (see
     :func:`_region_masks`) go into Subject Encode's ``masks``, or each Subject node's ``mask``. Then
-    the all-in-one Face-diffuser Sampler, VAE decode, with ``job.detail`` the Face-diffuser Face
+    the all-in-one Face-diffuser Sampler (with ``job.pose``, all its conditionings through Face-diffuser
+    Apply ControlNet), VAE decode, with ``job.detail`` the Face-diffuser Face
     Detailer (same people, prompt, seed, steps, cfg and sampler; a picture without a face passes
     through, faces that match nobody are left), SaveImage, and the subject mask previewed."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
@@ -207,11 +215,19 @@ def build_graph(job: Generation) -> JobGraph:
     clip = [loader, 2]
     encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], prompt=job.prompt, object_resolution=512, **references, **regions)
     negative = graph.add("CLIPTextEncode", "Negative prompt (TDM scene stage)", text=job.negative, clip=clip)
+    conditionings = {"text": [encode, 0], "subject": [encode, 1], "negative": [negative, 0]}
+    if job.pose is not None:  # the ControlNet on every conditioning the sampler takes
+        control_net = graph.add("ControlNetLoader", "Load ControlNet Model", control_net_name=job.controlnet)
+        pose = graph.add("LoadImage", "Pose", image=job.pose)
+        control = graph.add(
+            "FaceDiffuserApplyControlNet", "Face-diffuser Apply ControlNet", **conditionings, control_net=[control_net, 0],
+            image=[pose, 0], strength=job.control_strength, start_percent=0.0, end_percent=1.0,
+        )  # fmt: skip
+        conditionings = {name: [control, index] for index, name in enumerate(conditionings)}
     latent = graph.add("EmptyLatentImage", "Empty Latent Image", width=job.width, height=job.height, batch_size=job.batch)
     sampler = graph.add(
-        "FaceDiffuserSampler", "Face-diffuser Sampler", tdm=[loader, 0], sdm=[loader, 1], text=[encode, 0], subject=[encode, 1],
-        negative=[negative, 0], latent_image=[latent, 0], seed=job.seed, steps=job.steps, cfg=job.cfg, sampler_name=job.sampler,
-        scheduler=job.scheduler, start_merge=job.start_merge, final=job.final, denoise=1.0,
+        "FaceDiffuserSampler", "Face-diffuser Sampler", tdm=[loader, 0], sdm=[loader, 1], **conditionings, latent_image=[latent, 0],
+        seed=job.seed, steps=job.steps, cfg=job.cfg, sampler_name=job.sampler, scheduler=job.scheduler, start_merge=job.start_merge, final=job.final, denoise=1.0,
     )  # fmt: skip
     decoded = [graph.add("VAEDecode", "VAE Decode", samples=[sampler, 0], vae=[loader, 3]), 0]
     detailer = None

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .checkpoints import ModelKind
-from .comfy_client import DEFAULT_SDM, DEFAULT_TDM
+from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import PACK, find_comfyui, quote_command, user_folder
 from .errors import CheckpointError, FaceDiffuserError
 from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
@@ -43,6 +43,9 @@ FACEDIFFUSER_LICENSE = "non-commercial academic use only (https://github.com/Cod
 FACENET_RELEASE = f"https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/{FACENET_WEIGHTS}"  # where facenet-pytorch itself fetches it
 FACENET_URL_VARIABLE = "FACEDIFFUSER_FACENET_URL"  # a mirror of FACENET_RELEASE
 DEFAULT_CLIP_EVAL = "clip-vit-large-patch14/model.safetensors"  # in models/clip_eval: what the score nodes and evaluate pick
+CONTROLNET_FOLDER = "controlnet"  # ComfyUI's own folder for ControlNets (Load ControlNet Model)
+CONTROLNET_LICENSE = "OpenRAIL license (https://huggingface.co/lllyasviel/ControlNet-v1-1); fp16 copy by comfyanonymous"
+CONTROLNETS = {"openpose": "controlnet_openpose"}  # --controlnet NAME -> model
 _CHUNK = 2**20  # bytes written at a time by the FaceNet download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 2**24  # bytes read at a time while hashing
@@ -92,6 +95,9 @@ MODELS = {
         "MIT license (https://github.com/openai/CLIP/blob/main/LICENSE); intended for research (see its model card)",
         folder=CLIP_EVAL_FOLDER, extras=("config.json", *CLIP_TOKENIZER_FILES),
     ),
+    "controlnet_openpose": HubModel(
+        "comfyanonymous/ControlNet-v1-1_fp16_safetensors", DEFAULT_CONTROLNET, DEFAULT_CONTROLNET, CONTROLNET_LICENSE, folder=CONTROLNET_FOLDER,
+    ),
 }  # fmt: skip
 
 
@@ -102,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--facenet", action="store_true", help=f"only FaceNet VGGFace2 ({FACENET_WEIGHTS}) of --scores")
     parser.add_argument("--clip", action="store_true", help=f"only CLIP ViT-L/14 ({DEFAULT_CLIP_EVAL}) of --scores")
     parser.add_argument("--all", action="store_true", help="every model above")
+    parser.add_argument(
+        "--controlnet", action="append", choices=sorted(CONTROLNETS), default=[],
+        help=f"an SD1.5 ControlNet into ComfyUI's models/{CONTROLNET_FOLDER}, for the Face-diffuser Apply ControlNet node: openpose "
+        f"({MODELS['controlnet_openpose'].target}); repeatable; not part of --all",
+    )  # fmt: skip
     parser.add_argument(
         "--to", type=Path, metavar="DIR",
         help=f"the folder to write to (default: ComfyUI's models/{MODEL_FOLDER}, models/{FACENET_FOLDER} or models/{CLIP_EVAL_FOLDER}, or their "
@@ -127,8 +138,9 @@ GROUPS = {"facediffuser": ("sdm", "tdm"), "fastcomposer": ("fastcomposer",), "sc
 
 def selected(args: argparse.Namespace) -> list[str]:
     """The models the flags name, in MODELS order (Face-diffuser's when none is named)."""
-    groups = [group for group in GROUPS if args.all or getattr(args, group)] or ["facediffuser"]
-    return [name for name in MODELS if any(name in GROUPS[group] for group in groups)]
+    controlnets = {CONTROLNETS[name] for name in args.controlnet}
+    groups = [group for group in GROUPS if args.all or getattr(args, group)] or ([] if controlnets else ["facediffuser"])
+    return [name for name in MODELS if name in controlnets or any(name in GROUPS[group] for group in groups)]
 
 
 def free_bytes(path: Path) -> int:

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence, Union
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .comfy_client import DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
+from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError, RegionError
@@ -38,7 +38,7 @@ from .regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
-__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "pose_png", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--detail-denoise", type=float, default=DEFAULT_DENOISE, help=f"how much of each face --detail re-renders, 0..1 (default {DEFAULT_DENOISE:g})")
     job.add_argument("--region", action="append", metavar="WHERE", help="where the person of one --face goes: left, right, centre, n/N (the n-th of N side-by-side columns, e.g. 2/3), or a mask image (white where the person goes, the picture's aspect ratio); repeat once per --face, in marker order; that person's identity acts only there")
     job.add_argument("--layout", choices=WHOLE_LAYOUTS, help="put every --face's person in a region of their own: columns = side by side, the first marker on the left (instead of --region)")
+    job.add_argument("--pose", type=Path, metavar="IMAGE", help="a pose image (an OpenPose render: coloured skeletons on black, ideally the output's size): the ControlNet --controlnet on it steers every conditioning, so all three stages follow the pose")
+    job.add_argument("--controlnet", default=DEFAULT_CONTROLNET, metavar="NAME", help=f"the ControlNet file in ComfyUI's models/controlnet for --pose (default {DEFAULT_CONTROLNET}: download --controlnet openpose)")
+    job.add_argument("--control-strength", type=float, default=1.0, help="how strongly --pose steers the image, 0..10 (default 1)")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
@@ -161,6 +164,10 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--cfg must be >= 0, got {args.cfg}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    if not 0 <= args.control_strength <= 10:
+        raise UsageError(f"--control-strength must be between 0 and 10, got {args.control_strength}")
+    if args.pose is not None and not args.pose.is_file():
+        raise UsageError(f"--pose: no such file {args.pose}")
     if not 0 <= args.detail_denoise <= 1:
         raise UsageError(f"--detail-denoise must be between 0 and 1, got {args.detail_denoise}")
     try:
@@ -169,18 +176,40 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--start-merge / --final: {error}") from None
 
 
-def download_command(file: str, comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> Optional[str]:
+def download_command(file: str, comfyui: Path, explicit: bool, comfyui_args: Sequence[str], folder: str = MODEL_FOLDER) -> Optional[str]:
     """The ``download`` command that puts ``file`` where the ComfyUI at ``comfyui`` (``explicit``: given
-    with --comfyui or COMFYUI_PATH) started with ``comfyui_args`` finds it; None for a file it does not make."""
-    from .download import MODELS, command_line
+    with --comfyui or COMFYUI_PATH) started with ``comfyui_args`` finds it in its model ``folder``;
+    None for a file it does not make."""
+    from .download import CONTROLNETS, MODELS, command_line
 
-    flags = {model.target: "--fastcomposer" if name == "fastcomposer" else "" for name, model in MODELS.items() if model.folder == MODEL_FOLDER}
+    named = {model: ["--controlnet", name] for name, model in CONTROLNETS.items()} | {"fastcomposer": ["--fastcomposer"]}
+    flags = {model.target: named.get(name, []) for name, model in MODELS.items() if model.folder == folder}
     if file not in flags:
         return None
-    folders = comfyui_model_folders(comfyui, comfyui_args)
-    default = comfyui_model_folders(comfyui)[0]  # where download writes for that ComfyUI
+    folders = comfyui_model_folders(comfyui, comfyui_args, folder)
+    default = comfyui_model_folders(comfyui, name=folder)[0]  # where download writes for that ComfyUI
     to = None if folders[0] == default else folders[0]
-    return command_line(list(filter(None, [flags[file]])), to=to, comfyui=comfyui if explicit else None)
+    return command_line(flags[file], to=to, comfyui=comfyui if explicit else None)
+
+
+def check_controlnet(file: str, comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> None:
+    """The ControlNet file is in a folder the ComfyUI searches for ControlNets; the error names the
+    folders and, for the OpenPose file, the command that downloads it."""
+    from .download import CONTROLNET_FOLDER
+
+    folders = comfyui_model_folders(comfyui, comfyui_args, CONTROLNET_FOLDER)
+    if find_model(folders, file) is None:
+        command = download_command(file, comfyui, explicit, comfyui_args, CONTROLNET_FOLDER)
+        fix = f"download it with: {command}" if command else "put it in one of them"
+        raise UsageError(f"--controlnet: no file {file} in the folders ComfyUI searches for ControlNets ({', '.join(map(str, folders))}); {fix}")
+
+
+def pose_png(path: Path) -> bytes:
+    """A pose image file as the RGB PNG that is uploaded for the ControlNet."""
+    buffer = io.BytesIO()
+    with Image.open(path) as image:
+        image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_models(files: Sequence[str], comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> None:
@@ -274,7 +303,10 @@ def generate(args: argparse.Namespace) -> int:
     regions = parse_regions(args.region, args.layout, len(faces), args.width or args.size, args.height or args.size)
     comfyui = None if args.server else find_comfyui(args.comfyui)
     if comfyui is not None:
-        check_models([args.sdm, args.tdm], comfyui, explicit=bool(args.comfyui or os.environ.get("COMFYUI_PATH")), comfyui_args=split_command(args.comfyui_args))
+        explicit, comfyui_args = bool(args.comfyui or os.environ.get("COMFYUI_PATH")), split_command(args.comfyui_args)
+        check_models([args.sdm, args.tdm], comfyui, explicit=explicit, comfyui_args=comfyui_args)
+        if args.pose is not None:
+            check_controlnet(args.controlnet, comfyui, explicit, comfyui_args)
     margin = None if args.no_crop else DEFAULT_MARGIN
     detector = None if args.no_crop else load_detector("cpu")
     references = []  # each subject's photos as (file stem, PNG crop)
@@ -292,11 +324,13 @@ def generate(args: argparse.Namespace) -> int:
             client.check_models([args.sdm, args.tdm])  # what a running --server has (a started one's folders were checked before it started)
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             placed = tuple(client.upload(f"region{number}", region, UPLOAD_FOLDER) if isinstance(region, bytes) else region for number, region in enumerate(regions, start=1))
+            pose = None if args.pose is None else client.upload(args.pose.stem, pose_png(args.pose), UPLOAD_FOLDER)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
                 filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None, regions=placed, layout=args.layout,
+                pose=pose, controlnet=args.controlnet, control_strength=args.control_strength,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

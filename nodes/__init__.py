@@ -7,6 +7,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folder
+from .controlnet import FaceDiffuserApplyControlNet
 from .encode import FaceDiffuserSubjectEncode
 from .detailer import FaceDiffuserFaceDetailer
 from .faces import FaceDiffuserFaceCrop
@@ -38,6 +39,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserFaceDetailer,
             FaceDiffuserIdentityScore,
             FaceDiffuserPromptConsistency,
+            FaceDiffuserApplyControlNet,
         ]
 
 

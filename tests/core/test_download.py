@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from facediffuser_core import download as download_module
 from facediffuser_core.__main__ import main
@@ -32,6 +33,7 @@ from fake_hub import CLIP_FILES, CLIP_REPO, FACENET_KEY, SDM_KEY, TDM_KEY, downl
 from paths import ROOT
 from processes import sigint_default
 
+CONTROLNET_KEY = "comfyanonymous/ControlNet-v1-1_fp16_safetensors/control_v11p_sd15_openpose_fp16.safetensors"
 FACEDIFFUSER_LICENSE = "license of CodeGoat24/Face-diffuser: non-commercial academic use only"
 
 
@@ -352,3 +354,26 @@ def test_space_needed_of_a_model_stored_as_published_is_its_download():
     clip, sdm = download_module.MODELS["clip"], download_module.MODELS["sdm"]
     assert download_module.space_needed([fetch("clip", clip, 1000, "e", 300)], "fp16", keep=False) == 700
     assert download_module.space_needed([fetch("clip", clip, 1000, "e", 0), fetch("sdm", sdm, 800, "e", 0)], "fp16", keep=False) == 1000 + 800 + 400
+
+
+def test_controlnet_openpose_goes_into_comfyuis_controlnet_folder_as_published(hub, comfyui, tmp_path, capsys):
+    """The fp16 OpenPose ControlNet, stored as published (no conversion) in models/controlnet where the
+    Load ControlNet Model node lists it, with its license printed; a second run fetches nothing."""
+    data = safetensors_bytes({"control_model.zero_convs.0.0.weight": torch.ones(4, 4, 1, 1, dtype=torch.float16)})
+    hub.files[CONTROLNET_KEY] = data
+    code, out, err = run(capsys, "--comfyui", str(comfyui), "--controlnet", "openpose")
+    assert code == 0, err
+    assert "license of comfyanonymous/ControlNet-v1-1_fp16_safetensors: OpenRAIL license" in out and "CodeGoat24" not in out
+    models = comfyui / "models"
+    assert model_files(models) == ["controlnet/control_v11p_sd15_openpose_fp16.safetensors"]  # nothing of Face-diffuser's, no staging left
+    assert (models / "controlnet" / "control_v11p_sd15_openpose_fp16.safetensors").read_bytes() == data
+    hub.requests.clear()
+    code, out, _ = run(capsys, "--comfyui", str(comfyui), "--controlnet", "openpose")
+    assert code == 0 and "control_v11p_sd15_openpose_fp16.safetensors is already there" in out and hub.requests == []
+
+
+def test_a_controlnet_that_is_not_safetensors_is_refused_and_removed(hub, tmp_path, capsys):
+    hub.files[CONTROLNET_KEY] = b"\0" * 64
+    code, _, err = run(capsys, "--to", str(tmp_path / "controlnet"), "--controlnet", "openpose")
+    assert code == 2 and "control_v11p_sd15_openpose_fp16.safetensors of comfyanonymous/ControlNet-v1-1_fp16_safetensors was downloaded but does not load" in err
+    assert model_files(tmp_path / "controlnet") == []

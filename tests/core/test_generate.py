@@ -27,12 +27,12 @@ import pytest
 from PIL import Image
 
 from facediffuser_core.__main__ import exit_code, main
-from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM, JobError, ServerUnavailable, build_graph, Generation
+from facediffuser_core.comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, JobError, ServerUnavailable, build_graph, Generation
 from facediffuser_core import comfy_launch
 from facediffuser_core.comfy_launch import LocalComfyUI, accelerator_available, device_args, find_comfyui
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
 from facediffuser_core.faces import load_detector, reference_png
-from facediffuser_core.generate import StageProgress, UsageError, check_photos, check_prompt, parse_faces
+from facediffuser_core.generate import StageProgress, UsageError, check_controlnet, check_photos, check_prompt, parse_faces
 from facediffuser_core.regions import parse_boxes
 from fake_comfy import FakeComfy
 from paths import CLI, FACES, ROOT, TESTS
@@ -645,3 +645,55 @@ def test_region_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, ca
     with pytest.raises(SystemExit) as stop:
         run_main(capsys, *TWO_MEN, "--layout", "rows", "-o", str(tmp_path / "out"), "--server", fake.address)
     assert stop.value.code == 2 and "invalid choice: 'rows'" in capsys.readouterr().err
+# --- a pose ControlNet ------------------------------------------------------------------------
+
+POSE = ROOT / "workflows" / "pose_two_people.png"
+
+
+def test_pose_puts_the_controlnet_on_every_conditioning_of_the_sampler(fake, tmp_path, capsys):
+    args = ["--face", str(MAN2), "--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|> playing chess",
+            "-o", str(tmp_path / "out"), "--server", fake.address, "--steps", "4", "--size", "64", "--seed", "7"]  # fmt: skip
+    code, _, err = run_main(capsys, *args, "--pose", str(POSE), "--controlnet", "my_pose.safetensors", "--control-strength", "0.8")
+    assert code == 0, err
+    (graph,) = fake.queued
+    (apply_id,) = [key for key, node in graph.items() if node["class_type"] == "FaceDiffuserApplyControlNet"]
+    control = graph[apply_id]["inputs"]
+    (encode_id,) = [key for key, node in graph.items() if node["class_type"] == "FaceDiffuserSubjectEncode"]
+    (negative_id,) = [key for key, node in graph.items() if node["class_type"] == "CLIPTextEncode"]
+    assert (control["text"], control["subject"], control["negative"]) == ([encode_id, 0], [encode_id, 1], [negative_id, 0])
+    assert (control["strength"], control["start_percent"], control["end_percent"]) == (0.8, 0.0, 1.0)
+    assert graph[control["control_net"][0]] | {"_meta": None} == {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "my_pose.safetensors"}, "_meta": None}
+    pose = graph[control["image"][0]]["inputs"]["image"]
+    assert re.fullmatch(r"facediffuser/pose_two_people_[0-9a-f]{10}\.png", pose) and ("facediffuser", pose.split("/")[1]) in fake.uploads
+    sampler = next(node["inputs"] for node in graph.values() if node["class_type"] == "FaceDiffuserSampler")
+    assert (sampler["text"], sampler["subject"], sampler["negative"]) == ([apply_id, 0], [apply_id, 1], [apply_id, 2])
+    code, _, err = run_main(capsys, *args)  # without --pose: no ControlNet, the graph as before
+    assert code == 0, err
+    assert build_graph(Generation("a man <|image|>", (("a.png",),))).nodes == build_graph(Generation("a man <|image|>", (("a.png",),), controlnet="x")).nodes
+    assert not [node for node in fake.queued[1].values() if node["class_type"] in ("FaceDiffuserApplyControlNet", "ControlNetLoader")]
+
+
+def test_the_pose_is_uploaded_as_an_rgb_png(tmp_path):
+    from facediffuser_core.generate import pose_png
+
+    Image.new("RGBA", (40, 30), (10, 200, 30, 128)).save(tmp_path / "pose.webp")
+    with Image.open(io.BytesIO(pose_png(tmp_path / "pose.webp"))) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 30))
+
+
+def test_pose_usage_errors_and_a_missing_controlnet_stop_before_any_server_starts(fake_comfyui, tmp_path, capsys):
+    common = ["--face", str(MAN1), "--prompt", "a man <|image|>", "-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui), "--size", "64"]
+    code, _, err = run_main(capsys, *common, "--pose", str(tmp_path / "none.png"))
+    assert code == 2 and f"--pose: no such file {tmp_path / 'none.png'}" in err
+    code, _, err = run_main(capsys, *common, "--pose", str(POSE), "--control-strength", "11")
+    assert code == 2 and "--control-strength must be between 0 and 10, got 11.0" in err
+    code, _, err = run_main(capsys, *common, "--pose", str(POSE))
+    folder = fake_comfyui / "models" / "controlnet"
+    assert code == 2
+    assert f"--controlnet: no file {DEFAULT_CONTROLNET} in the folders ComfyUI searches for ControlNets ({folder}); download it with: {CLI} download --controlnet openpose --comfyui {fake_comfyui}\n" in err
+    code, _, err = run_main(capsys, *common, "--pose", str(POSE), "--controlnet", "depth.safetensors")
+    assert code == 2 and f"no file depth.safetensors in the folders ComfyUI searches for ControlNets ({folder}); put it in one of them\n" in err
+    assert not (fake_comfyui / "started.json").exists()
+    folder.mkdir()
+    (folder / DEFAULT_CONTROLNET).touch()
+    check_controlnet(DEFAULT_CONTROLNET, fake_comfyui, explicit=True, comfyui_args=[])  # there: no error

@@ -22,6 +22,7 @@ SCENE_LORA = "sd15_style_lora.safetensors"
 FASTCOMPOSER_FILE = "fastcomposer.safetensors"  # the name the README and the FastComposer workflow use
 FACENET = "facenet-random.pt"  # the score models as the suite's server lists them (models/facenet, models/clip_eval)
 CLIP = "tiny-clip/model.safetensors"
+CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"  # the name download --controlnet openpose gives the file
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,16 @@ def ensure_scene_files(files: ModelFiles, comfyui_path: Path) -> tuple[Path, Pat
         script = Path(__file__).with_name("scene_checkpoint.py")
         subprocess.run([sys.executable, str(script), str(comfyui_path), str(files.tdm), str(checkpoint), str(lora)], check=True)
     return checkpoint, lora
+
+
+def ensure_controlnet_file(files: ModelFiles, comfyui_path: Path) -> Path:
+    """A random SD1.5 ControlNet in the openpose file's layout (controlnet_file.py, with ComfyUI's own
+    ControlNet class; seconds, once)."""
+    path = files.root / CONTROLNET
+    if not path.exists():
+        script = Path(__file__).with_name("controlnet_file.py")
+        subprocess.run([sys.executable, str(script), str(comfyui_path), str(path)], check=True)
+    return path
 
 
 if __name__ == "__main__":
