@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import sys
 import time
 import uuid
 
@@ -63,8 +64,9 @@ def test_nodes_register_without_import_errors(server, object_info):
 def test_subject_encode_takes_images_or_chained_subjects(object_info):
     encode, subject = object_info["FaceDiffuserSubjectEncode"], object_info["FaceDiffuserSubject"]
     # saved workflows: the same widgets, images still an IMAGE input (now optional, like subjects)
-    assert encode["input_order"] == {"required": ["clip", "subject_encoder", "prompt", "object_resolution"], "optional": ["images", "subjects"]}
+    assert encode["input_order"] == {"required": ["clip", "subject_encoder", "prompt", "object_resolution"], "optional": ["images", "subjects", "masks"]}
     assert encode["input"]["optional"]["images"][0] == "IMAGE"
+    assert encode["input"]["optional"]["masks"][0] == subject["input"]["optional"]["mask"][0] == "MASK"  # regions: optional, no widget
     assert subject["output"] == [encode["input"]["optional"]["subjects"][0]] == [subject["input"]["optional"]["previous_subjects"][0]]
     assert subject["input"]["required"]["combine"][1]["options"] == ["average", "norm average"]
 
@@ -337,7 +339,7 @@ def test_a_model_file_not_in_the_folder_is_refused_at_queue_time_with_the_downlo
     assert {error["type"] for error in errors} == {"custom_validation_failed"}  # the pack's check, instead of ComfyUI's "not in list"
     (error,) = [error for error in errors if error["extra_info"]["input_name"] == "sdm_name"]
     assert error["details"].startswith("sdm_name - Face-diffuser Loader: there is no file 'renamed_sdm.safetensors' in models/facediffuser (")
-    assert "-m facediffuser_core download --to " in error["details"]
+    assert f"{sys.executable} " in error["details"] and "cli.py download --to " in error["details"]  # ComfyUI's own python runs the pack's cli.py
 
 
 def listen(server: ComfyServer, graph: dict, on_progress=None, timeout: float = 900) -> dict:
