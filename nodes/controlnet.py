@@ -55,12 +55,13 @@ class FaceDiffuserApplyControlNet(io.ComfyNode):
                 io.Conditioning.Input("scene_positive", optional=True, tooltip="Optional: the scene model's own prompt (the Sampler's scene_positive), controlled too."),
                 io.Conditioning.Input("scene_negative", optional=True, tooltip="Optional: the scene model's own negative (the Sampler's scene_negative), controlled too."),
             ],
+            # output ids differ from the input ids: ComfyUI 0.3.75 refuses a node whose input and output share one (and the whole pack with it)
             outputs=[
-                io.Conditioning.Output("text", tooltip="text with the control: to the Sampler's / Guider's text."),
-                io.Conditioning.Output("subject", tooltip="subject with the control: to the Sampler's / Guider's subject."),
-                io.Conditioning.Output("negative", tooltip="negative with the control: to the Sampler's / Guider's negative."),
-                io.Conditioning.Output("scene_positive", tooltip="scene_positive with the control (nothing when its input is unconnected)."),
-                io.Conditioning.Output("scene_negative", tooltip="scene_negative with the control (nothing when its input is unconnected)."),
+                io.Conditioning.Output("controlled_text", display_name="text", tooltip="text with the control: to the Sampler's / Guider's text."),
+                io.Conditioning.Output("controlled_subject", display_name="subject", tooltip="subject with the control: to the Sampler's / Guider's subject."),
+                io.Conditioning.Output("controlled_negative", display_name="negative", tooltip="negative with the control: to the Sampler's / Guider's negative."),
+                io.Conditioning.Output("controlled_scene_positive", display_name="scene_positive", tooltip="scene_positive with the control (nothing when its input is unconnected)."),
+                io.Conditioning.Output("controlled_scene_negative", display_name="scene_negative", tooltip="scene_negative with the control (nothing when its input is unconnected)."),
             ],
         )
 
