@@ -34,8 +34,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
+    kept = "" if os.environ.get("FACEDIFFUSER_SCREENSHOTS") else " (pytest removes it when every test passes: set FACEDIFFUSER_SCREENSHOTS=DIR to keep them)"
     for folder in _screenshot_dirs:
-        terminalreporter.write_line(f"browser suite screenshots: {folder}")
+        terminalreporter.write_line(f"browser suite screenshots: {folder}{kept}")
 
 
 def chromium_executable() -> str:
