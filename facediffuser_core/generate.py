@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -33,12 +34,13 @@ from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError, RegionError
 from .faces import DEFAULT_MARGIN, load_detector, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
+from .pose import PoseError, pose_boxes
 from .prompt import MARKER
 from .regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from .schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from .subjects import COMBINE_MODES, DEFAULT_COMBINE
 
-__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "pose_png", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "read_pose", "pose_regions", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
@@ -73,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--detail-denoise", type=float, default=DEFAULT_DENOISE, help=f"how much of each face --detail re-renders, 0..1 (default {DEFAULT_DENOISE:g})")
     job.add_argument("--region", action="append", metavar="WHERE", help="where the person of one --face goes: left, right, centre, n/N (the n-th of N side-by-side columns, e.g. 2/3), or a mask image (white where the person goes, the picture's aspect ratio); repeat once per --face, in marker order; that person's identity acts only there")
     job.add_argument("--layout", choices=WHOLE_LAYOUTS, help="put every --face's person in a region of their own: columns = side by side, the first marker on the left (instead of --region)")
-    job.add_argument("--pose", type=Path, metavar="IMAGE", help="a pose image (an OpenPose render: coloured skeletons on black, ideally the output's size): the ControlNet --controlnet on it steers every conditioning, so all three stages follow the pose")
+    job.add_argument("--pose", type=Path, metavar="IMAGE", help="a pose image (an OpenPose render: coloured skeletons on black, one per --face, ideally the output's size): the ControlNet --controlnet on it steers every conditioning, so all three stages follow the pose, and (without --region or --layout) each --face's person gets the region around one skeleton, left to right in marker order")
     job.add_argument("--controlnet", default=DEFAULT_CONTROLNET, metavar="NAME", help=f"the ControlNet file in ComfyUI's models/controlnet for --pose (default {DEFAULT_CONTROLNET}: download --controlnet openpose)")
     job.add_argument("--control-strength", type=float, default=1.0, help="how strongly --pose steers the image, 0..10 (default 1)")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
@@ -116,21 +118,30 @@ def check_prompt(prompt: str, faces: int) -> None:
     marked_words(prompt)
 
 
+def _open_rgb(path: Path, option: str, fix: str) -> Image.Image:
+    """An image file as RGB; an unreadable one is a :class:`UsageError` naming ``option`` and ``fix``."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"{option}: {path} is not an image ({error}); {fix}") from None
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _mask_png(path: Path, number: int, width: int, height: int) -> bytes:
     """The mask image of ``--region #number`` as PNG bytes, checked: readable, the picture's aspect
     ratio, and white (red channel >= 128) somewhere."""
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise UsageError(f"--region #{number}: {path} is not an image ({error}); give a mask image, white where the person goes") from None
+    image = _open_rgb(path, f"--region #{number}", "give a mask image, white where the person goes")
     if abs(image.width * height - image.height * width) > ASPECT_TOLERANCE * image.width * height:
         raise UsageError(f"--region #{number}: the mask image {path} is {image.width}x{image.height} but the picture is {width}x{height}; give a mask of the picture's aspect ratio")
     if image.getchannel("R").getextrema()[1] < 128:
         raise UsageError(f"--region #{number}: the mask image {path} is black everywhere; paint the person's region white")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(image)
 
 
 def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces: int, width: int, height: int) -> list[Union[Box, bytes]]:
@@ -204,12 +215,18 @@ def check_controlnet(file: str, comfyui: Path, explicit: bool, comfyui_args: Seq
         raise UsageError(f"--controlnet: no file {file} in the folders ComfyUI searches for ControlNets ({', '.join(map(str, folders))}); {fix}")
 
 
-def pose_png(path: Path) -> bytes:
-    """A pose image file as the RGB PNG that is uploaded for the ControlNet."""
-    buffer = io.BytesIO()
-    with Image.open(path) as image:
-        image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+def read_pose(path: Path) -> Image.Image:
+    """The ``--pose`` image as RGB (uploaded as PNG for the ControlNet)."""
+    return _open_rgb(path, "--pose", "give a pose image (an OpenPose render: coloured skeletons on black)")
+
+
+def pose_regions(pose: Image.Image, faces: int) -> list[Box]:
+    """Each face's region from the ``--pose`` image, in marker order: the boxes of its skeletons left
+    to right (:func:`~.pose.pose_boxes`, as the Regions node's pose layout)."""
+    try:
+        return pose_boxes(np.asarray(pose, dtype=np.float32) / 255.0, faces)
+    except PoseError as error:
+        raise UsageError(f"--pose: {error} (or give --region once per --face, or --layout columns)") from None
 
 
 def check_models(files: Sequence[str], comfyui: Path, explicit: bool, comfyui_args: Sequence[str]) -> None:
@@ -301,6 +318,9 @@ def generate(args: argparse.Namespace) -> int:
     check_prompt(args.prompt, len(faces))
     _check_settings(args)
     regions = parse_regions(args.region, args.layout, len(faces), args.width or args.size, args.height or args.size)
+    pose = None if args.pose is None else read_pose(args.pose)
+    if pose is not None and not regions and args.layout is None:
+        regions = pose_regions(pose, len(faces))
     comfyui = None if args.server else find_comfyui(args.comfyui)
     if comfyui is not None:
         explicit, comfyui_args = bool(args.comfyui or os.environ.get("COMFYUI_PATH")), split_command(args.comfyui_args)
@@ -324,13 +344,13 @@ def generate(args: argparse.Namespace) -> int:
             client.check_models([args.sdm, args.tdm])  # what a running --server has (a started one's folders were checked before it started)
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             placed = tuple(client.upload(f"region{number}", region, UPLOAD_FOLDER) if isinstance(region, bytes) else region for number, region in enumerate(regions, start=1))
-            pose = None if args.pose is None else client.upload(args.pose.stem, pose_png(args.pose), UPLOAD_FOLDER)
+            uploaded_pose = None if pose is None else client.upload(args.pose.stem, _png(pose), UPLOAD_FOLDER)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
                 filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None, regions=placed, layout=args.layout,
-                pose=pose, controlnet=args.controlnet, control_strength=args.control_strength,
+                pose=uploaded_pose, controlnet=args.controlnet, control_strength=args.control_strength,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

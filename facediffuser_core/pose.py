@@ -3,9 +3,10 @@ preprocessors and pose editors draw them): one box per skeleton, left to right.
 
 A skeleton is a connected group of non-background pixels after a small dilation (which joins a
 face's or a hand's separate dots to the body); groups much smaller than the largest (specks, stray
-dots) are ignored. Each skeleton's box is the extent of its own pixels, widened by a margin, and
-becomes one region MASK [H,W] (1 inside). The masks go in marker order: the leftmost skeleton is the
-first ``<|image|>`` marker's person.
+dots) are ignored. Each skeleton's box is the extent of its own pixels, widened by a margin, as
+fractions of the pose image's width and height (a :data:`~.regions.Box`, so the regions fit a
+picture of any size with the pose's aspect ratio; :func:`~.regions.layout_masks` makes the MASKs).
+The boxes go in marker order: the leftmost skeleton is the first ``<|image|>`` marker's person.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Union
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from .errors import FaceDiffuserError
 
-__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseError", "SkeletonBox", "skeleton_boxes", "regions_from_pose"]
+__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_size", "pose_backdrop"]
 
 BACKGROUND = 0.1  # a pixel is part of a skeleton where a channel exceeds this (0..1)
 DILATION = 0.01  # dilation radius, a fraction of the image's longer side (at least 1 pixel)
@@ -83,20 +85,30 @@ def skeleton_boxes(pose: Union[torch.Tensor, np.ndarray], dilation: float = DILA
     return sorted(boxes, key=lambda box: box.centre_x)
 
 
-def regions_from_pose(pose: Union[torch.Tensor, np.ndarray], people: int, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
-    """One region MASK per person, [people, H, W] float 0/1, in marker order (skeletons left to
-    right), each the skeleton's box widened by ``margin``. A number of skeletons other than
-    ``people`` is an error naming both."""
+def pose_boxes(pose: Union[torch.Tensor, np.ndarray], people: int, margin: float = DEFAULT_MARGIN) -> list[tuple[float, float, float, float]]:
+    """One box per person in marker order (skeletons left to right), each the skeleton's box widened
+    by ``margin``, as fractions of the pose image's width and height. A number of skeletons other
+    than ``people`` is an error naming both."""
     image = _image(pose)
     height, width = image.shape[:2]
     boxes = skeleton_boxes(image)
     if len(boxes) != people:
         raise PoseError(
-            f"the pose image has {len(boxes)} skeleton(s) but the prompt has {people} person marker(s); "
-            "draw one skeleton per <|image|> marker (left to right in marker order), or give the regions another way"
+            f"the pose image has {len(boxes)} skeleton(s) for {people} people (one per <|image|> marker); "
+            "draw one skeleton per person, left to right in marker order, or give the regions another way"
         )
-    masks = torch.zeros(people, height, width)
-    for mask, box in zip(masks, boxes):
-        box = box.widened(margin, width, height)
-        mask[box.top : box.bottom, box.left : box.right] = 1.0
-    return masks
+    widened = (box.widened(margin, width, height) for box in boxes)
+    return [(box.left / width, box.top / height, box.right / width, box.bottom / height) for box in widened]
+
+
+def pose_size(pose: Union[torch.Tensor, np.ndarray]) -> tuple[int, int]:
+    """(width, height) of a pose image in pixels."""
+    height, width = _image(pose).shape[:2]
+    return width, height
+
+
+def pose_backdrop(pose: Union[torch.Tensor, np.ndarray], width: int, height: int) -> np.ndarray:
+    """The pose image resized to ``width`` x ``height`` (bilinear): float array [height, width, 3] in 0..1,
+    to draw the regions over."""
+    image = Image.fromarray(np.round(np.clip(_image(pose), 0, 1) * 255).astype(np.uint8), "RGB")
+    return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0

@@ -2,7 +2,8 @@
 
 A layout becomes a MASK batch ``[N, H, W]`` float 0..1 (1 inside person k's region, mask k for the
 k-th marker): ``columns`` puts the N people side by side in N equal columns, ``boxes`` gives each
-person a box as fractions ``x0,y0,x1,y1`` of the width and height (0,0 is the top left). A pixel
+person a box as fractions ``x0,y0,x1,y1`` of the width and height (0,0 is the top left), ``pose``
+boxes each skeleton of a pose image (:mod:`.pose`), left to right. A pixel
 ``(i, j)`` covers ``[j, j+1) x [i, i+1)`` and is inside a box when its centre is. Boxes may overlap
 (people can hug). :func:`region_preview` draws the regions, each tinted in its own colour and
 labelled with its marker number and word.
@@ -14,13 +15,14 @@ import math
 import re
 import sys
 import zlib
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import RegionError
+from .pose import DEFAULT_MARGIN, pose_boxes
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 
 __all__ = [
@@ -41,9 +43,10 @@ __all__ = [
     "region_preview",
 ]
 
-LAYOUTS = ("columns", "boxes")
+LAYOUTS = ("columns", "boxes", "pose")  # pose: the Regions node's, from a pose image (:mod:`.pose`)
 WHOLE_LAYOUTS = ("columns",)  # the layouts that need nothing per person: the commands' --layout
 Box = tuple[float, float, float, float]
+PoseImage = Union[torch.Tensor, np.ndarray]  # an IMAGE [H,W,3] or [1,H,W,3] in 0..1
 """``(x0, y0, x1, y1)``: a box as fractions of the picture's width and height, 0 <= x0 < x1 <= 1."""
 NAMED_REGIONS: dict[str, Box] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "centre": (0.25, 0.0, 0.75, 1.0), "center": (0.25, 0.0, 0.75, 1.0)}
 COLOURS = ((230, 60, 60), (50, 120, 240), (60, 190, 80), (240, 180, 30))  # one per marker, MAX_SUBJECTS of them
@@ -140,13 +143,18 @@ def box_masks(boxes: Sequence[Box], width: int, height: int) -> torch.Tensor:
     return masks
 
 
-def layout_masks(width: int, height: int, people: int, layout: str, boxes: str = "") -> torch.Tensor:
-    """MASK ``[people, height, width]`` in marker order: ``columns`` (``boxes`` is ignored) or
-    ``boxes`` (one box per person, see :func:`parse_boxes`)."""
+def layout_masks(width: int, height: int, people: int, layout: str, boxes: str = "", pose: Optional[PoseImage] = None, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
+    """MASK ``[people, height, width]`` in marker order: ``columns``, ``boxes`` (one box per person,
+    see :func:`parse_boxes`) or ``pose`` (each skeleton of the IMAGE ``pose``, left to right, boxed with
+    ``margin``: :func:`~.pose.pose_boxes`); each layout ignores the other layouts' inputs."""
     if not 1 <= people <= MAX_SUBJECTS:
         raise RegionError(f"people is {people}; give 1 to {MAX_SUBJECTS}, one per {MARKER} marker")
     if layout == "columns":
         return box_masks(column_boxes(people), width, height)
+    if layout == "pose":
+        if pose is None:
+            raise RegionError("layout pose needs a pose image: connect an OpenPose render (coloured skeletons on black) to pose")
+        return box_masks(pose_boxes(pose, people, margin), width, height)
     if layout != "boxes":
         raise RegionError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
     parsed = parse_boxes(boxes)
@@ -155,17 +163,19 @@ def layout_masks(width: int, height: int, people: int, layout: str, boxes: str =
     return box_masks(parsed, width, height)
 
 
-def region_preview(masks: torch.Tensor, words: Sequence[str] = ()) -> torch.Tensor:
-    """IMAGE ``[1, H, W, 3]`` float 0..1 of MASK ``masks`` ``[N, H, W]``: on a dark canvas each region
-    tinted in its marker's colour (overlaps mixed), labelled ``#k word`` (``words``: the marked words,
-    optional) at the top left of its extent."""
+def region_preview(masks: torch.Tensor, words: Sequence[str] = (), backdrop: Optional[np.ndarray] = None) -> torch.Tensor:
+    """IMAGE ``[1, H, W, 3]`` float 0..1 of MASK ``masks`` ``[N, H, W]``: on a dark canvas (or on
+    ``backdrop``, [H, W, 3] in 0..1, e.g. the pose the regions come from) each region tinted in its
+    marker's colour (overlaps mixed), labelled ``#k word`` (``words``: the marked words, optional) at
+    the top left of its extent."""
     count, height, width = masks.shape
     weights = masks.detach().float().clamp(0, 1).cpu().numpy()
     colours = np.array([COLOURS[index % len(COLOURS)] for index in range(count)], dtype=np.float64).reshape(count, 3)
     covered = weights.sum(axis=0)[..., None]  # [H,W,1]
     mixed = np.einsum("nhw,nc->hwc", weights, colours) / np.maximum(covered, 1e-12)
     alpha = TINT * np.clip(covered, 0, 1)
-    canvas = np.array(BACKGROUND, dtype=np.float64) * (1 - alpha) + mixed * alpha
+    base = np.array(BACKGROUND, dtype=np.float64) if backdrop is None else np.asarray(backdrop, dtype=np.float64) * 255.0
+    canvas = base * (1 - alpha) + mixed * alpha
     picture = Image.fromarray(np.round(canvas).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(picture)
     text_size = max(10, round(min(width, height) / 16))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import RegionError
 from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS
+from ..facediffuser_core.pose import DEFAULT_MARGIN, pose_backdrop
 from ..facediffuser_core.regions import LAYOUTS, layout_masks, marked_words, region_preview
 from .common import CATEGORY, errors_named
 
@@ -15,14 +18,15 @@ NAME = "Face-diffuser Regions"
 DEFAULT_BOXES = "0, 0, 0.5, 1; 0.5, 0, 1, 1"
 
 
-def regions(width: int, height: int, people: int, layout: str, boxes: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def regions(width: int, height: int, people: int, layout: str, boxes: str, prompt: str, pose: Optional[torch.Tensor] = None, margin: float = DEFAULT_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(masks [people, height, width], preview [1, height, width, 3])``; the preview labels each
-    region with its marked word when ``prompt`` is given (its markers must number ``people``)."""
+    region with its marked word when ``prompt`` is given (its markers must number ``people``) and, with
+    layout pose, shows the pose under the regions."""
     words = marked_words(prompt) if prompt.strip() else ()
     if prompt.strip() and len(words) != people:
         raise RegionError(f"the prompt has {len(words)} {MARKER} marker(s) but people is {people}; set people to the number of markers")
-    masks = layout_masks(width, height, people, layout, boxes)
-    return masks, region_preview(masks, words)
+    masks = layout_masks(width, height, people, layout, boxes, pose, margin)
+    return masks, region_preview(masks, words, pose_backdrop(pose, width, height) if layout == "pose" else None)
 
 
 class FaceDiffuserRegions(io.ComfyNode):
@@ -33,8 +37,8 @@ class FaceDiffuserRegions(io.ComfyNode):
             display_name=NAME,
             category=CATEGORY,
             description=f"Where each person of the prompt goes: one region (MASK) per {MARKER} marker, in marker order, "
-            "for Subject Encode's masks. Side by side in columns, or one box per person as fractions of the width and "
-            "height. The preview shows each region in its own colour with its marker number and word. Painted masks "
+            "for Subject Encode's masks. Side by side in columns, one box per person as fractions of the width and "
+            "height, or from a pose image: one box around each skeleton of an OpenPose render, left to right in marker order. The preview shows each region in its own colour with its marker number and word. Painted masks "
             "(the mask editor, any MASK node) work the same way.",
             inputs=[
                 io.Int.Input("width", default=512, min=8, max=16384, step=8, tooltip="Width of the masks in pixels: the picture's width (any size of the same aspect ratio works)."),
@@ -44,8 +48,10 @@ class FaceDiffuserRegions(io.ComfyNode):
                     "layout",
                     options=list(LAYOUTS),
                     default=LAYOUTS[0],
-                    tooltip="columns: the people side by side in equal columns, the first marker on the left (boxes is ignored). "
-                    "boxes: each person's region is the box given in boxes.",
+                    tooltip="columns: the people side by side in equal columns, the first marker on the left. "
+                    "boxes: each person's region is the box given in boxes. "
+                    "pose: each person's region is the box around one skeleton of the pose image, the leftmost skeleton for the first marker "
+                    "(the image must show one skeleton per person). Each layout ignores the other layouts' inputs.",
                 ),
                 io.String.Input(
                     "boxes",
@@ -61,6 +67,22 @@ class FaceDiffuserRegions(io.ComfyNode):
                     default="",
                     tooltip=f"Optional: the prompt with its {MARKER} markers (the same as Subject Encode's), to label each region with its marked word in the preview.",
                 ),
+                io.Image.Input(
+                    "pose",
+                    optional=True,
+                    tooltip="With layout pose: an OpenPose render (coloured skeletons on black, as ComfyUI's pose preprocessors and pose "
+                    "editors draw them; the same image as the pose ControlNet's), of the picture's aspect ratio.",
+                ),
+                io.Float.Input(
+                    "margin",
+                    optional=True,
+                    default=DEFAULT_MARGIN,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="With layout pose: how far each region reaches past its skeleton's box, as a fraction of the box's width "
+                    "(left and right) and height (top and bottom). The skeleton's head is a dot: leave room for hair.",
+                ),
             ],
             outputs=[
                 io.Mask.Output("masks", display_name="masks", tooltip="One region per person in marker order (white inside): into Subject Encode's masks."),
@@ -69,6 +91,6 @@ class FaceDiffuserRegions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, width: int, height: int, people: int, layout: str, boxes: str, prompt: str = "") -> io.NodeOutput:
+    def execute(cls, width: int, height: int, people: int, layout: str, boxes: str, prompt: str = "", pose: Optional[torch.Tensor] = None, margin: float = DEFAULT_MARGIN) -> io.NodeOutput:
         with errors_named(NAME):
-            return io.NodeOutput(*regions(width, height, people, layout, boxes, prompt))
+            return io.NodeOutput(*regions(width, height, people, layout, boxes, prompt, pose, margin))

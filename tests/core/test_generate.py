@@ -33,6 +33,7 @@ from facediffuser_core.comfy_launch import LocalComfyUI, accelerator_available, 
 from facediffuser_core.errors import FaceDiffuserError, FaceNotFoundError, PromptError
 from facediffuser_core.faces import load_detector, reference_png
 from facediffuser_core.generate import StageProgress, UsageError, check_controlnet, check_photos, check_prompt, parse_faces
+from facediffuser_core.pose import pose_boxes
 from facediffuser_core.regions import parse_boxes
 from fake_comfy import FakeComfy
 from paths import CLI, FACES, ROOT, TESTS
@@ -667,24 +668,42 @@ def test_pose_puts_the_controlnet_on_every_conditioning_of_the_sampler(fake, tmp
     assert re.fullmatch(r"facediffuser/pose_two_people_[0-9a-f]{10}\.png", pose) and ("facediffuser", pose.split("/")[1]) in fake.uploads
     sampler = next(node["inputs"] for node in graph.values() if node["class_type"] == "FaceDiffuserSampler")
     assert (sampler["text"], sampler["subject"], sampler["negative"]) == ([apply_id, 0], [apply_id, 1], [apply_id, 2])
+    regions = node_inputs(graph, graph[encode_id]["inputs"]["masks"])  # each face's region from the pose
+    boxes = parse_boxes(regions["boxes"])
+    assert (regions["people"], regions["layout"]) == (2, "boxes") and boxes == pose_boxes(np.asarray(Image.open(POSE).convert("RGB"), np.float32) / 255, 2)
+    assert boxes[0][2] <= 0.5 <= boxes[1][0]  # the shipped pose: one person in each half, the first --face on the left
     code, _, err = run_main(capsys, *args)  # without --pose: no ControlNet, the graph as before
     assert code == 0, err
     assert build_graph(Generation("a man <|image|>", (("a.png",),))).nodes == build_graph(Generation("a man <|image|>", (("a.png",),), controlnet="x")).nodes
     assert not [node for node in fake.queued[1].values() if node["class_type"] in ("FaceDiffuserApplyControlNet", "ControlNetLoader")]
 
 
-def test_the_pose_is_uploaded_as_an_rgb_png(tmp_path):
-    from facediffuser_core.generate import pose_png
-
+def test_the_pose_is_uploaded_as_an_rgb_png(fake, tmp_path, capsys):
     Image.new("RGBA", (40, 30), (10, 200, 30, 128)).save(tmp_path / "pose.webp")
-    with Image.open(io.BytesIO(pose_png(tmp_path / "pose.webp"))) as image:
-        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 30))
+    code, _, err = run_main(capsys, *TWO_MEN, "--layout", "columns", "--pose", str(tmp_path / "pose.webp"), "-o", str(tmp_path / "out"), "--server", fake.address, "--size", "64")
+    assert code == 0, err
+    expected = io.BytesIO()
+    Image.open(tmp_path / "pose.webp").convert("RGB").save(expected, format="PNG")  # uploads are named by their bytes' hash
+    assert [name for _, name in fake.uploads if name.startswith("pose_")] == [f"pose_{hashlib.sha1(expected.getvalue()).hexdigest()[:10]}.png"]
+
+
+def test_a_region_or_layout_wins_over_the_pose(fake, tmp_path, capsys):
+    for given, expected in ((["--region", "right", "--region", "left"], "0.5,0,1,1; 0,0,0.5,1"), (["--layout", "columns"], "")):
+        graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, *given, "--pose", str(POSE))
+        encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+        assert node_inputs(graph, encode["masks"])["boxes"] == expected
 
 
 def test_pose_usage_errors_and_a_missing_controlnet_stop_before_any_server_starts(fake_comfyui, tmp_path, capsys):
-    common = ["--face", str(MAN1), "--prompt", "a man <|image|>", "-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui), "--size", "64"]
+    common = [*TWO_MEN, "-o", str(tmp_path / "out"), "--comfyui", str(fake_comfyui), "--size", "64"]
     code, _, err = run_main(capsys, *common, "--pose", str(tmp_path / "none.png"))
     assert code == 2 and f"--pose: no such file {tmp_path / 'none.png'}" in err
+    (tmp_path / "notes.png").write_text("not an image")
+    code, _, err = run_main(capsys, *common, "--pose", str(tmp_path / "notes.png"))
+    assert code == 2 and f"--pose: {tmp_path / 'notes.png'} is not an image (" in err and "give a pose image (an OpenPose render" in err and "Traceback" not in err
+    one = ["--face", str(MAN1), "--prompt", "a man <|image|>", *common[len(TWO_MEN):]]
+    code, _, err = run_main(capsys, *one, "--pose", str(POSE))
+    assert code == 2 and "--pose: the pose image has 2 skeleton(s) for 1 people (one per <|image|> marker)" in err and "or give --region once per --face, or --layout columns" in err
     code, _, err = run_main(capsys, *common, "--pose", str(POSE), "--control-strength", "11")
     assert code == 2 and "--control-strength must be between 0 and 10, got 11.0" in err
     code, _, err = run_main(capsys, *common, "--pose", str(POSE))

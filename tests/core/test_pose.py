@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from facediffuser_core.pose import PoseError, SkeletonBox, regions_from_pose, skeleton_boxes
+from facediffuser_core.errors import RegionError
+from facediffuser_core.pose import DEFAULT_MARGIN, PoseError, SkeletonBox, pose_backdrop, pose_size, skeleton_boxes
+from facediffuser_core.regions import layout_masks, region_preview
 from paths import ROOT
 
 RADIUS = 5  # joint circles: the box of a skeleton reaches this far past its outermost keypoints
@@ -35,6 +37,11 @@ def draw(centres: list[tuple[int, int]], size: tuple[int, int], scale: float = 1
         for (x, y), colour in zip(points, COLOURS):
             pen.ellipse((x - RADIUS, y - RADIUS, x + RADIUS, y + RADIUS), fill=colour)
     return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def regions_from_pose(pose, people: int, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
+    """The pose layout's masks at the pose image's own size."""
+    return layout_masks(*pose_size(pose), people, "pose", pose=pose, margin=margin)
 
 
 def expected_box(cx: int, cy: int, scale: float = 1.0) -> SkeletonBox:
@@ -98,9 +105,9 @@ def test_dots_near_a_skeleton_join_it_and_specks_are_ignored():
 
 
 def test_a_count_mismatch_names_both_counts():
-    with pytest.raises(PoseError, match=r"has 3 skeleton\(s\) but the prompt has 2 person marker\(s\)"):
+    with pytest.raises(PoseError, match=r"the pose image has 3 skeleton\(s\) for 2 people \(one per <\|image\|> marker\)"):
         regions_from_pose(draw([(100, 150), (260, 140), (420, 160)], (520, 300)), 2)
-    with pytest.raises(PoseError, match=r"has 0 skeleton\(s\) but the prompt has 1"):
+    with pytest.raises(PoseError, match=r"has 0 skeleton\(s\) for 1 people"):
         regions_from_pose(np.zeros((64, 64, 3), np.float32), 1)
 
 
@@ -119,3 +126,37 @@ def test_the_shipped_pose_image_is_drawn_by_the_script_and_has_two_people(tmp_pa
     masks = regions_from_pose(drawn.astype(np.float32) / 255.0, 2)
     left, right = (mask.nonzero(as_tuple=True)[1] for mask in masks)
     assert left.max() < 256 <= right.min()  # one person on each side
+
+
+def test_the_regions_scale_with_the_picture():
+    """The boxes are fractions of the pose image: at twice its size each mask is the native one's box
+    with every edge doubled (to a pixel, the rounding of each edge's centre)."""
+    pose = draw([(100, 150), (260, 140)], (400, 300))
+    native, double = regions_from_pose(pose, 2), layout_masks(800, 600, 2, "pose", pose=pose)
+    for small, large in zip(native, double):
+        (rows, columns), (big_rows, big_columns) = small.nonzero(as_tuple=True), large.nonzero(as_tuple=True)
+        for edge, big_edge in ((columns.min(), big_columns.min()), (columns.max() + 1, big_columns.max() + 1), (rows.min(), big_rows.min()), (rows.max() + 1, big_rows.max() + 1)):
+            assert abs(2 * edge.item() - big_edge.item()) <= 1
+
+
+def test_the_pose_layout_needs_a_pose_image():
+    with pytest.raises(RegionError, match="layout pose needs a pose image: connect an OpenPose render"):
+        layout_masks(64, 64, 1, "pose")
+
+
+def test_the_preview_draws_the_regions_over_the_pose():
+    """Outside every region the preview is the pose itself (resized to the masks' size); inside, the
+    pose shows through the region's tint."""
+    pose = draw([(100, 150), (260, 140)], (400, 300))
+    masks = layout_masks(200, 150, 2, "pose", pose=pose)
+    backdrop = pose_backdrop(pose, 200, 150)
+    assert backdrop.shape == (150, 200, 3)
+    expected_backdrop = np.asarray(Image.fromarray(np.round(pose * 255).astype(np.uint8)).resize((200, 150), Image.BILINEAR), np.float32) / 255
+    assert np.array_equal(backdrop, expected_backdrop)
+    preview = region_preview(masks, backdrop=backdrop)[0].numpy()
+    outside = masks.sum(0).numpy() == 0
+    assert outside.any() and np.abs(preview[outside] - backdrop[outside]).max() <= 0.5 / 255 + 1e-6
+    plain = region_preview(masks)[0].numpy()
+    inside = (masks[0].numpy() == 1) & (backdrop.max(-1) > 0.5)  # the skeleton's bright pixels in region 1
+    assert inside.any() and (preview[inside].sum(-1) > plain[inside].sum(-1)).all()
+

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from facediffuser_core.pose import pose_backdrop
 from facediffuser_core.regions import layout_masks, region_preview
+from paths import ROOT
+
+POSE = ROOT / "workflows" / "pose_two_people.png"  # two skeletons, one in each half
+
+
+def pose_image() -> torch.Tensor:
+    """The shipped pose image as LoadImage gives it: IMAGE [1,H,W,3] in 0..1."""
+    return torch.from_numpy(np.asarray(Image.open(POSE).convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def run(comfy, **inputs):
@@ -28,6 +39,20 @@ def test_regions_node_outputs_the_core_masks_and_labelled_preview(comfy):
     assert torch.equal(columns, layout_masks(96, 64, 2, "columns"))
 
 
+def test_regions_node_boxes_each_skeleton_of_a_pose_and_previews_over_it(comfy):
+    pose = pose_image()
+    masks, preview = run(comfy, layout="pose", pose=pose, margin=0.2, width=256, height=256, boxes="not used with pose")
+    expected = layout_masks(256, 256, 2, "pose", pose=pose, margin=0.2)
+    assert torch.equal(masks, expected) and masks.shape == (2, 256, 256)
+    left, right = (mask.nonzero(as_tuple=True)[1] for mask in masks)
+    assert left.max() < 128 <= right.min()  # the left skeleton is the first marker's
+    assert torch.equal(preview, region_preview(expected, (), pose_backdrop(pose, 256, 256)))
+    wider, _ = run(comfy, layout="pose", pose=pose, width=256, height=256)  # the default margin, 0.1
+    assert wider.sum() < masks.sum()
+    columns, _ = run(comfy, pose=pose)  # columns ignores a connected pose
+    assert torch.equal(columns, layout_masks(96, 64, 2, "columns"))
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [
@@ -35,6 +60,8 @@ def test_regions_node_outputs_the_core_masks_and_labelled_preview(comfy):
         ({"layout": "boxes", "boxes": "0,0,1,1"}, "Face-diffuser Regions: boxes gives 1 box(es) but people is 2"),
         ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,0,1.2,1"}, "Face-diffuser Regions: box 2 (0.5,0,1.2,1) reaches outside 0..1"),
         ({"prompt": "a man <|image|> in a park"}, "Face-diffuser Regions: the prompt has 1 <|image|> marker(s) but people is 2"),
+        ({"layout": "pose"}, "Face-diffuser Regions: layout pose needs a pose image: connect an OpenPose render"),
+        ({"layout": "pose", "people": 3, "pose": pose_image()}, "Face-diffuser Regions: the pose image has 2 skeleton(s) for 3 people (one per <|image|> marker)"),
     ],
 )
 def test_regions_node_errors_name_the_node_and_the_fix(comfy, inputs, message):
