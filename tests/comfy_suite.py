@@ -85,12 +85,13 @@ def start_server(
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
     converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
     folders; an SD1.5 checkpoint and a LoRA under the scene-checkpoint workflow's names in
-    models/checkpoints and models/loras, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in
-    a folder of extra_model_paths.yaml; face_1.png, face_2.png and ``inputs`` in input/. Stop it
+    models/checkpoints and models/loras, the tests' random ControlNet under the pose workflow's name in
+    models/controlnet, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in a folder of
+    extra_model_paths.yaml; face_1.png, face_2.png, the shipped pose image and ``inputs`` in input/. Stop it
     with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default); ``suite_settings``:
     False runs ComfyUI as users do (no ``harness.SERVER_ARGS``, no ``LOW_MEMORY_ENV``)."""
     from harness import ComfyServer, make_base_directory
-    from models import FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_fastcomposer_file, ensure_scene_files
+    from models import CONTROLNET, FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_controlnet_file, ensure_fastcomposer_file, ensure_scene_files
 
     release_in_process()  # before a server loads models beside this process's
 
@@ -104,9 +105,10 @@ def start_server(
             "TDM": model_files.tdm_official.parent,
             FASTCOMPOSER_FILE: ensure_fastcomposer_file(model_files),
         },
-        [*face_pngs, *inputs],
+        [*face_pngs, TESTS.parent / "workflows" / "pose_two_people.png", *inputs],
         {
             **dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
+            f"controlnet/{CONTROLNET}": ensure_controlnet_file(model_files, comfyui_path),
             **(models or {}),
         },
     )

@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer", "facediffuser_two_regions"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer", "facediffuser_two_regions", "facediffuser_two_people_pose"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -69,10 +69,10 @@ def test_models_are_the_converted_files_the_readme_names(ui_path, api_path):
 # The ComfyUI web UI 1.49.6 (missingModelMetadata-*.js) offers a missing model for download when a node's
 # properties.models has an entry whose name is the widget's value, whose url starts with one of these and
 # whose name ends with one of these. The official Face-diffuser, FastComposer and FaceNet files are
-# none of them (.bin on the hub, .pt on GitHub): only the scene checkpoint's entry qualifies.
+# none of them (.bin on the hub, .pt on GitHub): only the scene checkpoint's and the ControlNet's entries qualify.
 WEB_UI_DOWNLOAD_SOURCES = ("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/", "http://localhost:")
 WEB_UI_DOWNLOAD_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pth", ".pt")
-WEB_UI_MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints"}  # node -> the folder its file goes in
+WEB_UI_MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}  # node -> the folder its file goes in
 
 
 @pytest.mark.parametrize("ui_path", [ui for ui, _ in PAIRS], ids=[p.stem for p, _ in PAIRS])
@@ -80,8 +80,8 @@ def test_model_download_entries_follow_the_web_uis_rules(ui_path):
     graph = load(ui_path)
     for node in graph["nodes"]:
         entries = node.get("properties", {}).get("models", [])
-        if node["type"] == "CheckpointLoaderSimple":
-            assert entries, "the scene checkpoint can be offered for download: say where it is"
+        if node["type"] in WEB_UI_MODEL_FOLDERS:
+            assert entries, f"{node['type']}'s file can be offered for download: say where it is"
         for entry in entries:
             assert set(entry) == {"name", "url", "directory"} and entry["directory"] == WEB_UI_MODEL_FOLDERS[node["type"]]
             assert entry["name"] in node["widgets_values"] and entry["url"].endswith("/" + entry["name"])
@@ -191,3 +191,27 @@ def test_the_regions_workflow_places_each_marker_in_its_region_with_a_preview():
     assert (settings["width"], settings["height"]) == (latent["width"], latent["height"])
     previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
     assert [encode["masks"][0], 1] in previews  # the regions preview is shown
+
+
+def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_takes_the_regions_from_the_same_pose():
+    api = load(API_WORKFLOWS / "facediffuser_two_people_pose.json")
+    (encode_id,) = [key for key, n in api.items() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    encode = api[encode_id]["inputs"]
+    (apply_id,) = [key for key, n in api.items() if n["class_type"] == "FaceDiffuserApplyControlNet"]
+    control = api[apply_id]["inputs"]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
+    negative = api[control["negative"][0]]
+    assert (control["text"], control["subject"]) == ([encode_id, 0], [encode_id, 1]) and negative["class_type"] == "CLIPTextEncode"
+    assert (sampler["text"], sampler["subject"], sampler["negative"]) == ([apply_id, 0], [apply_id, 1], [apply_id, 2])
+    assert (control["strength"], control["start_percent"], control["end_percent"]) == (1.0, 0.0, 1.0)
+    assert api[control["control_net"][0]]["inputs"] == {"control_net_name": "control_v11p_sd15_openpose_fp16.safetensors"}
+    pose = api[control["image"][0]]
+    assert pose["class_type"] == "LoadImage" and (WORKFLOWS / pose["inputs"]["image"]).is_file()  # shipped beside the workflow
+    regions = api[encode["masks"][0]]["inputs"]
+    assert regions["layout"] == "pose" and regions["pose"] == control["image"]  # the regions come from the pose the ControlNet follows
+    assert regions["people"] == encode["prompt"].count("<|image|>") == count_images(api, encode["images"]) == 2 and regions["prompt"] == encode["prompt"]
+    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
+    assert (regions["width"], regions["height"]) == (latent["width"], latent["height"])
+    previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
+    assert [encode["masks"][0], 1] in previews
+
