@@ -273,12 +273,28 @@ def _image_loaders(graph: dict, link: list, source: str) -> list[dict]:
     raise FaceDiffuserError(f"{source}: the subject images come from a {node['class_type']} node; expected LoadImage, or Batch Images of LoadImage nodes")
 
 
+def _bypass_face_crops(graph: dict, source: str) -> None:
+    """Wire each Face-diffuser Face Crop's photos straight to where its crops went, and drop it: the
+    job's faces are crops already (the commands crop each photo as that node does), and a second crop
+    would zoom in on the first."""
+    for key in [key for key, node in graph.items() if node.get("class_type") == "FaceDiffuserFaceCrop"]:
+        photos = graph.pop(key)["inputs"]["images"]
+        for node in graph.values():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and len(value) == 2 and value[0] == key:
+                    if value[1] != 0:
+                        raise FaceDiffuserError(f"{source}: node {key} (Face-diffuser Face Crop) feeds its face_mask or preview on; a template may use only its crops")
+                    node["inputs"][name] = photos
+
+
 def fill_template(template: dict, job: Generation, source: str = "workflow") -> JobGraph:
     """A hand-made API workflow (one Subject Encode, Face-diffuser Sampler, EmptyLatentImage and
     SaveImage) with the job's prompt, faces (its LoadImage nodes in batch order), seed, steps, cfg,
     size, batch and image prefix, and the model files where the job names them; the rest stays the
-    template's. Preview nodes are dropped unless ``job.subject_mask``."""
+    template's. Preview nodes are dropped unless ``job.subject_mask``; Face Crop nodes are bypassed
+    (the job's faces are cropped already)."""
     graph = copy.deepcopy(template)
+    _bypass_face_crops(graph, source)
     if not job.subject_mask:
         for key in [key for key, node in graph.items() if node.get("class_type") == "PreviewImage"]:
             del graph[key]

@@ -101,6 +101,13 @@ def test_the_scene_checkpoint_workflow_encodes_the_scene_prompts_with_the_scene_
     assert "<|image|>" not in scene_prompt and encoder["prompt"].replace(" <|image|>", "") in scene_prompt
 
 
+def canonical(api: dict, link: list):
+    """The graph upstream of a link as a nested tuple, free of node ids."""
+    node = api[link[0]]
+    inputs = tuple(sorted((name, canonical(api, value) if isinstance(value, list) else value) for name, value in node["inputs"].items()))
+    return (node["class_type"], inputs, link[1])
+
+
 PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # Face-diffuser Subject's
 
 
@@ -108,6 +115,8 @@ def count_images(api: dict, source: list) -> int:
     node = api[source[0]]
     if node["class_type"] == "LoadImage":
         return 1
+    if node["class_type"] == "FaceDiffuserFaceCrop":  # one crop per photo
+        return count_images(api, node["inputs"]["images"])
     if node["class_type"] == "ImageBatch":  # "Batch Images": image1 then image2
         return count_images(api, node["inputs"]["image1"]) + count_images(api, node["inputs"]["image2"])
     raise AssertionError(f"unexpected image source {node['class_type']}")
@@ -148,7 +157,8 @@ def test_the_multi_photo_workflow_gives_one_person_two_photos_of_different_sizes
     assert subject_photo_counts(api, encoder) == [2]
     (subject,) = [n for n in api.values() if n["class_type"] == "FaceDiffuserSubject"]
     # two Load Image nodes on two inputs: photos of different sizes cannot share one IMAGE batch
-    assert [api[subject["inputs"][name][0]]["inputs"]["image"] for name in ("images", "images_2")] == ["face_1.png", "face_2.png"]
+    crops = [api[subject["inputs"][name][0]] for name in ("images", "images_2")]  # each photo cropped on its own
+    assert [api[crop["inputs"]["images"][0]]["inputs"]["image"] for crop in crops] == ["face_1.png", "face_2.png"]
 
 
 def test_the_fastcomposer_workflow_has_fastcomposers_settings():
@@ -174,9 +184,8 @@ def test_the_face_detailer_workflow_details_the_sampled_picture_with_the_same_pe
     assert api[save["images"][0]]["class_type"] == "FaceDiffuserFaceDetailer"
     # the rest is the two-subject workflow, unchanged
     two = load(API_WORKFLOWS / "facediffuser_two_subjects.json")
-    assert {k: v for k, v in api.items() if v["class_type"] not in ("FaceDiffuserFaceDetailer", "SaveImage") and k in two} == {
-        k: v for k, v in two.items() if v["class_type"] != "SaveImage"
-    }
+    samplers = [next([key, 0] for key, n in graph.items() if n["class_type"] == "FaceDiffuserSampler") for graph in (api, two)]
+    assert canonical(api, samplers[0]) == canonical(two, samplers[1])
 
 
 def test_the_regions_workflow_places_each_marker_in_its_region_with_a_preview():
@@ -214,4 +223,28 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert (regions["width"], regions["height"]) == (latent["width"], latent["height"])
     previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
     assert [encode["masks"][0], 1] in previews
+
+
+# what generate does to each --face photo (facediffuser_core.generate: reference_png with the defaults)
+GENERATE_CROP = {"face_index": 0, "margin": 0.5, "size": 512, "if_no_face": "error"}
+
+
+@pytest.mark.parametrize("api_path", [a for _, a in PAIRS], ids=[p.stem for p, _ in PAIRS])
+def test_every_face_photo_is_cropped_as_generate_crops_it(api_path):
+    """The GUI and the command give the same picture from the same photo: each face Load Image goes
+    through its own Face Crop with generate's settings, and nothing else takes the photo uncropped."""
+    api = load(api_path)
+    faces = {key for key, n in api.items() if n["class_type"] == "LoadImage" and n["inputs"]["image"].startswith("face_")}
+    assert faces
+    users = [(n["class_type"], value) for n in api.values() for value in n["inputs"].values() if isinstance(value, list) and value[0] in faces]
+    assert sorted(value[0] for _, value in users) == sorted(faces) and {kind for kind, _ in users} == {"FaceDiffuserFaceCrop"}
+    for node in api.values():
+        if node["class_type"] == "FaceDiffuserFaceCrop":
+            assert {k: v for k, v in node["inputs"].items() if k != "images"} == GENERATE_CROP
+
+
+def test_the_crop_settings_are_generates_defaults():
+    from facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE
+
+    assert (GENERATE_CROP["margin"], GENERATE_CROP["size"], GENERATE_CROP["if_no_face"]) == (DEFAULT_MARGIN, DEFAULT_CROP_SIZE, IF_NO_FACE[0])
 

@@ -16,6 +16,7 @@ API_WORKFLOWS = WORKFLOWS / "api"
 WIDGETS: dict[str, list[str]] = {
     "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
     "FaceDiffuserSubject": ["combine"],
+    "FaceDiffuserFaceCrop": ["face_index", "margin", "size", "if_no_face"],
     "FaceDiffuserSubjectEncode": ["prompt", "object_resolution"],
     "FaceDiffuserRegions": ["width", "height", "people", "layout", "boxes", "prompt", "margin"],
     "FaceDiffuserApplyControlNet": ["strength", "start_percent", "end_percent"],

@@ -5,6 +5,8 @@ server of tests/fake_comfy.py."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import re
 import socket
@@ -15,18 +17,24 @@ import pytest
 
 from facediffuser_core.comfy_client import ComfyClient, Generation, JobError, ServerUnavailable, WebSocket, build_graph, fill_template
 from facediffuser_core.errors import FaceDiffuserError
+from facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE
 from fake_comfy import FakeComfy, server_frame, websocket_accept
 from workflow_format import API_WORKFLOWS
 
 BATCH_NODES = ("ImageBatch", "BatchImagesNode")
+GENERATE_CROP = {"face_index": 0, "margin": DEFAULT_MARGIN, "size": DEFAULT_CROP_SIZE, "if_no_face": IF_NO_FACE[0]}  # reference_png's defaults
 
 
 def canonical(graph: dict, value):
     """A link as the tree of what computes it (node ids and titles left out; every "Batch Images"
-    node, ImageBatch or BatchImagesNode, nested or not, as the flat list of what it batches)."""
+    node, ImageBatch or BatchImagesNode, nested or not, as the flat list of what it batches; a Face
+    Crop with generate's settings as the photo it crops, since generate uploads that crop)."""
     if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
         return value
     node = graph[value[0]]
+    if node["class_type"] == "FaceDiffuserFaceCrop":  # generate uploads its photos cropped just so (reference_png)
+        assert value[1] == 0 and {k: v for k, v in node["inputs"].items() if k != "images"} == GENERATE_CROP
+        return canonical(graph, node["inputs"]["images"])
     if node["class_type"] in BATCH_NODES:
         inputs = node["inputs"]
         links = [inputs["image1"], inputs["image2"]] if node["class_type"] == "ImageBatch" else [inputs[k] for k in sorted(inputs)]
@@ -81,13 +89,15 @@ def test_several_photos_of_a_person_go_through_chained_subject_nodes():
     shipped = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())
     encode = next(n for n in shipped.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
     (subject,) = [n["inputs"] for n in shipped.values() if n["class_type"] == "FaceDiffuserSubject"]
-    photos = tuple(shipped[subject[name][0]]["inputs"]["image"] for name in ("images", "images_2"))
+    crops = [shipped[subject[name][0]] for name in ("images", "images_2")]  # the GUI crops each photo; generate uploads crops
+    assert [crop["class_type"] for crop in crops] == ["FaceDiffuserFaceCrop"] * 2
+    photos = tuple(shipped[crop["inputs"]["images"][0]]["inputs"]["image"] for crop in crops)
     built = build_graph(Generation(encode["prompt"], (photos,), seed=42, combine=subject["combine"]))
     nodes = built.nodes
     (built_subject,) = [n["inputs"] for n in nodes.values() if n["class_type"] == "FaceDiffuserSubject"]
     # the shipped workflow has its photos in images and images_2 (photos of different sizes); generate's
     # crops are all one size, so they come batched into images: the same photos in the same order
-    assert canonical(nodes, built_subject["images"]) == ("batch", tuple(canonical(shipped, subject[name]) for name in ("images", "images_2")))
+    assert canonical(nodes, built_subject["images"]) == ("batch", tuple(canonical(shipped, crop["inputs"]["images"]) for crop in crops))
     assert built_subject["combine"] == subject["combine"] and "previous_subjects" not in built_subject
     built_encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
     assert "images" not in built_encode and nodes[built_encode["subjects"][0]]["class_type"] == "FaceDiffuserSubject"
@@ -125,6 +135,25 @@ def test_filled_templates_keep_their_own_settings():
     photos = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())
     with pytest.raises(FaceDiffuserError, match="must take the faces as images .* not as subjects"):
         fill_template(photos, Generation("p", (("x.png",),)))
+
+
+def test_a_templates_face_crops_are_bypassed_since_the_job_brings_crops():
+    """The shipped workflows crop their photos (Face Crop); a filled template takes the job's crops
+    straight from its Load Image nodes, in marker order, and keeps every other node."""
+    template = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())
+    crops = {key: node["inputs"]["images"] for key, node in template.items() if node["class_type"] == "FaceDiffuserFaceCrop"}
+    assert len(crops) == 2  # one per face
+    filled = fill_template(template, Generation("a man <|image|> and a man <|image|>", (("first.png",), ("second.png",)))).nodes
+    assert set(filled) == set(template) - set(crops)
+    (encode,) = [node["inputs"] for node in filled.values() if node["class_type"] == "FaceDiffuserSubjectEncode"]
+    batch = filled[encode["images"][0]]["inputs"]
+    assert [filled[batch[name][0]]["inputs"]["image"] for name in ("image1", "image2")] == ["first.png", "second.png"]
+    assert [batch["image1"], batch["image2"]] == [crops[template[encode["images"][0]]["inputs"][name][0]] for name in ("image1", "image2")]
+    previewed = copy.deepcopy(template)
+    crop = next(iter(crops))
+    previewed["99"] = {"class_type": "PreviewImage", "inputs": {"images": [crop, 2]}}
+    with pytest.raises(FaceDiffuserError, match=f"node {crop} \\(Face-diffuser Face Crop\\) feeds its face_mask or preview on"):
+        fill_template(previewed, Generation("a man <|image|> and a man <|image|>", (("a.png",), ("b.png",))))
 
 
 # --- the websocket ----------------------------------------------------------------------------
