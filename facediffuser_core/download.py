@@ -35,7 +35,7 @@ from .checkpoints import ModelKind
 from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM
 from .comfy_launch import PACK, find_comfyui, quote_command, user_folder
 from .errors import CheckpointError, FaceDiffuserError
-from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders
+from .model_folders import CLIP_EVAL_FOLDER, CLIP_TOKENIZER_FILES, FACENET_FOLDER, FACENET_WEIGHTS, MODEL_FOLDER, comfyui_model_folders, desktop_app_config
 
 __all__ = ["HubModel", "MODELS", "DEFAULT_CLIP_EVAL", "DownloadError", "add_arguments", "command_line", "selected", "free_bytes", "space_needed", "download"]
 
@@ -434,17 +434,21 @@ def _verified(fetch: _Fetch) -> Path:
 
 def destinations(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Path]:
     """Each model's folder: ``--to``, else the first folder the ComfyUI searches for its kind (where
-    the pack is in the desktop app's user folder, that folder's, as the app's ComfyUI searches it)."""
+    the pack is in the desktop app's user folder, that folder's and those of the app's
+    extra_models_config.yaml, as the app's ComfyUI searches them)."""
     kinds = sorted({MODELS[name].folder for name in names})
     if args.to:
         if len(kinds) > 1:
             raise DownloadError(f"--to names one folder, but these models go in {len(kinds)} ({', '.join(kinds)}); download them in separate commands, each with its --to")
         return {name: args.to for name in names}
     base = None if args.comfyui or os.environ.get("COMFYUI_PATH") else user_folder(PACK, os.environ.get("PWD"))
-    if base is not None:  # the desktop app's user folder: its models/ is the base directory's
-        print(f"this pack is in the ComfyUI user folder {base}: downloading into its model folders")
-    comfyui = base or find_comfyui(args.comfyui, pack=PACK)
-    return {name: comfyui_model_folders(comfyui, name=MODELS[name].folder)[0] for name in names}
+    if base is None:
+        comfyui, comfyui_args = find_comfyui(args.comfyui, pack=PACK), []
+    else:  # the desktop app's user folder: its models/ is the base directory's, after the app's own model folders
+        config = desktop_app_config()
+        comfyui, comfyui_args = base, ["--extra-model-paths-config", str(config)] if config.is_file() else []
+        print(f"this pack is in the ComfyUI user folder {base}: downloading into its model folders" + (f" (and those of {config})" if comfyui_args else ""))
+    return {name: comfyui_model_folders(comfyui, comfyui_args, name=MODELS[name].folder)[0] for name in names}
 
 
 def download(args: argparse.Namespace) -> int:

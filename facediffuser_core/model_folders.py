@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 from .errors import FaceDiffuserError
 
-__all__ = ["MODEL_FOLDER", "FACENET_FOLDER", "CLIP_EVAL_FOLDER", "FACENET_WEIGHTS", "CLIP_TOKENIZER_FILES", "comfyui_model_folders", "find_model"]
+__all__ = ["MODEL_FOLDER", "FACENET_FOLDER", "CLIP_EVAL_FOLDER", "FACENET_WEIGHTS", "CLIP_TOKENIZER_FILES", "comfyui_model_folders", "desktop_app_config", "find_model"]
 
 MODEL_FOLDER = "facediffuser"  # the pack's model folder names (nodes/__init__.py registers them)
 FACENET_FOLDER = "facenet"
@@ -57,6 +58,22 @@ def _yaml_folders(config: Path, name: str) -> list[tuple[Path, bool]]:
             path = Path(base) / entry if base else Path(entry) if Path(entry).is_absolute() else config.parent.absolute() / entry
             folders.append((Path(os.path.normpath(path)), bool(section.get("is_default", False))))
     return folders
+
+
+def desktop_app_config(platform: str = sys.platform, environ: Optional[Mapping[str, str]] = None, home: Optional[Path] = None) -> Path:
+    """The desktop app's ``extra_models_config.yaml`` (in its settings folder, Electron's userData:
+    ``%APPDATA%\\ComfyUI`` on Windows, ``~/Library/Application Support/ComfyUI`` on macOS,
+    ``$XDG_CONFIG_HOME/ComfyUI`` or ``~/.config/ComfyUI`` elsewhere), which the app passes to its
+    ComfyUI as ``--extra-model-paths-config``. It may not exist."""
+    environ = os.environ if environ is None else environ
+    home = Path.home() if home is None else home
+    if platform == "win32":
+        settings = Path(environ["APPDATA"]) if environ.get("APPDATA") else home / "AppData" / "Roaming"
+    elif platform == "darwin":
+        settings = home / "Library" / "Application Support"
+    else:
+        settings = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
+    return settings / "ComfyUI" / "extra_models_config.yaml"
 
 
 def comfyui_model_folders(comfyui: Path, comfyui_args: Sequence[str] = (), name: str = MODEL_FOLDER) -> list[Path]:

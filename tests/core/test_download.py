@@ -28,7 +28,7 @@ from facediffuser_core.errors import FaceDiffuserError
 from facediffuser_core.comfy_client import DEFAULT_SDM, DEFAULT_TDM
 from facediffuser_core.convert import convert_checkpoint
 from facediffuser_core.generate import UsageError, check_models
-from facediffuser_core.model_folders import comfyui_model_folders
+from facediffuser_core.model_folders import comfyui_model_folders, desktop_app_config
 from fake_hub import CLIP_FILES, CLIP_REPO, FACENET_KEY, SDM_KEY, TDM_KEY, download_env, official_hub
 from paths import ROOT
 from processes import sigint_default
@@ -261,13 +261,44 @@ def test_in_the_desktop_apps_user_folder_it_downloads_into_that_folders_models(h
     monkeypatch.setattr(download_module, "PACK", pack)
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     monkeypatch.delenv("PWD", raising=False)
+    monkeypatch.setattr(download_module, "desktop_app_config", lambda: tmp_path / "no-app-settings" / "extra_models_config.yaml")
     code, out, err = run(capsys, "--facediffuser", "--facenet")
     assert code == 0, err
-    assert f"this pack is in the ComfyUI user folder {user}: downloading into its model folders" in out
+    assert f"this pack is in the ComfyUI user folder {user}: downloading into its model folders\n" in out
     assert model_files(user / "models" / "facediffuser") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
     assert model_files(tmp_path / "shared" / "facenet") == ["20180402-114759-vggface2.pt"]
     with pytest.raises(FaceDiffuserError, match=rf"this pack is in {re.escape(str(user))}, a ComfyUI user folder without ComfyUI's code .*--server 127.0.0.1:8000"):
         find_comfyui(environ={}, pack=pack)
+
+
+def test_in_the_desktop_app_its_own_model_folders_come_first(hub, tmp_path, capsys, monkeypatch):
+    """The app starts its ComfyUI with --extra-model-paths-config <its settings>/extra_models_config.yaml:
+    a default section there is searched first, so download fills that folder."""
+    user = tmp_path / "Documents" / "ComfyUI"
+    pack = user / "custom_nodes" / "ComfyUI-FaceDiffuser"
+    pack.mkdir(parents=True)
+    (user / "models").mkdir()
+    config = tmp_path / "AppData" / "Roaming" / "ComfyUI" / "extra_models_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"comfyui_desktop:\n  is_default: true\n  base_path: {tmp_path / 'D'}\n  facediffuser: models/fd\n")
+    monkeypatch.setattr(download_module, "PACK", pack)
+    monkeypatch.setattr(download_module, "desktop_app_config", lambda: config)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("PWD", raising=False)
+    code, out, err = run(capsys, "--facediffuser")
+    assert code == 0, err
+    assert f"this pack is in the ComfyUI user folder {user}: downloading into its model folders (and those of {config})" in out
+    assert model_files(tmp_path / "D" / "models" / "fd") == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert not (user / "models" / "facediffuser").exists()
+
+
+def test_the_desktop_apps_settings_folder_on_each_platform(tmp_path):
+    home = tmp_path / "home"
+    assert desktop_app_config("win32", {"APPDATA": str(tmp_path / "Roaming")}, home) == tmp_path / "Roaming" / "ComfyUI" / "extra_models_config.yaml"
+    assert desktop_app_config("win32", {}, home) == home / "AppData" / "Roaming" / "ComfyUI" / "extra_models_config.yaml"
+    assert desktop_app_config("darwin", {"XDG_CONFIG_HOME": "/x"}, home) == home / "Library" / "Application Support" / "ComfyUI" / "extra_models_config.yaml"
+    assert desktop_app_config("linux", {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, home) == tmp_path / "cfg" / "ComfyUI" / "extra_models_config.yaml"
+    assert desktop_app_config("linux", {}, home) == home / ".config" / "ComfyUI" / "extra_models_config.yaml"
 
 
 def test_model_folders_follow_comfyuis_rules(comfyui, tmp_path):
