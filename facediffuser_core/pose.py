@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .errors import FaceDiffuserError
 
-__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_size", "pose_backdrop"]
+__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_backdrop"]
 
 BACKGROUND = 0.1  # a pixel is part of a skeleton where a channel exceeds this (0..1)
 DILATION = 0.01  # dilation radius, a fraction of the image's longer side (at least 1 pixel)
@@ -99,12 +99,6 @@ def pose_boxes(pose: Union[torch.Tensor, np.ndarray], people: int, margin: float
         )
     widened = (box.widened(margin, width, height) for box in boxes)
     return [(box.left / width, box.top / height, box.right / width, box.bottom / height) for box in widened]
-
-
-def pose_size(pose: Union[torch.Tensor, np.ndarray]) -> tuple[int, int]:
-    """(width, height) of a pose image in pixels."""
-    height, width = _image(pose).shape[:2]
-    return width, height
 
 
 def pose_backdrop(pose: Union[torch.Tensor, np.ndarray], width: int, height: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from facediffuser_core.errors import RegionError
-from facediffuser_core.pose import DEFAULT_MARGIN, PoseError, SkeletonBox, pose_backdrop, pose_size, skeleton_boxes
+from facediffuser_core.pose import DEFAULT_MARGIN, PoseError, SkeletonBox, pose_backdrop, skeleton_boxes
 from facediffuser_core.regions import layout_masks, region_preview
 from paths import ROOT
 
@@ -41,7 +41,8 @@ def draw(centres: list[tuple[int, int]], size: tuple[int, int], scale: float = 1
 
 def regions_from_pose(pose, people: int, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
     """The pose layout's masks at the pose image's own size."""
-    return layout_masks(*pose_size(pose), people, "pose", pose=pose, margin=margin)
+    height, width = np.asarray(pose).shape[-3:-1]
+    return layout_masks(width, height, people, "pose", pose=pose, margin=margin)
 
 
 def expected_box(cx: int, cy: int, scale: float = 1.0) -> SkeletonBox:

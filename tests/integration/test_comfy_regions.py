@@ -293,3 +293,28 @@ def test_region_errors_name_the_node_marker_and_fix(comfy, loaded, faces):
         comfy.guider.FaceDiffuserGuider.execute(tdm, taken, *regioned, negative, 5.0, 0.3, 0.6)
     with pytest.raises(ValueError, match=r"^FastComposer Guider: the model already has a cross-attention replacement"):
         comfy.fastcomposer.FastComposerGuider.execute(taken, *regioned, negative, 5.0, 0.2)
+
+
+def test_regions_compose_with_other_packs_attention_patches(comfy, loaded, faces, calls):
+    """Patches that change cross-attention's inputs or output (``attn2_patch``, ``attn2_output_patch``,
+    as style and guidance packs install them) run together with the regions, in every block the regions
+    patch; only another ``attn2_replace`` is a conflict (the previous test)."""
+    tdm, sdm, clip, *_ = loaded
+    seen = {"attn2_patch": 0, "attn2_output_patch": 0}
+
+    def inputs_patch(n, context, value, extra_options):
+        seen["attn2_patch"] += 1
+        return n, context, value
+
+    def output_patch(n, extra_options):
+        seen["attn2_output_patch"] += 1
+        return n
+
+    patched = sdm.clone()
+    patched.set_model_attn2_patch(inputs_patch)
+    patched.set_model_attn2_output_patch(output_patch)
+    text, subject = encode(comfy, loaded, torch.cat(faces), masks=columns(2, 64, 64))
+    guider = comfy.guider.build_guider(tdm, patched, text, subject, empty_conditioning(clip), 5.0, 0.0, 0.0)  # the subject stage: the SDM only
+    with torch.no_grad():
+        sample(comfy, guider, 8, 8)
+    assert len(calls) == 16 and seen == {"attn2_patch": 16, "attn2_output_patch": 16}  # one UNet evaluation (the pair batched), 16 blocks
