@@ -41,7 +41,8 @@ def draw(centres: list[tuple[int, int]], size: tuple[int, int], scale: float = 1
 
 def regions_from_pose(pose, people: int, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
     """The pose layout's masks at the pose image's own size."""
-    height, width = np.asarray(pose).shape[-3:-1]
+    shape = np.asarray(pose).shape
+    height, width = shape[-3:-1] if len(shape) >= 3 else (1, 1)  # a wrong shape: the error comes from the layout
     return layout_masks(width, height, people, "pose", pose=pose, margin=margin)
 
 
