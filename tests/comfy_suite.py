@@ -121,6 +121,19 @@ def start_server(
     return comfy.start()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def map_large_blocks() -> None:
+    """This process's LOW_MEMORY_ENV (harness.py), set at run time: blocks above 64 KiB are mapped on
+    their own and go back to the system when freed, so the activations of one in-process test are not
+    kept in the heap beside the next test's models (glibc; elsewhere nothing to do)."""
+    from harness import LOW_MEMORY_ENV
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(LOW_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]))
+
+
 def release_memory() -> None:
     """Collect garbage and give the freed heap back to the system (glibc otherwise keeps it in this
     process: after the in-process modules, about 9 GB next to the servers of the later ones)."""

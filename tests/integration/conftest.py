@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_suite import IN_PROCESS, comfyui_path, face_pngs, model_files, quiet_servers, release_memory, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
+from comfy_suite import IN_PROCESS, comfyui_path, face_pngs, map_large_blocks, model_files, quiet_servers, release_memory, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
 
 INTEGRATION = Path(__file__).resolve().parent
 COMFY_MODULES = ("comfy.model_management", "comfy.samplers", "comfy.sample", "comfy.sampler_helpers", "nodes")
@@ -36,6 +36,7 @@ def comfy(comfyui_path):
     imported in-process."""
     from comfy_inprocess import import_comfy, import_pack
 
+    map_large_blocks()
     import_comfy(comfyui_path)
     import_pack()
     modules = {name.split(".")[-1]: importlib.import_module(name) for name in COMFY_MODULES}
