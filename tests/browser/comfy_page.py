@@ -134,9 +134,10 @@ class ComfyPage:
     def click_run(self) -> None:
         self.run_button.click()
 
-    def show_node_info(self, node_id: int) -> str:
+    def show_node_info(self, node_id: int, name: str) -> str:
         """Select a node on the canvas and press the selection toolbox's info button; returns the
-        text of the help panel once it shows the node's page (its first heading is the node's name)."""
+        text of the help panel once it shows the node's page (its first heading is ``name``, the node
+        type's display name, whatever title the node has on the canvas)."""
         self.page.evaluate(
             """(id) => {
               const node = app.graph.getNodeById(id);
@@ -149,8 +150,7 @@ class ComfyPage:
             node_id,
         )
         self.page.get_by_role("button", name=INFO_BUTTON, exact=True).first.click()
-        title = self.page.evaluate("(id) => app.graph.getNodeById(id).title", node_id)
-        heading = self.page.get_by_role("heading", level=1, name=title, exact=True).first
+        heading = self.page.get_by_role("heading", level=1, name=name, exact=True).first
         heading.wait_for()
         return heading.locator("xpath=..").inner_text()  # the rendered page the heading opens
 

@@ -162,8 +162,8 @@ def test_every_node_has_a_help_page_that_opens(ui, server, screenshots):
         list(ours),
     )
     for node, node_id in ids.items():
-        text = ui.show_node_info(node_id)
         spec = ours[node]
+        text = ui.show_node_info(node_id, spec["display_name"])
         assert text.splitlines()[0] == spec["display_name"]
         names = [n for section in ("required", "optional") for n in spec["input_order"].get(section, [])] + spec["output_name"]
         missing = [n for n in names if n not in text]
