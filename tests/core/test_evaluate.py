@@ -173,7 +173,10 @@ def test_jobs_fill_the_shipped_templates():
     assert graph["8"]["inputs"]["filename_prefix"] == "facediffuser_eval/abc_alice+bob"
     assert "10" not in graph  # the mask preview is not needed
     assert graph["1"] == original["1"]  # the workflow's model files
-    untouched = {k for k in original if k not in {"3", "5", "6", "8", "10", "11", "12"}}
+    crops = {k for k, node in original.items() if node["class_type"] == "FaceDiffuserFaceCrop"}
+    assert len(crops) == 2 and not crops & set(graph)  # bypassed: evaluate uploads its own crops
+    assert graph["2"]["inputs"] == {"image1": ["11", 0], "image2": ["12", 0]}  # the batch takes the photos straight
+    untouched = {k for k in original if k not in {"2", "3", "5", "6", "8", "10", "11", "12"} | crops}
     assert all(graph[k] == original[k] for k in untouched)
     one = job_graph(Job("x", "a man <|image|>", ("alice",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"), templates).nodes
     assert one["2"]["inputs"]["image"] == "a.png" and one["1"]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"

@@ -157,5 +157,6 @@ def test_evaluation_with_the_shipped_workflows(server, tmp_path):
     assert Image.open(out / "images" / job.image_names()[0]).size == (64, 64)
     template = json.loads((ROOT / "workflows" / "api" / "facediffuser_one_subject.json").read_text())
     (graph,) = [entry["prompt"][2] for entry in server.get("/history").values() if job.id in json.dumps(entry["prompt"][2])]
-    assert set(graph) == set(template) - {"10"}  # the template's nodes, its mask preview dropped
+    crops = {key for key, node in template.items() if node["class_type"] == "FaceDiffuserFaceCrop"}
+    assert crops and set(graph) == set(template) - {"10"} - crops  # the template's nodes, its mask preview dropped, its Face Crop bypassed (evaluate uploads crops)
     assert graph["2"]["inputs"]["image"].startswith("facediffuser_eval/carol_") and graph["8"]["inputs"]["filename_prefix"] == f"facediffuser_eval/{job.id}"
