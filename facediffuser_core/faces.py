@@ -46,6 +46,7 @@ __all__ = [
     "crop_faces",
     "open_photo",
     "reference_png",
+    "png_bytes",
     "draw_boxes",
     "pil_to_image",
     "crop_preview",
@@ -236,8 +237,13 @@ def reference_png(path: Path, detector: Optional[torch.nn.Module], margin: Optio
     if margin is not None and not faces:
         raise FaceNotFoundError(f"no face was found in {path} (faces must be visible and at least {MIN_FACE_SIZE} px tall)")
     crops = crop_faces(pil_to_image([photo]), [faces], margin=margin or 0.0, size=size, if_no_face="pass through")
+    return png_bytes(to_pil_images(crops.crops)[0])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as a PNG file, for upload."""
     buffer = io.BytesIO()
-    to_pil_images(crops.crops)[0].save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import random
 import re
@@ -32,7 +31,7 @@ from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, ComfyCli
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 from .detailer import DEFAULT_DENOISE
 from .errors import FaceDiffuserError, FaceNotFoundError, RegionError
-from .faces import DEFAULT_MARGIN, load_detector, reference_png
+from .faces import DEFAULT_MARGIN, load_detector, png_bytes, reference_png
 from .model_folders import MODEL_FOLDER, comfyui_model_folders, find_model
 from .pose import PoseError, pose_boxes
 from .prompt import MARKER
@@ -127,12 +126,6 @@ def _open_rgb(path: Path, option: str, fix: str) -> Image.Image:
         raise UsageError(f"{option}: {path} is not an image ({error}); {fix}") from None
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _mask_png(path: Path, number: int, width: int, height: int) -> bytes:
     """The mask image of ``--region #number`` as PNG bytes, checked: readable, the picture's aspect
     ratio, and white (red channel >= 128) somewhere."""
@@ -141,7 +134,7 @@ def _mask_png(path: Path, number: int, width: int, height: int) -> bytes:
         raise UsageError(f"--region #{number}: the mask image {path} is {image.width}x{image.height} but the picture is {width}x{height}; give a mask of the picture's aspect ratio")
     if image.getchannel("R").getextrema()[1] < 128:
         raise UsageError(f"--region #{number}: the mask image {path} is black everywhere; paint the person's region white")
-    return _png(image)
+    return png_bytes(image)
 
 
 def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces: int, width: int, height: int) -> list[Union[Box, bytes]]:
@@ -344,7 +337,7 @@ def generate(args: argparse.Namespace) -> int:
             client.check_models([args.sdm, args.tdm])  # what a running --server has (a started one's folders were checked before it started)
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             placed = tuple(client.upload(f"region{number}", region, UPLOAD_FOLDER) if isinstance(region, bytes) else region for number, region in enumerate(regions, start=1))
-            uploaded_pose = None if pose is None else client.upload(args.pose.stem, _png(pose), UPLOAD_FOLDER)
+            uploaded_pose = None if pose is None else client.upload(args.pose.stem, png_bytes(pose), UPLOAD_FOLDER)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
                 start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,

@@ -21,11 +21,12 @@ from scipy import ndimage
 
 from .errors import FaceDiffuserError
 
-__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_backdrop"]
+__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseImage", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_backdrop"]
 
 BACKGROUND = 0.1  # a pixel is part of a skeleton where a channel exceeds this (0..1)
 DILATION = 0.01  # dilation radius, a fraction of the image's longer side (at least 1 pixel)
 MIN_FRACTION = 0.02  # a group with fewer pixels than this fraction of the largest group's is a speck
+PoseImage = Union[torch.Tensor, np.ndarray]  # an IMAGE [H,W,3] or [1,H,W,3] in 0..1
 DEFAULT_MARGIN = 0.1  # added on each side of a skeleton's box, a fraction of the box's width / height
 
 
@@ -52,7 +53,7 @@ class SkeletonBox:
         return SkeletonBox(max(0, self.left - dx), max(0, self.top - dy), min(width, self.right + dx), min(height, self.bottom + dy))
 
 
-def _image(pose: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+def _image(pose: PoseImage) -> np.ndarray:
     """A ComfyUI IMAGE [H,W,C] or [1,H,W,C] (0..1) -> float array [H,W,C]."""
     array = pose.detach().cpu().float().numpy() if isinstance(pose, torch.Tensor) else np.asarray(pose, dtype=np.float32)
     if array.ndim == 4:
@@ -64,7 +65,7 @@ def _image(pose: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     return array[..., :3]
 
 
-def skeleton_boxes(pose: Union[torch.Tensor, np.ndarray], dilation: float = DILATION) -> list[SkeletonBox]:
+def skeleton_boxes(pose: PoseImage, dilation: float = DILATION) -> list[SkeletonBox]:
     """The boxes of the skeletons in ``pose`` (an IMAGE [H,W,3] or [1,H,W,3], 0..1), left to right
     by their centres."""
     image = _image(pose)
@@ -85,7 +86,7 @@ def skeleton_boxes(pose: Union[torch.Tensor, np.ndarray], dilation: float = DILA
     return sorted(boxes, key=lambda box: box.centre_x)
 
 
-def pose_boxes(pose: Union[torch.Tensor, np.ndarray], people: int, margin: float = DEFAULT_MARGIN) -> list[tuple[float, float, float, float]]:
+def pose_boxes(pose: PoseImage, people: int, margin: float = DEFAULT_MARGIN) -> list[tuple[float, float, float, float]]:
     """One box per person in marker order (skeletons left to right), each the skeleton's box widened
     by ``margin``, as fractions of the pose image's width and height. A number of skeletons other
     than ``people`` is an error naming both."""
@@ -101,7 +102,7 @@ def pose_boxes(pose: Union[torch.Tensor, np.ndarray], people: int, margin: float
     return [(box.left / width, box.top / height, box.right / width, box.bottom / height) for box in widened]
 
 
-def pose_backdrop(pose: Union[torch.Tensor, np.ndarray], width: int, height: int) -> np.ndarray:
+def pose_backdrop(pose: PoseImage, width: int, height: int) -> np.ndarray:
     """The pose image resized to ``width`` x ``height`` (bilinear): float array [height, width, 3] in 0..1,
     to draw the regions over."""
     image = Image.fromarray(np.round(np.clip(_image(pose), 0, 1) * 255).astype(np.uint8), "RGB")

@@ -15,14 +15,14 @@ import math
 import re
 import sys
 import zlib
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import RegionError
-from .pose import DEFAULT_MARGIN, pose_boxes
+from .pose import DEFAULT_MARGIN, PoseImage, pose_boxes
 from .prompt import MARKER, MAX_SUBJECTS, parse_prompt
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
 LAYOUTS = ("columns", "boxes", "pose")  # pose: the Regions node's, from a pose image (:mod:`.pose`)
 WHOLE_LAYOUTS = ("columns",)  # the layouts that need nothing per person: the commands' --layout
 Box = tuple[float, float, float, float]
-PoseImage = Union[torch.Tensor, np.ndarray]  # an IMAGE [H,W,3] or [1,H,W,3] in 0..1
 """``(x0, y0, x1, y1)``: a box as fractions of the picture's width and height, 0 <= x0 < x1 <= 1."""
 NAMED_REGIONS: dict[str, Box] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "centre": (0.25, 0.0, 0.75, 1.0), "center": (0.25, 0.0, 0.75, 1.0)}
 COLOURS = ((230, 60, 60), (50, 120, 240), (60, 190, 80), (240, 180, 30))  # one per marker, MAX_SUBJECTS of them
