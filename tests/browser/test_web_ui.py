@@ -1,13 +1,20 @@
 """The shipped workflows in ComfyUI's real web UI (Chromium, headless): they open from the menu without
 missing nodes or bad widget values and convert to exactly the shipped API files, run from the Run
-button to an image, are listed in the template browser, and every node's help page opens."""
+button to an image, are listed in the template browser, and every node's help page opens.
+
+The Run button test is also the suite's run of every shipped API file through a server: the UI sends
+exactly that file (at test size), and the test checks what the server made of it."""
 
 from __future__ import annotations
 
 import copy
+import io
+import json
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from comfy_page import ComfyPage, save_thumbnail
 from harness import PACK_NAME, status_message
@@ -94,10 +101,39 @@ def test_workflow_runs_from_the_run_button(ui, server, name, screenshots):
     outputs = [node["id"] for node in workflow["nodes"] if node["type"] in ("SaveImage", "PreviewImage")]
     ui.wait_for_images(outputs, timeout=60)
     assert all(size == [SIZE, SIZE] for size in ui.node_image_sizes(outputs).values())
-    saved = [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == "output"]
-    assert len(saved) == 1
     assert ui.alerts() == [] and ui.page_errors == []
+    check_outputs(server, entry, sent)
     ui.screenshot(screenshots / f"{name}_run.png", clip=ui.graph_rect())
+
+
+def output_images(entry: dict, kind: str) -> list[dict]:
+    return [image for output in entry["outputs"].values() for image in output.get("images", []) if image["type"] == kind]
+
+
+def check_outputs(server, entry: dict, graph: dict) -> None:
+    """The history ``entry`` of API ``graph`` holds one saved RGB picture of SIZE x SIZE that is an
+    image (not blank, many colours) and carries ``graph``, and one preview of that size per PreviewImage
+    (the subject mask's black and white only)."""
+    saved = output_images(entry, "output")
+    assert len(saved) == 1
+    image = Image.open(io.BytesIO(server.view(saved[0])))
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+    # SaveImage embedded the queued API workflow, so dropping the PNG on the canvas reopens exactly what ran
+    embedded = json.loads(image.info["prompt"])  # ComfyUI adds its own keys (is_changed) to each node
+    assert {key: (node["class_type"], node["inputs"]) for key, node in embedded.items()} == {
+        key: (node["class_type"], node["inputs"]) for key, node in graph.items()
+    }
+    pixels = np.asarray(image, dtype=np.float64)
+    assert np.isfinite(pixels).all() and pixels.std() > 2.0  # an image, not a blank (NaN or constant) one
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > SIZE  # many distinct colours, not a flat fill
+    previews = {key: node["inputs"]["images"][0] for key, node in graph.items() if node["class_type"] == "PreviewImage"}
+    assert len(output_images(entry, "temp")) == len(previews)
+    for key, source in previews.items():
+        (shown,) = entry["outputs"][key]["images"]
+        preview = Image.open(io.BytesIO(server.view(shown)))
+        assert preview.size == (SIZE, SIZE)
+        if graph[source]["class_type"] == "MaskToImage":  # the subject mask: pure black / white
+            assert set(np.unique(np.asarray(preview.convert("L")))) <= {0, 255}
 
 
 def test_template_browser_lists_our_workflows(ui, server, screenshots):

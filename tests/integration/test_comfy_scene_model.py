@@ -59,7 +59,7 @@ def test_three_stages_with_scene_prompts_match_the_headless_sampler(comfy, loade
     tdm, sdm, *_ = loaded
     text, subject, negative = conditionings
     positive, scene_negative = scene_prompts
-    steps = 10
+    steps = 5  # bounds 2 / 3: every stage
     guider = comfy.guider.build_guider(tdm, sdm, text, subject, negative, 5.0, 0.3, 0.6, positive, scene_negative)
     comfy_latent, noise, _ = run_guider(comfy, guider, steps)
 
