@@ -116,31 +116,6 @@ def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, 
     assert not (tmp_path / "out").exists()
 
 
-def test_one_face_with_comfyui_started_and_its_png_requeued_elsewhere_gives_the_same_picture(comfyui_path, base, server, tmp_path):
-    out = tmp_path / "out"
-    result = generate("--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5", *auto_start(comfyui_path, base))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
-    assert result.stderr.count("no CUDA, MPS or XPU device found: starting ComfyUI with --cpu") == 1
-    pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
-    assert gone(pid) and port_closed(port)
-    (image,) = check_outputs(out, 1)
-    assert result.stdout.split() == [str(image)]
-
-    graph = embedded_graph(image)  # the API workflow ComfyUI wrote into the PNG, as the canvas reads it
-    (load,) = nodes_of(graph, "LoadImage")
-    uploaded = base / "input" / load["inputs"]["image"]
-    assert uploaded.parent.name == "facediffuser" and Image.open(uploaded).size == (512, 512)  # the face crop
-    assert nodes_of(graph, "FaceDiffuserSampler")[0]["inputs"]["seed"] == 5
-    (server.base / "input" / "facediffuser").mkdir(exist_ok=True)
-    shutil.copy(uploaded, server.base / "input" / "facediffuser" / uploaded.name)
-    entry = server.run(graph)  # another ComfyUI process, which never ran it: no cache
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
-    (again,) = entry["outputs"][save_id]["images"]
-    assert np.array_equal(pixels(server.view(again)), pixels(image))
-
-
 def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
     out = tmp_path / "out"
     result = generate(
@@ -252,12 +227,15 @@ def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base
     assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_a_missing_model_names_the_download_that_fills_the_folder_generate_then_uses(comfyui_path, model_files, tmp_path, request):
+def test_a_missing_model_is_downloaded_as_told_then_generate_starts_comfyui_on_it_and_its_png_requeues_elsewhere(comfyui_path, model_files, server, tmp_path, request):
     """The SDM is missing from the ComfyUI's --base-directory: generate names the download command;
     run as printed (the fake hub serves the suite's SD1.5-sized official SDM file), it downloads and
-    converts only the SDM (the TDM is there) into that folder, and generate then runs on it."""
+    converts only the SDM (the TDM is there) into that folder. generate then starts that ComfyUI, runs
+    on it and stops it; the PNG's embedded workflow, queued on another ComfyUI that never ran it,
+    gives the same picture."""
     base = make_base_directory(tmp_path / "base", {"facediffuser_tdm.safetensors": model_files.tdm}, [])
-    args = ["--face", str(MAN1), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base)]
+    out = tmp_path / "out"
+    args = ["--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5", *auto_start(comfyui_path, base)]
     missing = generate(*args, timeout=300)
     folder = base / "models" / "facediffuser"
     assert missing.returncode == 2 and "error: no model file facediffuser_sdm.safetensors in the folders ComfyUI searches" in missing.stderr
@@ -279,4 +257,22 @@ def test_a_missing_model_names_the_download_that_fills_the_folder_generate_then_
     assert not (base / "models" / ".facediffuser-download").exists()
     result = generate(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    check_outputs(tmp_path / "out", 1)
+    assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
+    assert result.stderr.count("no CUDA, MPS or XPU device found: starting ComfyUI with --cpu") == 1
+    pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
+    assert gone(pid) and port_closed(port)
+    (image,) = check_outputs(out, 1)
+    assert result.stdout.split() == [str(image)]
+
+    graph = embedded_graph(image)  # the API workflow ComfyUI wrote into the PNG, as the canvas reads it
+    (load,) = nodes_of(graph, "LoadImage")
+    uploaded = base / "input" / load["inputs"]["image"]
+    assert uploaded.parent.name == "facediffuser" and Image.open(uploaded).size == (512, 512)  # the face crop
+    assert nodes_of(graph, "FaceDiffuserSampler")[0]["inputs"]["seed"] == 5
+    (server.base / "input" / "facediffuser").mkdir(exist_ok=True)
+    shutil.copy(uploaded, server.base / "input" / "facediffuser" / uploaded.name)
+    entry = server.run(graph)  # another ComfyUI process, which never ran it: no cache
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
+    (again,) = entry["outputs"][save_id]["images"]
+    assert np.array_equal(pixels(server.view(again)), pixels(image))
