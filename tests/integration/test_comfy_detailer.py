@@ -180,8 +180,14 @@ def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_
         assert torch.equal(image[square], own[square])
 
 
-def test_pixels_outside_the_faces_are_unchanged_and_a_seed_repeats(comfy, loaded, picture, references):
-    image, masks, preview, (placed,) = detail(comfy, loaded, picture, references)
+@pytest.fixture(scope="module")
+def detailed(comfy, loaded, picture, references):
+    """detail() of the picture at the suite's settings, computed once for the module."""
+    return detail(comfy, loaded, picture, references)
+
+
+def test_pixels_outside_the_faces_are_unchanged_and_a_seed_repeats(comfy, loaded, picture, references, detailed):
+    image, masks, preview, (placed,) = detailed
     assert image.shape == picture.shape and masks.shape == picture.shape[:3] and preview.shape == picture.shape
     outside = masks[0] == 0
     assert torch.equal(image[0][outside], picture[0][outside])
@@ -252,11 +258,11 @@ def test_a_face_that_matches_nobody_is_left_or_rendered_from_the_text(comfy, loa
     assert masks[0][full].min() == 1 and (image[0][full] - picture[0][full]).abs().max() > 0.05
 
 
-def test_a_batch_is_detailed_picture_by_picture(comfy, loaded, photos, picture, references):
+def test_a_batch_is_detailed_picture_by_picture(comfy, loaded, photos, picture, references, detailed):
     swapped = side_by_side(photos[1], photos[0])
     assert swapped.shape == picture.shape
     batch = detail(comfy, loaded, torch.cat([picture, swapped]), references)
-    alone = [detail(comfy, loaded, p, references) for p in (picture, swapped)]
+    alone = [detailed, detail(comfy, loaded, swapped, references)]
     assert torch.equal(batch[0], torch.cat([a[0] for a in alone])) and torch.equal(batch[1], torch.cat([a[1] for a in alone]))
     assert [p.person for p in by_position(batch[3][1])] == [1, 0]
 
