@@ -184,7 +184,7 @@ class ComfyPage:
             node_ids,
         )
 
-    def wait_until(self, condition: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
+    def wait_until(self, condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = condition()
