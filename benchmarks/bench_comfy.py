@@ -89,7 +89,7 @@ def child(mode: str, size: int, steps: int, device: str, controlnet: bool = Fals
     import comfy.model_management as mm
     import comfy.sample
     import numpy as np
-    from facediffuser_pack.facediffuser_core.checkpoints import ModelKind, load_checkpoint
+    from facediffuser_pack.facediffuser_core.weights.checkpoints import ModelKind, load_checkpoint
     from facediffuser_pack.nodes import encode, loader, sampler
     from paths import FACES
     from PIL import Image
@@ -119,7 +119,7 @@ def child(mode: str, size: int, steps: int, device: str, controlnet: bool = Fals
         second = torch.from_numpy(np.asarray(Image.open(FACES / "man2.jpeg").convert("RGB"), dtype=np.float32) / 255)[None]
         scaled = [torch.nn.functional.interpolate(p.permute(0, 3, 1, 2), size=(size, round(p.shape[2] * size / p.shape[1])), mode="bilinear", antialias=True) for p in (face, second)]
         picture = torch.cat(scaled, dim=3).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
-        from facediffuser_pack.facediffuser_core.faces import crop_faces, detect, load_detector, to_pil_images
+        from facediffuser_pack.facediffuser_core.faces.detection import crop_faces, detect, load_detector, to_pil_images
 
         detector = load_detector("cpu")
         references = torch.cat([crop_faces(p, [detect(detector, to_pil_images(p)[0])]).crops for p in (face, second)])  # as Face Crop makes them

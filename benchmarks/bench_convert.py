@@ -10,7 +10,7 @@ conversion itself costs (Linux: read from /proc/self/status; tests/convert_memor
 wall time minus that child's is the conversion time (the input is in the page cache, having
 just been written).
 Target: the peak is at most 1.2x the input file size; the command exits 1 if any conversion
-is OVER it. (tests/core/test_convert.py holds the converter to 1.3x.)
+is OVER it. (tests/core/weights/test_convert.py holds the converter to 1.3x.)
 """
 
 from __future__ import annotations

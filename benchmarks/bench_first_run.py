@@ -65,7 +65,7 @@ def write_stock_files(files, folder: Path) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from facediffuser_core.checkpoints import load_checkpoint
+    from facediffuser_core.weights.checkpoints import load_checkpoint
 
     for kind in ("tdm", "sdm"):
         wanted = [(path, part) for path, (k, part) in STOCK.items() if k == kind and not (folder / path).exists()]

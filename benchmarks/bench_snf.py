@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from facediffuser_core.snf import fuse_noise  # noqa: E402
+from facediffuser_core.method.snf import fuse_noise  # noqa: E402
 
 SIZES = ["64x64", "96x64", "128x128"]  # latent H x W: 512x512, 768x512, 1024x1024 images
 BATCHES = [1, 4]

@@ -3,8 +3,7 @@
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
 - ``python -m facediffuser_core download [--fastcomposer] [--scores] [--all] [--to DIR] [--keep-original]``
 - ``python -m facediffuser_core convert IN -o OUT.safetensors [--dtype fp16|bf16|fp32] [--kind sdm|tdm|fastcomposer]``
-- ``python -m facediffuser_core evaluate --subjects DIR --prompts FILE --out DIR --server HOST:PORT`` (also
-  ``python -m facediffuser_core.evaluate``)
+- ``python -m facediffuser_core evaluate --subjects DIR --prompts FILE --out DIR --server HOST:PORT``
 
 Exit codes: 0 done, 1 a job that failed in ComfyUI, 2 usage, input or server error, 130 interrupted.
 """
@@ -16,15 +15,15 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from .comfy_client import JobError, ServerUnavailable
+from .commands.comfy_client import JobError, ServerUnavailable
 from .errors import FaceDiffuserError
 
 KINDS = {"sdm": "SDM", "tdm": "TDM", "fastcomposer": "FastComposer"}  # convert --kind -> ModelKind value
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoints import ModelKind
-    from .convert import convert_checkpoint
+    from .weights.checkpoints import ModelKind
+    from .weights.convert import convert_checkpoint
 
     kind = None if args.kind is None else ModelKind(KINDS[args.kind])
     report = convert_checkpoint(args.input, args.output, dtype=None if args.dtype == "keep" else args.dtype, kind=kind)
@@ -38,26 +37,26 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .commands.generate import generate
 
     return generate(args)
 
 
 def _download(args: argparse.Namespace) -> int:
-    from .download import download
+    from .commands.download import download
 
     return download(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import run
+    from .commands.evaluate import run
 
     return run(args)
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import download, evaluate
-    from .generate import add_arguments
+    from .commands import download, evaluate
+    from .commands.generate import add_arguments
 
     main_parser = argparse.ArgumentParser(prog="python -m facediffuser_core", description="Face-diffuser tools")
     commands = main_parser.add_subparsers(dest="command", required=True)

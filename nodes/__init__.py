@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from .common import register_model_folder
 from .controlnet import FaceDiffuserApplyControlNet
-from .encode import FaceDiffuserSubjectEncode
 from .detailer import FaceDiffuserFaceDetailer
+from .encode import FaceDiffuserSubjectEncode
 from .faces import FaceDiffuserFaceCrop
 from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
 from .regions import FaceDiffuserRegions
 from .sampler import FaceDiffuserSampler
-from .subject import FaceDiffuserSubject
 from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
+from .subject import FaceDiffuserSubject
 
 register_model_folder()
 register_model_folder(FACENET_FOLDER)

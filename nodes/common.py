@@ -9,16 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 
-from ..facediffuser_core.download import command_line
 from ..facediffuser_core.errors import FaceDiffuserError
-from ..facediffuser_core.model_folders import MODEL_FOLDER
+from ..facediffuser_core.weights.model_folders import MODEL_FOLDER, download_command_line
 
 CATEGORY = "Face-diffuser"
 T = TypeVar("T")
@@ -45,7 +43,7 @@ def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[s
         return None
     folders = folder_paths.get_folder_paths(folder)
     what = f"there is no file '{name}'" if name else "no model file was picked"
-    command = command_line(flags, to=Path(folders[0]))
+    command = download_command_line(flags, to=Path(folders[0]))
     return (
         f"{node}: {what} in models/{folder} ({', '.join(folders)}). Download the official files with: "
         f"{command}   then press R in the web UI to refresh the lists."

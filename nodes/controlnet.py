@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import nodes as comfy_nodes  # ComfyUI's core nodes (ControlNetApplyAdvanced), not this pack's folder
 from comfy_api.latest import io
+
+import nodes as comfy_nodes  # ComfyUI's core nodes (ControlNetApplyAdvanced), not this pack's folder
 
 from .common import CATEGORY
 

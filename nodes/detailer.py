@@ -6,16 +6,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-import torch
-
 import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 import folder_paths
 import latent_preview
+import torch
 from comfy_api.latest import io
 
-from ..facediffuser_core.detailer import (
+from ..facediffuser_core.errors import FaceNotFoundError, PromptError
+from ..facediffuser_core.faces.detailer import (
     DEFAULT_DENOISE,
     DEFAULT_FEATHER,
     DEFAULT_SIZE,
@@ -30,12 +30,11 @@ from ..facediffuser_core.detailer import (
     person_prompt,
     place_faces,
 )
-from ..facediffuser_core.errors import FaceNotFoundError, PromptError
-from ..facediffuser_core.faces import DEFAULT_MARGIN, IF_NO_FACE, Face, crop_square, detect_faces, load_detector, to_pil_images
-from ..facediffuser_core.identity import embed_faces, face_tensors, reference_embeddings
-from ..facediffuser_core.preprocess import to_rgb
-from ..facediffuser_core.prompt import MARKER, parse_prompt
-from ..facediffuser_core.subjects import References, marker_label, people_references, photos_of
+from ..facediffuser_core.faces.detection import DEFAULT_MARGIN, IF_NO_FACE, Face, crop_square, detect_faces, load_detector, to_pil_images
+from ..facediffuser_core.faces.identity import embed_faces, face_tensors, reference_embeddings
+from ..facediffuser_core.method.preprocess import to_rgb
+from ..facediffuser_core.method.prompt import MARKER, parse_prompt
+from ..facediffuser_core.method.subjects import References, marker_label, people_references, photos_of
 from .common import CATEGORY, errors_named, loaded
 from .encode import CLIP_INPUT, IMAGES_INPUT, OBJECT_RESOLUTION_INPUT, PROMPT_INPUT, SUBJECT_ENCODER_INPUT, SUBJECTS_INPUT, chosen_references, comfy_tokenizer, encode_subjects, encode_text
 from .encode import NAME as ENCODE_NAME
@@ -78,7 +77,7 @@ def facenet_embedder(path: str, detector, pictures, people: Sequence[References]
 
 
 class FaceRenderer:
-    """The ``render`` of :func:`~facediffuser_core.detailer.detail_pictures`: VAE-encodes a crop and
+    """The ``render`` of :func:`~facediffuser_core.faces.detailer.detail_pictures`: VAE-encodes a crop and
     samples it with the SDM as KSampler does (the person's subject conditioning against its text
     conditioning; an unmatched face with the prompt's text against an empty prompt), then decodes.
     One progress bar over every face's steps, with previews; Cancel stops between steps."""
@@ -115,7 +114,7 @@ def face_detail(
     feather: float, if_unmatched: str, if_no_face: str, object_resolution: int, facenet_path: Optional[str] = None,
 ):  # fmt: skip
     """Returns ``(image [N,H,W,3], faces MASK [N,H,W], preview [N,H,W,3], placements)``: the
-    outputs, and each picture's :class:`~facediffuser_core.detailer.Placement` of its faces."""
+    outputs, and each picture's :class:`~facediffuser_core.faces.detailer.Placement` of its faces."""
     check_sd1(sdm, "sdm", "the Face-diffuser Loader's sdm")
     parsed = parse_prompt(prompt, comfy_tokenizer(clip))
     if not parsed.words:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import PromptError, ReferenceImageError
-from ..facediffuser_core.preprocess import DEFAULT_OBJECT_RESOLUTION
-from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS, parse_prompt
-from ..facediffuser_core.regional_attention import REGIONS_KEY, people_regions
-from ..facediffuser_core.subjects import References, Subject
+from ..facediffuser_core.method.preprocess import DEFAULT_OBJECT_RESOLUTION
+from ..facediffuser_core.method.prompt import MARKER, MAX_SUBJECTS, parse_prompt
+from ..facediffuser_core.method.regional_attention import REGIONS_KEY, people_regions
+from ..facediffuser_core.method.subjects import References, Subject
 from .common import CATEGORY, errors_named
 from .loader import SubjectEncoderModel, SubjectEncoderType
 from .subject import NAME as SUBJECT_NAME

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management as mm
+import torch
 from comfy_api.latest import io
 
-from ..facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE, crop_faces, crop_preview, detect_faces, load_detector, to_pil_images
+from ..facediffuser_core.faces.detection import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE, crop_faces, crop_preview, detect_faces, load_detector, to_pil_images
 from .common import CATEGORY, errors_named, progress
 
 NAME = "Face-diffuser Face Crop"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 import comfy.samplers
+import torch
 from comfy_api.latest import io
 
-from ..facediffuser_core.preprocess import FASTCOMPOSER_OBJECT_RESOLUTION
-from ..facediffuser_core.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage
+from ..facediffuser_core.method.preprocess import FASTCOMPOSER_OBJECT_RESOLUTION
+from ..facediffuser_core.method.schedule import FASTCOMPOSER_START_FRACTION, OFFICIAL_GUIDANCE, Stage
 from .common import CATEGORY, errors_named
 from .guider import StagedCFGGuider, check_sd1
 from .regional_attention import install, regional_patch

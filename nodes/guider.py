@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
-
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.supported_models
+import torch
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import FaceDiffuserError
-from ..facediffuser_core.guidance import Guided, cfg, combine_guided, guided_from
-from ..facediffuser_core.schedule import (
+from ..facediffuser_core.method.guidance import Guided, cfg, combine_guided, guided_from
+from ..facediffuser_core.method.schedule import (
     FINAL_FRACTION,
     OFFICIAL_GUIDANCE,
     START_MERGE_FRACTION,

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
-
-import comfy.model_management as mm
 import comfy.model_detection
+import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from ..facediffuser_core.checkpoints import FaceDiffuserCheckpoint, ModelKind, load_checkpoint
 from ..facediffuser_core.errors import CheckpointError
-from ..facediffuser_core.subject_encoder import SubjectEncoder
-from ..facediffuser_core.subjects import References
+from ..facediffuser_core.method.subject_encoder import SubjectEncoder
+from ..facediffuser_core.method.subjects import References
+from ..facediffuser_core.weights.checkpoints import FaceDiffuserCheckpoint, ModelKind, load_checkpoint
 from .common import CATEGORY, MODEL_FOLDER, auxiliary_model, errors_named, loaded, missing_model
 
 NAME = "Face-diffuser Loader"
@@ -95,7 +94,7 @@ def load_models(sdm_path: str, tdm_path: Optional[str], weight_dtype: str = "aut
 
     CLIP and VAE come from the SDM, whose text encoder the official pipeline uses for every prompt.
     The SDM file is checked first (a swapped pair fails before the TDM is read). The files are
-    memory-mapped (see :func:`~facediffuser_core.checkpoints.read_state_dict`): checking a file reads
+    memory-mapped (see :func:`~facediffuser_core.weights.checkpoints.read_state_dict`): checking a file reads
     only its keys and shapes, and each model is built from a fresh mapping holding its own tensors
     alone, which goes when the model is built. So a first run holds the models and, at any time, the
     file tensors of one model at most: the UNets come first, while the least else is loaded.

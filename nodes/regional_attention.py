@@ -1,17 +1,16 @@
 """Installing the core's regional cross-attention in ComfyUI: an ``attn2_replace`` patch on every
 cross-attention block of a guider's own model clone, masking only the batch rows whose conditioning
-carries :class:`~facediffuser_core.regional_attention.Regions` (matched by the cond entries' uuids)."""
+carries :class:`~facediffuser_core.method.regional_attention.Regions` (matched by the cond entries' uuids)."""
 
 from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import comfy.ldm.modules.attention as comfy_attention
 import torch
 
-import comfy.ldm.modules.attention as comfy_attention
-
 from ..facediffuser_core.errors import FaceDiffuserError
-from ..facediffuser_core.regional_attention import REGIONS_KEY, batch_bias, check_fits_latent, regional_attention
+from ..facediffuser_core.method.regional_attention import REGIONS_KEY, batch_bias, check_fits_latent, regional_attention
 
 BlockKey = tuple[str, int, int]  # (block name, block id, transformer index), as ComfyUI looks attn2_replace up
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import RegionError
-from ..facediffuser_core.prompt import MARKER, MAX_SUBJECTS
-from ..facediffuser_core.pose import DEFAULT_MARGIN, pose_backdrop
-from ..facediffuser_core.regions import LAYOUTS, layout_masks, marked_words, region_preview
+from ..facediffuser_core.method.pose import DEFAULT_MARGIN, pose_backdrop
+from ..facediffuser_core.method.prompt import MARKER, MAX_SUBJECTS
+from ..facediffuser_core.method.regions import LAYOUTS, layout_masks, marked_words, region_preview
 from .common import CATEGORY, errors_named
 
 NAME = "Face-diffuser Regions"

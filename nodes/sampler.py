@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..facediffuser_core.schedule import OFFICIAL_STEPS
+from ..facediffuser_core.method.schedule import OFFICIAL_STEPS
 from .common import CATEGORY, errors_named
 from .guider import CFG_INPUT, MODEL_INPUTS, SCENE_INPUTS, STAGE_INPUTS, build_guider
 

@@ -6,18 +6,17 @@ import os
 from statistics import fmean
 from typing import Optional, Union
 
-import torch
-
 import comfy.model_management as mm
 import comfy.sd1_clip
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
-from ..facediffuser_core.consistency import CLIP_URL, clean_prompt, load_clip, prompt_consistency
-from ..facediffuser_core.faces import load_detector, pil_to_image, to_pil_images
-from ..facediffuser_core.identity import FACENET_URL, FACENET_WEIGHTS, annotate_identity, load_facenet, reference_embeddings, score_identity
-from ..facediffuser_core.model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER
-from ..facediffuser_core.prompt import MARKER
+from ..facediffuser_core.faces.consistency import CLIP_URL, clean_prompt, load_clip, prompt_consistency
+from ..facediffuser_core.faces.detection import load_detector, pil_to_image, to_pil_images
+from ..facediffuser_core.faces.identity import FACENET_URL, FACENET_WEIGHTS, annotate_identity, load_facenet, reference_embeddings, score_identity
+from ..facediffuser_core.method.prompt import MARKER
+from ..facediffuser_core.weights.model_folders import CLIP_EVAL_FOLDER, FACENET_FOLDER
 from .common import CATEGORY, auxiliary_model, cached_by_file, errors_named, loaded, missing_model, progress
 
 IDENTITY_NAME = "Face-diffuser Identity Score"

@@ -5,19 +5,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from comfy_api.latest import io
 
 from ..facediffuser_core.errors import RegionError
-from ..facediffuser_core.prompt import MARKER
-from ..facediffuser_core.subjects import COMBINE_MODES, DEFAULT_COMBINE, Subject
+from ..facediffuser_core.method.prompt import MARKER
+from ..facediffuser_core.method.subjects import COMBINE_MODES, DEFAULT_COMBINE, Subject
 from .common import CATEGORY, errors_named
 
 NAME = "Face-diffuser Subject"
 EXTRA_PHOTO_INPUTS = ("images_2", "images_3", "images_4")
 
 SubjectsType = io.Custom("FACEDIFFUSER_SUBJECTS")
-"""A tuple of :class:`~facediffuser_core.subjects.Subject`, one per marker, in marker order."""
+"""A tuple of :class:`~facediffuser_core.method.subjects.Subject`, one per marker, in marker order."""
 
 
 def add_subject(

@@ -1,6 +1,6 @@
 """The converter's peak memory, measured in child processes: a synthetic official SDM of a given
 size, and the peak RSS of ``python -m facediffuser_core`` converting it. Shared by
-tests/core/test_convert.py (the 1.3x bound) and benchmarks/bench_convert.py (the numbers).
+tests/core/weights/test_convert.py (the 1.3x bound) and benchmarks/bench_convert.py (the numbers).
 
 Peak RSS is the child's own VmHWM (Linux: /proc/self/status); ru_maxrss would also count the
 parent's RSS, which a vfork()ed child inherits as its starting high-water mark. The memory a
@@ -26,7 +26,7 @@ BF16_SHARE = 0.13  # bytes of bfloat16 tensors (text and image encoders) in the 
 PEAK_MARK = "peak_rss_kib="
 # The command line comes through stdin as JSON; an empty list only imports.
 PROBE = f"""
-import json, sys, torch, safetensors, tqdm, facediffuser_core.convert
+import json, sys, torch, safetensors, tqdm, facediffuser_core.weights.convert
 from facediffuser_core.__main__ import main
 argv = json.loads(sys.stdin.read())
 code = main(argv) if argv else 0

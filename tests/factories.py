@@ -14,7 +14,7 @@ from torch import nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from facediffuser_core.subject_encoder import SubjectEncoder, vision_config
+from facediffuser_core.method.subject_encoder import SubjectEncoder, vision_config
 
 Size = Literal["tiny", "sd15"]
 

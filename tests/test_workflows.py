@@ -2,7 +2,7 @@
 
 import pytest
 
-from facediffuser_core.prompt import parse_prompt
+from facediffuser_core.method.prompt import parse_prompt
 from workflow_format import API_WORKFLOWS, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
 
 PAIRS = workflow_pairs()
@@ -225,7 +225,7 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert [encode["masks"][0], 1] in previews
 
 
-# what generate does to each --face photo (facediffuser_core.generate: reference_png with the defaults)
+# what generate does to each --face photo (facediffuser_core.commands.generate: reference_png with the defaults)
 GENERATE_CROP = {"face_index": 0, "margin": 0.5, "size": 512, "if_no_face": "error"}
 
 
@@ -244,7 +244,7 @@ def test_every_face_photo_is_cropped_as_generate_crops_it(api_path):
 
 
 def test_the_crop_settings_are_generates_defaults():
-    from facediffuser_core.faces import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE
+    from facediffuser_core.faces.detection import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE
 
     assert (GENERATE_CROP["margin"], GENERATE_CROP["size"], GENERATE_CROP["if_no_face"]) == (DEFAULT_MARGIN, DEFAULT_CROP_SIZE, IF_NO_FACE[0])
 

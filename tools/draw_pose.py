@@ -5,7 +5,7 @@
 
 It draws as the OpenPose annotator of ControlNet 1.1 does (COCO's 18 body keypoints, its limb pairs
 and colours): each joint a filled circle of radius 4, each limb an ellipse 4 px thick blended at 0.6
-over a black 512 x 512 canvas. Two people stand side by side, so ``facediffuser_core.pose`` finds two
+over a black 512 x 512 canvas. Two people stand side by side, so ``facediffuser_core.method.pose`` finds two
 skeletons, left (the first marker's person) and right.
 """
 

@@ -10,9 +10,9 @@ from types import ModuleType
 
 import torch
 
-from facediffuser_core.guidance import Conditionings
-from facediffuser_core.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
-from facediffuser_core.schedule import StageBounds
+from facediffuser_core.method.guidance import Conditionings
+from facediffuser_core.method.sampler import ddim_timesteps, sample, sd15_alphas_cumprod
+from facediffuser_core.method.schedule import StageBounds
 from paths import ROOT
 
 PACK = "facediffuser_pack"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import factories
-from facediffuser_core.convert import convert_checkpoint
+from facediffuser_core.weights.convert import convert_checkpoint
 
 CACHE_VERSION = "sd15-v1"  # bump when the generated files change
 SDM_FILE = "facediffuser_sdm.safetensors"  # the names the README tells users to create
@@ -78,7 +78,7 @@ def ensure_model_files() -> ModelFiles:
 def ensure_fastcomposer_file(files: ModelFiles) -> Path:
     """The SDM test weights converted as FastComposer's model (the same layout; the kind recorded in
     its metadata), as the README tells users to convert the official file (a minute, once)."""
-    from facediffuser_core.checkpoints import ModelKind
+    from facediffuser_core.weights.checkpoints import ModelKind
 
     path = files.root / FASTCOMPOSER_FILE
     if not path.exists():

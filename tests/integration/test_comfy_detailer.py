@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import empty_conditioning, image_tensor
-from facediffuser_core.detailer import face_crop, feather_mask
-from facediffuser_core.faces import crop_faces, detect, load_detector, to_pil_images
-from facediffuser_core.identity import cosine_matrix
-from facediffuser_core.preprocess import resize_square, to_rgb
-from facediffuser_core.subjects import people_references
+from facediffuser_core.faces.detailer import face_crop, feather_mask
+from facediffuser_core.faces.detection import crop_faces, detect, load_detector, to_pil_images
+from facediffuser_core.faces.identity import cosine_matrix
+from facediffuser_core.method.preprocess import resize_square, to_rgb
+from facediffuser_core.method.subjects import people_references
 from paths import FACES
 
 PROMPT = "a man <|image|> and a man <|image|> at a cafe"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import image_tensor
-from facediffuser_core.faces import load_detector, reference_png
+from facediffuser_core.faces.detection import load_detector, reference_png
 from paths import FACES
 
 

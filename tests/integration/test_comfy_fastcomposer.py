@@ -12,8 +12,8 @@ import torch
 from comfy_inprocess import run_guider
 from comfy_suite import quiet_servers
 from conftest import empty_conditioning, load_test_models, release_models
-from facediffuser_core.checkpoints import ModelKind, declared_kind
-from facediffuser_core.sampler import ddim_timesteps, sd15_alphas_cumprod
+from facediffuser_core.weights.checkpoints import ModelKind, declared_kind
+from facediffuser_core.method.sampler import ddim_timesteps, sd15_alphas_cumprod
 
 SD15_SCALE = 0.18215
 STEPS = 5

@@ -9,7 +9,7 @@ import torch
 
 from comfy_suite import quiet_servers
 from conftest import release_models
-from facediffuser_core.checkpoints import ModelKind, load_checkpoint
+from facediffuser_core.weights.checkpoints import ModelKind, load_checkpoint
 
 
 def test_a_unet_stored_in_fp16_computes_what_its_float32_copy_does(comfy, model_files):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from comfy_inprocess import run_guider
-from facediffuser_core.guidance import combine
-from facediffuser_core.schedule import stage_at, step_index
-from facediffuser_core.snf import saliency_map
+from facediffuser_core.method.guidance import combine
+from facediffuser_core.method.schedule import stage_at, step_index
+from facediffuser_core.method.snf import saliency_map
 
 SIZE = 16  # latent side (128 px): PerturbedAttentionGuidance is a no-op at 8x8 latents
 STEPS = 2

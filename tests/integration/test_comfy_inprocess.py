@@ -8,8 +8,8 @@ import torch
 
 from comfy_inprocess import headless_reference, run_guider
 from conftest import image_tensor
-from facediffuser_core.guidance import Conditionings
-from facediffuser_core.schedule import bounds_from_fractions, stage_at, step_index
+from facediffuser_core.method.guidance import Conditionings
+from facediffuser_core.method.schedule import bounds_from_fractions, stage_at, step_index
 from paths import FACES
 
 
@@ -137,7 +137,7 @@ def test_guider_refuses_mismatched_model_sampling(comfy, loaded, conditionings):
     ],
 )
 def test_comfy_tokenizer_positions_match_the_clip_bpe(comfy, loaded, clip_tokenize, prompt):
-    from facediffuser_core.prompt import parse_prompt
+    from facediffuser_core.method.prompt import parse_prompt
 
     clip = loaded[2]
     ours = parse_prompt(prompt, comfy.encode.comfy_tokenizer(clip))
@@ -208,7 +208,7 @@ def test_one_photo_per_subject_through_the_nodes_is_bit_identical_to_images(comf
 def test_two_photos_of_different_sizes_through_the_nodes(comfy, loaded):
     """man1 (1080x607) on images, man2 (554x704) on images_2: one person whose image embedding is the
     mean of the two photos' (restated in float64), fused by the postfuse MLP into 'man'."""
-    from facediffuser_core.preprocess import preprocess_references
+    from facediffuser_core.method.preprocess import preprocess_references
 
     first, second = image_tensor(FACES / "man1.jpeg"), image_tensor(FACES / "man2.jpeg")
     encoder = loaded[4].encoder

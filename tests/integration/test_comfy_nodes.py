@@ -9,7 +9,7 @@ import torch
 
 from comfy_inprocess import run_sampler
 from conftest import image_tensor
-from facediffuser_core.sampler import initial_noise
+from facediffuser_core.method.sampler import initial_noise
 from paths import FACES
 
 SIZE = 64  # pixels: 8x8 latents keep the SD1.5-sized UNets quick on a CPU

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import empty_conditioning, image_tensor
-from facediffuser_core.regional_attention import REGIONS_KEY
+from facediffuser_core.method.regional_attention import REGIONS_KEY
 from paths import FACES
 
 TWO = "a man <|image|> and a woman <|image|> at a cafe"

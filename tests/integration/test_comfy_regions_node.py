@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facediffuser_core.pose import pose_backdrop
-from facediffuser_core.regions import layout_masks, region_preview
+from facediffuser_core.method.pose import pose_backdrop
+from facediffuser_core.method.regions import layout_masks, region_preview
 from paths import ROOT
 
 POSE = ROOT / "workflows" / "pose_two_people.png"  # two skeletons, one in each half

@@ -9,8 +9,8 @@ import torch
 
 from comfy_inprocess import headless_reference, run_guider, run_sampler
 from conftest import empty_conditioning
-from facediffuser_core.guidance import Conditionings
-from facediffuser_core.schedule import bounds_from_fractions
+from facediffuser_core.method.guidance import Conditionings
+from facediffuser_core.method.schedule import bounds_from_fractions
 from test_comfy_nodes import SCENE_STAGE_ONLY, SUBJECT_STAGE_ONLY, assert_same, stock_ksampler
 
 LATENT = {"samples": torch.zeros(1, 4, 8, 8)}

@@ -16,7 +16,7 @@ import time
 import pytest
 from PIL import Image
 
-from facediffuser_core.evaluate import OutputFolder, Settings, plan_jobs, read_prompts
+from facediffuser_core.commands.evaluate import OutputFolder, Settings, plan_jobs, read_prompts
 from harness import ComfyServer, status_message
 from models import CLIP, FACENET
 from paths import FACES, ROOT
@@ -94,7 +94,7 @@ def test_evaluation_command_killed_and_resumed(server, facenet_file, tiny_clip_f
     prompts.write_text(PROMPTS)
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "facediffuser_core.evaluate", "--subjects", str(subjects), "--prompts", str(prompts),
+        sys.executable, "-m", "facediffuser_core", "evaluate", "--subjects", str(subjects), "--prompts", str(prompts),
         "--server", f"127.0.0.1:{server.port}", "--out", str(out), "--facenet", str(facenet_file), "--clip", str(tiny_clip_folder),
         "--images-per-prompt", "1", "--steps", "2", "--size", "64", "--device", "cpu",
     ]  # fmt: skip
@@ -147,7 +147,7 @@ def test_evaluation_with_the_shipped_workflows(server, tmp_path):
     (tmp_path / "prompts.txt").write_text("a man <|image|> on a bench\n")
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "facediffuser_core.evaluate", "--subjects", str(tmp_path / "subjects"), "--prompts", str(tmp_path / "prompts.txt"),
+        sys.executable, "-m", "facediffuser_core", "evaluate", "--subjects", str(tmp_path / "subjects"), "--prompts", str(tmp_path / "prompts.txt"),
         "--server", f"127.0.0.1:{server.port}", "--out", str(out), "--workflow-dir", str(ROOT / "workflows" / "api"),
         "--no-score", "--images-per-prompt", "1", "--steps", "2", "--size", "64",
     ]  # fmt: skip
