@@ -1,4 +1,6 @@
-"""Command line (also installed as ``facediffuser``):
+"""Command line, run in the pack's folder inside ComfyUI's ``custom_nodes`` (or by the pack's ``cli.py``,
+from anywhere). No console script is installed: the commands find ComfyUI and print ``cli.py`` command
+lines from the pack's place in ``custom_nodes``, which a copy in site-packages does not have.
 
 - ``python -m facediffuser_core generate --face PHOTO --prompt "a man <|image|> ..." -o OUT``
 - ``python -m facediffuser_core download [--fastcomposer] [--scores] [--all] [--to DIR] [--keep-original]``
