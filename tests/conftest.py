@@ -30,6 +30,27 @@ def pytest_report_header(config):
     return f"ComfyUI: {comfyui_version(path)} at {path}"
 
 
+MODULE_SECONDS: dict[str, float] = {}  # test file -> seconds of its tests' setup, call and teardown
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    MODULE_SECONDS[module] = MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The time of each test module, slowest first, so that CI's log shows where the suite's time goes
+    (module-scoped fixtures count in their module's first test)."""
+    if not MODULE_SECONDS:
+        return
+    terminalreporter.section("time per module")
+    width = max(map(len, MODULE_SECONDS))
+    for module, seconds in sorted(MODULE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{module:<{width}}  {seconds / 60:6.1f} min  {seconds:7.1f} s")
+    total = sum(MODULE_SECONDS.values())
+    terminalreporter.write_line(f"{'all':<{width}}  {total / 60:6.1f} min  {total:7.1f} s")
+
+
 @pytest.fixture(scope="session")
 def official_files(tmp_path_factory):
     """Tiny random-weight SDM and TDM in the official layout: {"SDM": path, "TDM": path}."""
