@@ -28,7 +28,7 @@ def skip_without_comfyui(items, folder: Path, suite: str) -> None:
         return
     skip = pytest.mark.skip(
         reason=f"COMFYUI_PATH is not set: the {suite} needs a ComfyUI (0.3.75 or newer) checkout "
-        "(export COMFYUI_PATH=/path/to/ComfyUI, its requirements installed here; see README)"
+        "(export COMFYUI_PATH=/path/to/ComfyUI, its requirements installed here; see docs/development.md)"
     )
     for item in items:
         if folder in Path(item.fspath).parents:
