@@ -91,8 +91,9 @@ SUBJECT_ENCODER_INPUT = SubjectEncoderType.Input("subject_encoder", tooltip="The
 IMAGES_INPUT = io.Image.Input(
     "images",
     optional=True,
-    tooltip=f"Reference face photos, one per {MARKER} marker, in marker order (batch them with Batch Images). "
-    f"Crops centred on the face work best. Leave empty when subjects is connected.",
+    tooltip=f"Reference face photos, one per {MARKER} marker, in marker order, as one IMAGE batch (photos of one size). "
+    f"Crops centred on the face work best. Leave empty when subjects is connected (one {SUBJECT_NAME} node per person, "
+    "chained: no batching, any sizes).",
 )
 PROMPT_INPUT = io.String.Input(
     "prompt",
@@ -114,7 +115,7 @@ MASKS_INPUT = io.Mask.Input(
     optional=True,
     tooltip=f"Optional: a region per person, a MASK batch with one mask per {MARKER} marker in marker order (e.g. from the "
     "Face-diffuser Regions node, or painted), at the image's size. Each person's identity acts only inside its mask "
-    "(overlaps are allowed). Leave empty for no regions; with subjects, give each Subject node a mask instead.",
+    "(overlaps are allowed). Leave empty for no regions. With subjects, give the regions here or as each Subject node's mask, not both.",
 )
 SUBJECTS_INPUT = SubjectsType.Input(
     "subjects",

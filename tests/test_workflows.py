@@ -111,24 +111,36 @@ def canonical(api: dict, link: list):
 PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # Face-diffuser Subject's
 
 
-def count_images(api: dict, source: list) -> int:
+def loaded_photos(api: dict, source: list) -> list[str]:
+    """The Load Image files behind an IMAGE link (through Face Crops), in batch order."""
     node = api[source[0]]
     if node["class_type"] == "LoadImage":
-        return 1
+        return [node["inputs"]["image"]]
     if node["class_type"] == "FaceDiffuserFaceCrop":  # one crop per photo
-        return count_images(api, node["inputs"]["images"])
-    if node["class_type"] == "ImageBatch":  # "Batch Images": image1 then image2
-        return count_images(api, node["inputs"]["image1"]) + count_images(api, node["inputs"]["image2"])
+        return loaded_photos(api, node["inputs"]["images"])
     raise AssertionError(f"unexpected image source {node['class_type']}")
+
+
+def count_images(api: dict, source: list) -> int:
+    return len(loaded_photos(api, source))
+
+
+def subject_chain(api: dict, source: list) -> list[dict]:
+    """The Face-diffuser Subject nodes of a chain, first marker first, from the link of its last one."""
+    node = api[source[0]]
+    assert node["class_type"] == "FaceDiffuserSubject" and source[1] == 0
+    previous = node["inputs"].get("previous_subjects")
+    return [*(subject_chain(api, previous) if previous else []), node]
+
+
+def photos_of_subjects(api: dict, source: list) -> list[list[str]]:
+    """The photo files of each person of a chain of Face-diffuser Subject nodes, in marker order."""
+    return [[photo for name in PHOTO_INPUTS if name in node["inputs"] for photo in loaded_photos(api, node["inputs"][name])] for node in subject_chain(api, source)]
 
 
 def photos_per_subject(api: dict, source: list) -> list[int]:
     """The photo count of each person of a chain of Face-diffuser Subject nodes, in marker order."""
-    node = api[source[0]]
-    assert node["class_type"] == "FaceDiffuserSubject"
-    previous = node["inputs"].get("previous_subjects")
-    photos = sum(count_images(api, node["inputs"][name]) for name in PHOTO_INPUTS if name in node["inputs"])
-    return [*(photos_per_subject(api, previous) if previous else []), photos]
+    return [len(photos) for photos in photos_of_subjects(api, source)]
 
 
 def subject_photo_counts(api: dict, encoder: dict) -> list[int]:
@@ -161,6 +173,43 @@ def test_the_multi_photo_workflow_gives_one_person_two_photos_of_different_sizes
     assert [api[crop["inputs"]["images"][0]]["inputs"]["image"] for crop in crops] == ["face_1.png", "face_2.png"]
 
 
+TWO_PEOPLE = ["facediffuser_two_subjects", "facediffuser_two_regions", "facediffuser_two_people_pose", "facediffuser_face_detailer"]
+
+
+@pytest.mark.parametrize("name", TWO_PEOPLE)
+def test_two_people_come_as_one_subject_node_each_chained_in_marker_order(name):
+    """Each face crop goes into its own Face-diffuser Subject node, titled after its marker; the first
+    node's subjects go into the second's previous_subjects, the second's into Subject Encode (and the
+    Face Detailer): face_1 is the person of the first <|image|>, face_2 of the second."""
+    api = load(API_WORKFLOWS / f"{name}.json")
+    (encode,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    assert "images" not in encode and photos_of_subjects(api, encode["subjects"]) == [["face_1.png"], ["face_2.png"]]
+    chain = subject_chain(api, encode["subjects"])
+    assert [node["_meta"]["title"] for node in chain] == ["Person of the 1st <|image|>", "Person of the 2nd <|image|>"]
+    for node in chain:  # one photo, its crop in images; no region of its own (regions, where any, come as Subject Encode's masks)
+        assert set(node["inputs"]) - {"previous_subjects"} == {"images", "combine"} and node["inputs"]["combine"] == "average"
+    assert len([n for n in api.values() if n["class_type"] == "FaceDiffuserSubject"]) == 2
+    ui = load(WORKFLOWS / f"{name}.json")
+    crops = {n["id"]: n["title"] for n in ui["nodes"] if n["type"] == "FaceDiffuserFaceCrop"}
+    subjects = {n["id"]: n["title"] for n in ui["nodes"] if n["type"] == "FaceDiffuserSubject"}
+    # on the canvas: crop -> Person of the same marker
+    pairs = sorted((crops[origin], subjects[target]) for _, origin, _, target, _, _ in ui["links"] if origin in crops and target in subjects)
+    assert pairs == [("Crop face of the 1st <|image|>", "Person of the 1st <|image|>"), ("Crop face of the 2nd <|image|>", "Person of the 2nd <|image|>")]
+
+
+# Node classes ComfyUI marks deprecated (DEPRECATED = True, or is_deprecated in the v3 schema; /object_info
+# says "deprecated": true and the web UI badges them [DEPR]). The integration suite reads the flag from each
+# host's /object_info and the browser suite from each web UI; this list keeps the check without a ComfyUI.
+DEPRECATED_NODES = {"ImageBatch"}  # "Batch Images": deprecated in ComfyUI 0.33 (nodes.py), not in 0.3.75
+
+
+@pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
+def test_no_workflow_uses_a_node_comfyui_marks_deprecated(ui_path, api_path):
+    used = {n["type"] for n in load(ui_path)["nodes"]} | {n["class_type"] for n in load(api_path).values()}
+    assert not used & DEPRECATED_NODES, f"{ui_path.name} uses {sorted(used & DEPRECATED_NODES)}, which the web UI shows as [DEPR]"
+    assert not set(WIDGETS) & DEPRECATED_NODES  # the widget table lists what the workflows may use
+
+
 def test_the_fastcomposer_workflow_has_fastcomposers_settings():
     api = load(API_WORKFLOWS / "facediffuser_fastcomposer.json")
     (guider,) = [n["inputs"] for n in api.values() if n["class_type"] == "FastComposerGuider"]
@@ -177,7 +226,8 @@ def test_the_face_detailer_workflow_details_the_sampled_picture_with_the_same_pe
     api = load(API_WORKFLOWS / "facediffuser_face_detailer.json")
     (detailer,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserFaceDetailer"]
     (encode,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
-    assert detailer["images"] == encode["images"] and detailer["prompt"] == encode["prompt"]
+    assert detailer["subjects"] == encode["subjects"] and detailer["prompt"] == encode["prompt"]  # the same Subject chain
+    assert "images" not in detailer and "images" not in encode
     assert detailer["clip"] == encode["clip"] and detailer["subject_encoder"] == encode["subject_encoder"]
     assert api[detailer["image"][0]]["class_type"] == "VAEDecode"
     (save,) = [n["inputs"] for n in api.values() if n["class_type"] == "SaveImage"]
@@ -194,7 +244,7 @@ def test_the_regions_workflow_places_each_marker_in_its_region_with_a_preview():
     regions = api[encode["masks"][0]]
     assert regions["class_type"] == "FaceDiffuserRegions" and encode["masks"][1] == 0  # its masks output
     settings = regions["inputs"]
-    assert settings["people"] == encode["prompt"].count("<|image|>") == count_images(api, encode["images"]) == 2
+    assert settings["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2
     assert settings["prompt"] == encode["prompt"] and settings["layout"] == "columns"
     (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
     assert (settings["width"], settings["height"]) == (latent["width"], latent["height"])
@@ -218,7 +268,8 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert pose["class_type"] == "LoadImage" and (WORKFLOWS / pose["inputs"]["image"]).is_file()  # shipped beside the workflow
     regions = api[encode["masks"][0]]["inputs"]
     assert regions["layout"] == "pose" and regions["pose"] == control["image"]  # the regions come from the pose the ControlNet follows
-    assert regions["people"] == encode["prompt"].count("<|image|>") == count_images(api, encode["images"]) == 2 and regions["prompt"] == encode["prompt"]
+    assert regions["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2
+    assert regions["prompt"] == encode["prompt"]
     (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
     assert (regions["width"], regions["height"]) == (latent["width"], latent["height"])
     previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]

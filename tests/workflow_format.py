@@ -29,7 +29,6 @@ WIDGETS: dict[str, list[str]] = {
     "SaveImage": ["filename_prefix"],
     "PreviewImage": [],
     "VAEDecode": [],
-    "ImageBatch": [],  # "Batch Images" (image1, image2): in ComfyUI 0.3.75 and 0.8 (BatchImagesNode is 0.8 only)
     "MaskToImage": [],
     "KSamplerSelect": ["sampler_name"],
     "BasicScheduler": ["scheduler", "steps", "denoise"],

@@ -55,6 +55,7 @@ DEFAULT_SDM = "facediffuser_sdm.safetensors"  # the names the README tells users
 DEFAULT_TDM = "facediffuser_tdm.safetensors"
 DEFAULT_CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"  # what download --controlnet openpose fetches
 BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images": ComfyUI 0.3.75+, and 0.8's newer node
+SUBJECT_PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # a Face-diffuser Subject node's photo inputs
 EventHandler = Callable[[str, dict], None]
 """``on_event(type, data)`` for each websocket event of the running job (``progress``, ``executing``...)."""
 
@@ -273,6 +274,34 @@ def _image_loaders(graph: dict, link: list, source: str) -> list[dict]:
     raise FaceDiffuserError(f"{source}: the subject images come from a {node['class_type']} node; expected LoadImage, or Batch Images of LoadImage nodes")
 
 
+def _subject_chain(graph: dict, link: list, source: str) -> list[dict]:
+    """The Face-diffuser Subject nodes of a chain, in marker order, from the link of its last one."""
+    chain: list[dict] = []
+    seen = set()
+    while link is not None:
+        node = graph[link[0]]
+        if node["class_type"] != "FaceDiffuserSubject":
+            raise FaceDiffuserError(f"{source}: the subjects come from a {node['class_type']} node; expected Face-diffuser Subject nodes, chained in marker order")
+        if link[0] in seen:
+            raise FaceDiffuserError(f"{source}: the Face-diffuser Subject nodes' previous_subjects links form a loop at node {link[0]}")
+        seen.add(link[0])
+        chain.insert(0, node)
+        link = node["inputs"].get("previous_subjects")
+    return chain
+
+
+def _people_loaders(graph: dict, references: dict, source: str) -> list[list[dict]]:
+    """Per ``<|image|>`` marker, the LoadImage nodes of that person's photos, from the inputs of a node
+    taking the people (Subject Encode, Face Detailer): its ``images`` (one per marker, through Batch
+    Images), or its ``subjects`` (chained Face-diffuser Subject nodes, each with its photo inputs)."""
+    if "images" in references:
+        return [[loader] for loader in _image_loaders(graph, references["images"], source)]
+    if "subjects" in references:
+        chain = _subject_chain(graph, references["subjects"], source)
+        return [[loader for name in SUBJECT_PHOTO_INPUTS if name in node["inputs"] for loader in _image_loaders(graph, node["inputs"][name], source)] for node in chain]
+    raise FaceDiffuserError(f"{source}: its Subject Encode takes no faces; connect its images or its subjects")
+
+
 def _bypass_face_crops(graph: dict, source: str) -> None:
     """Wire each Face-diffuser Face Crop's photos straight to where its crops went, and drop it: the
     job's faces are crops already (the commands crop each photo as that node does), and a second crop
@@ -289,7 +318,8 @@ def _bypass_face_crops(graph: dict, source: str) -> None:
 
 def fill_template(template: dict, job: Generation, source: str = "workflow") -> JobGraph:
     """A hand-made API workflow (one Subject Encode, Face-diffuser Sampler, EmptyLatentImage and
-    SaveImage) with the job's prompt, faces (its LoadImage nodes in batch order), seed, steps, cfg,
+    SaveImage) with the job's prompt, faces (its LoadImage nodes in marker order: in the batch of
+    Subject Encode's images, or one per Face-diffuser Subject node of the chain into its subjects), seed, steps, cfg,
     size, batch and image prefix, and the model files where the job names them; the rest stays the
     template's. Preview nodes are dropped unless ``job.subject_mask``; Face Crop nodes are bypassed
     (the job's faces are cropped already)."""
@@ -299,14 +329,18 @@ def fill_template(template: dict, job: Generation, source: str = "workflow") -> 
         for key in [key for key, node in graph.items() if node.get("class_type") == "PreviewImage"]:
             del graph[key]
     encode = graph[_single(graph, "FaceDiffuserSubjectEncode", source)]
-    if "images" not in encode["inputs"]:
-        raise FaceDiffuserError(f"{source}: its Subject Encode must take the faces as images (one LoadImage per face), not as subjects")
-    loaders = _image_loaders(graph, encode["inputs"]["images"], source)
-    if len(loaders) != len(job.faces):
-        raise FaceDiffuserError(f"{source}: the workflow loads {len(loaders)} reference images but the job has {len(job.faces)} faces")
+    people = _people_loaders(graph, encode["inputs"], source)
+    if len(people) != len(job.faces):
+        raise FaceDiffuserError(f"{source}: the workflow loads the photos of {len(people)} person(s) but the job has {len(job.faces)} faces")
     if any(len(faces) != 1 for faces in job.faces):
         raise FaceDiffuserError(f"{source}: a workflow template takes one photo per face")
-    for loader, (face,) in zip(loaders, job.faces):
+    for number, loaders in enumerate(people, start=1):
+        if len(loaders) != 1:
+            raise FaceDiffuserError(f"{source}: the person of marker {number} has {len(loaders)} Load Image nodes; a workflow template takes one photo per face")
+    for key, node in graph.items():  # a Face Detailer must detail the people the job sampled, not the template's
+        if node.get("class_type") == "FaceDiffuserFaceDetailer" and {k: node["inputs"].get(k) for k in ("images", "subjects")} != {k: encode["inputs"].get(k) for k in ("images", "subjects")}:
+            raise FaceDiffuserError(f"{source}: node {key} (Face-diffuser Face Detailer) takes other people than Subject Encode; connect the same images or subjects to both")
+    for (loader,), (face,) in zip(people, job.faces):
         loader["inputs"]["image"] = face
     encode["inputs"]["prompt"] = job.prompt
     sampler = _single(graph, "FaceDiffuserSampler", source)

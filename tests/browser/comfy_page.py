@@ -28,8 +28,13 @@ ALERTS = ".p-dialog:visible, .p-toast-message:visible"
 
 # The frontend's graph as the user sees it: node types and whether they are registered (a missing
 # node type is not), the error flag LiteGraph sets on nodes it could not configure, and widget values
-# that the widget itself would not accept (a combo value not among its choices, a number out of range).
+# that the widget itself would not accept (a combo value not among its choices, a number out of range),
+# and whether the node's definition is deprecated: the frontend keeps each type's definition (a
+# ComfyNodeDefImpl of its /object_info entry) as the registered class's nodeData, and badges the node
+# "[DEPR]" from its deprecated flag (nodeLifeCycleBadgeText, in 1.32.9 and 1.49.6 alike); null when the
+# frontend has no definition to ask.
 GRAPH_REPORT_JS = """() => app.graph._nodes.map(node => {
+  const definition = LiteGraph.registered_node_types[node.type]?.nodeData;
   const problems = [];
   for (const w of node.widgets ?? []) {
     const o = w.options ?? {};
@@ -48,6 +53,7 @@ GRAPH_REPORT_JS = """() => app.graph._nodes.map(node => {
     id: String(node.id), type: node.type, title: node.title,
     registered: node.type in LiteGraph.registered_node_types,
     has_errors: !!node.has_errors, problems,
+    deprecated: definition ? !!definition.deprecated : null, badge: definition?.nodeLifeCycleBadgeText ?? null,
     widgets: Object.fromEntries((node.widgets ?? []).filter(w => w.type !== 'button').map(w => [w.name, w.value])),
   };
 })"""

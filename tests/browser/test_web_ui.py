@@ -45,7 +45,8 @@ def expected_prompt(name: str, changes: dict | None = None) -> dict:
 
 def assert_clean_graph(ui: ComfyPage, workflow: dict) -> list[dict]:
     """No dialog or toast (missing node types, workflow validation, link fixes), every node type
-    registered and configured, every widget value acceptable to its widget, nothing thrown."""
+    registered and configured, none that the web UI marks deprecated ([DEPR]), every widget value
+    acceptable to its widget, nothing thrown."""
     assert ui.alerts() == []
     report = ui.graph_report()
     assert sorted((n["id"], n["type"]) for n in report) == sorted((str(n["id"]), n["type"]) for n in workflow["nodes"])
@@ -53,6 +54,7 @@ def assert_clean_graph(ui: ComfyPage, workflow: dict) -> list[dict]:
         assert node["registered"], f"node {node['id']}: the UI does not know the node type {node['type']}"
         assert not node["has_errors"], f"node {node['id']} ({node['type']}) is flagged with errors"
         assert node["problems"] == [], f"node {node['id']} ({node['type']}): {node['problems']}"
+        assert node["deprecated"] is False and node["badge"] != "[DEPR]", f"node {node['id']} ({node['type']}, '{node['title']}'): the web UI marks it deprecated ({node['badge']})"
     assert ui.page_errors == []
     return report
 

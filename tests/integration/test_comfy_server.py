@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import ComfyServer, PromptRejected, status_message
-from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info
+from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info, workflow_pairs
 
 NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer", "FaceDiffuserRegions"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
@@ -72,6 +72,19 @@ def test_model_folder_lists_converted_official_and_yaml_files(object_info):
     options = object_info["FaceDiffuserLoader"]["input"]["required"]["sdm_name"][1]["options"]
     assert {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors", "sdxl_shaped.safetensors"} <= set(options)
     assert {"SDM/pytorch_model.bin", "TDM/pytorch_model.bin"} <= {o.replace("\\", "/") for o in options}
+
+
+@pytest.mark.oldest_host
+def test_no_shipped_workflow_uses_a_node_this_comfyui_marks_deprecated(object_info):
+    """/object_info says "deprecated": true for what the web UI badges [DEPR] (Batch Images, ImageBatch,
+    on 0.33); no shipped workflow, UI or API, may use such a node on any host."""
+    assert any(info.get("deprecated") for info in object_info.values())  # the flag is there to read on this host
+    for ui_path, api_path in workflow_pairs():
+        used = {node["type"] for node in load(ui_path)["nodes"]} | {node["class_type"] for node in load(api_path).values()}
+        assert used <= set(object_info), f"{ui_path.name}: node types this ComfyUI does not have: {sorted(used - set(object_info))}"
+        deprecated = sorted(kind for kind in used if object_info[kind].get("deprecated"))
+        assert deprecated == [], f"{ui_path.name} uses {deprecated}, which this ComfyUI marks deprecated"
+    assert not {kind for kind in WIDGETS if object_info[kind].get("deprecated")}  # nor lists the widget table one
 
 
 def test_widget_table_matches_the_live_node_definitions(object_info):

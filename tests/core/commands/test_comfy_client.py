@@ -25,10 +25,26 @@ BATCH_NODES = ("ImageBatch", "BatchImagesNode")
 GENERATE_CROP = {"face_index": 0, "margin": DEFAULT_MARGIN, "size": DEFAULT_CROP_SIZE, "if_no_face": IF_NO_FACE[0]}  # reference_png's defaults
 
 
+def single_photo_people(graph: dict, link: list):
+    """The photo links of a chain of Face-diffuser Subject nodes that each take one IMAGE input and no
+    mask, in marker order; None for any other chain. Such a chain into ``subjects`` computes what
+    those photos batched into ``images`` compute, bit for bit (combine_embeddings gives a lone photo's
+    embedding as it is, in either mode: tests/core/test_subjects.py, one photo per subject)."""
+    links = []
+    while link is not None:
+        node = graph[link[0]]
+        if node["class_type"] != "FaceDiffuserSubject" or set(node["inputs"]) - {"previous_subjects"} != {"images", "combine"}:
+            return None
+        links.insert(0, node["inputs"]["images"])
+        link = node["inputs"].get("previous_subjects")
+    return links
+
+
 def canonical(graph: dict, value):
     """A link as the tree of what computes it (node ids and titles left out; every "Batch Images"
     node, ImageBatch or BatchImagesNode, nested or not, as the flat list of what it batches; a Face
-    Crop with generate's settings as the photo it crops, since generate uploads that crop)."""
+    Crop with generate's settings as the photo it crops, since generate uploads that crop; a chain of
+    one-photo Subject nodes into ``subjects`` as those photos batched into ``images``)."""
     if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
         return value
     node = graph[value[0]]
@@ -38,9 +54,21 @@ def canonical(graph: dict, value):
     if node["class_type"] in BATCH_NODES:
         inputs = node["inputs"]
         links = [inputs["image1"], inputs["image2"]] if node["class_type"] == "ImageBatch" else [inputs[k] for k in sorted(inputs)]
-        parts = [canonical(graph, link) for link in links]
-        return ("batch", tuple(item for part in parts for item in (part[1] if part[0] == "batch" else [part])))
-    return (node["class_type"], tuple(sorted((name, canonical(graph, v)) for name, v in node["inputs"].items())), value[1])
+        return batched([canonical(graph, link) for link in links])
+    inputs = {name: canonical(graph, v) for name, v in node["inputs"].items()}
+    people = single_photo_people(graph, node["inputs"]["subjects"]) if "subjects" in node["inputs"] else None
+    photos = [canonical(graph, link) for link in people or []]
+    if photos and not any(photo[0] == "batch" for photo in photos):  # one photo per Subject node
+        del inputs["subjects"]
+        inputs["images"] = batched(photos)
+    return (node["class_type"], tuple(sorted(inputs.items())), value[1])
+
+
+def batched(parts: list):
+    """What batching ``parts`` (canonical links) in order gives: a part alone, or the flat list of them."""
+    if len(parts) == 1:
+        return parts[0]
+    return ("batch", tuple(item for part in parts for item in (part[1] if part[0] == "batch" else [part])))
 
 
 def outputs(graph: dict) -> list:
@@ -128,13 +156,35 @@ def test_filled_templates_keep_their_own_settings():
     assert (sampler["seed"], sampler["steps"], sampler["start_merge"], sampler["sampler_name"]) == (3, 4, 0.3, "ddim")
     assert filled.nodes[filled.masks]["class_type"] == "PreviewImage" and filled.nodes["2"]["inputs"]["image"] == "me.png"
     assert fill_template(template, Generation("p <|image|>", (("x.png",),), subject_mask=False)).masks is None
-    with pytest.raises(FaceDiffuserError, match="the workflow loads 1 reference images but the job has 2 faces"):
+    with pytest.raises(FaceDiffuserError, match=r"the workflow loads the photos of 1 person\(s\) but the job has 2 faces"):
         fill_template(template, Generation("p", (("x.png",), ("y.png",))))
+    two = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())  # counted through its Subject nodes
+    with pytest.raises(FaceDiffuserError, match=r"the workflow loads the photos of 2 person\(s\) but the job has 1 faces"):
+        fill_template(two, Generation("p", (("x.png",),)))
     with pytest.raises(FaceDiffuserError, match="a workflow template takes one photo per face"):
         fill_template(template, Generation("p", (("x.png", "y.png"),)))
-    photos = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())
-    with pytest.raises(FaceDiffuserError, match="must take the faces as images .* not as subjects"):
+    photos = json.loads((API_WORKFLOWS / "facediffuser_two_photos.json").read_text())  # one Subject node with two photos
+    with pytest.raises(FaceDiffuserError, match="the person of marker 1 has 2 Load Image nodes; a workflow template takes one photo per face"):
         fill_template(photos, Generation("p", (("x.png",),)))
+
+
+def test_a_templates_face_detailer_details_the_jobs_people():
+    """The Face Detailer takes the Subject chain that Subject Encode takes, so the job's faces reach both;
+    a detailer with people of its own would detail the template's faces, and is refused."""
+    template = json.loads((API_WORKFLOWS / "facediffuser_face_detailer.json").read_text())
+    filled = fill_template(template, Generation("a man <|image|> and a man <|image|>", (("first.png",), ("second.png",)))).nodes
+    (detailer,) = [n["inputs"] for n in filled.values() if n["class_type"] == "FaceDiffuserFaceDetailer"]
+    people, link = [], detailer["subjects"]
+    while link is not None:
+        people.insert(0, filled[filled[link[0]]["inputs"]["images"][0]]["inputs"]["image"])
+        link = filled[link[0]]["inputs"].get("previous_subjects")
+    assert people == ["first.png", "second.png"]
+    own = copy.deepcopy(template)
+    (key,) = [k for k, n in own.items() if n["class_type"] == "FaceDiffuserFaceDetailer"]
+    last = own[key]["inputs"]["subjects"][0]
+    own[key]["inputs"]["subjects"] = own[last]["inputs"]["previous_subjects"]  # the first person only
+    with pytest.raises(FaceDiffuserError, match=f"node {key} \\(Face-diffuser Face Detailer\\) takes other people than Subject Encode"):
+        fill_template(own, Generation("a man <|image|> and a man <|image|>", (("a.png",), ("b.png",))))
 
 
 def test_a_templates_face_crops_are_bypassed_since_the_job_brings_crops():
@@ -146,9 +196,11 @@ def test_a_templates_face_crops_are_bypassed_since_the_job_brings_crops():
     filled = fill_template(template, Generation("a man <|image|> and a man <|image|>", (("first.png",), ("second.png",)))).nodes
     assert set(filled) == set(template) - set(crops)
     (encode,) = [node["inputs"] for node in filled.values() if node["class_type"] == "FaceDiffuserSubjectEncode"]
-    batch = filled[encode["images"][0]]["inputs"]
-    assert [filled[batch[name][0]]["inputs"]["image"] for name in ("image1", "image2")] == ["first.png", "second.png"]
-    assert [batch["image1"], batch["image2"]] == [crops[template[encode["images"][0]]["inputs"][name][0]] for name in ("image1", "image2")]
+    second = encode["subjects"][0]  # the people: one Subject node per marker, the last one into subjects
+    first = filled[second]["inputs"]["previous_subjects"][0]
+    assert "previous_subjects" not in filled[first]["inputs"]
+    assert [filled[filled[key]["inputs"]["images"][0]]["inputs"]["image"] for key in (first, second)] == ["first.png", "second.png"]
+    assert [filled[key]["inputs"]["images"] for key in (first, second)] == [crops[template[key]["inputs"]["images"][0]] for key in (first, second)]
     previewed = copy.deepcopy(template)
     crop = next(iter(crops))
     previewed["99"] = {"class_type": "PreviewImage", "inputs": {"images": [crop, 2]}}

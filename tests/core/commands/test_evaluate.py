@@ -175,17 +175,27 @@ def test_jobs_fill_the_shipped_templates():
     assert graph["1"] == original["1"]  # the workflow's model files
     crops = {k for k, node in original.items() if node["class_type"] == "FaceDiffuserFaceCrop"}
     assert len(crops) == 2 and not crops & set(graph)  # bypassed: evaluate uploads its own crops
-    assert graph["2"]["inputs"] == {"image1": ["11", 0], "image2": ["12", 0]}  # the batch takes the photos straight
-    untouched = {k for k in original if k not in {"2", "3", "5", "6", "8", "10", "11", "12"} | crops}
+    # the people: one Face-diffuser Subject node each, chained in marker order, taking the photos straight
+    assert [original[k]["class_type"] for k in ("2", "15")] == ["FaceDiffuserSubject"] * 2 and graph["3"]["inputs"]["subjects"] == ["15", 0]
+    assert graph["2"]["inputs"] == {"images": ["11", 0], "combine": "average"}
+    assert graph["15"]["inputs"] == {"images": ["12", 0], "combine": "average", "previous_subjects": ["2", 0]}
+    untouched = {k for k in original if k not in {"2", "3", "5", "6", "8", "10", "11", "12", "15"} | crops}
     assert all(graph[k] == original[k] for k in untouched)
     one = job_graph(Job("x", "a man <|image|>", ("alice",), 1), ["a.png"], Settings(sdm="SDM/pytorch_model.bin"), templates).nodes
     assert one["2"]["inputs"]["image"] == "a.png" and one["1"]["inputs"]["sdm_name"] == "SDM/pytorch_model.bin"
 
 
 def test_templates_may_batch_faces_with_either_batch_images_node(tmp_path):
-    """ImageBatch (ComfyUI 0.3.75 and later) and BatchImagesNode (0.8): the faces in batch order either way."""
+    """A template of an earlier release (the shipped ones chain Subject nodes now) may batch its faces into
+    Subject Encode's images with ImageBatch (ComfyUI 0.3.75 and later, deprecated in 0.33) or BatchImagesNode
+    (0.8): the faces in batch order either way."""
     graph = json.loads((API_WORKFLOWS / "facediffuser_two_subjects.json").read_text())
-    (batch_id,) = [k for k, n in graph.items() if n["class_type"] in ("ImageBatch", "BatchImagesNode")]
+    (encode,) = [n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    for key in [k for k, n in graph.items() if n["class_type"] == "FaceDiffuserSubject"]:
+        del graph[key]
+    del encode["subjects"]
+    batch_id = "batch"
+    encode["images"] = [batch_id, 0]
     first, second = ["12", 0], ["11", 0]  # LoadImage 12 first: the batch order decides, not the node ids
     for node in ({"class_type": "ImageBatch", "inputs": {"image1": first, "image2": second}},
                  {"class_type": "BatchImagesNode", "inputs": {"images.image1": second, "images.image0": first}}):  # fmt: skip
