@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from .common import register_model_folder
+from .common import add_example_inputs, register_model_folder
 from .controlnet import FaceDiffuserApplyControlNet
 from .detailer import FaceDiffuserFaceDetailer
 from .encode import FaceDiffuserSubjectEncode
@@ -21,6 +21,7 @@ from .subject import FaceDiffuserSubject
 register_model_folder()
 register_model_folder(FACENET_FOLDER)
 register_model_folder(CLIP_EVAL_FOLDER, CLIP_EVAL_EXTENSIONS)
+add_example_inputs()  # the templates' Load Image nodes find face_1.png, face_2.png and the pose there
 
 
 class FaceDiffuserExtension(ComfyExtension):

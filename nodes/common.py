@@ -1,10 +1,12 @@
-"""Pieces shared by the Face-diffuser nodes: model folders, the category, error wording, progress,
-and small models kept under ComfyUI's model management."""
+"""Pieces shared by the Face-diffuser nodes: model folders, the workflows' example inputs, the category,
+error wording, progress, and small models kept under ComfyUI's model management."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -19,6 +21,7 @@ from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.weights.model_folders import MODEL_FOLDER, download_command_line
 
 CATEGORY = "Face-diffuser"
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"  # the portraits and pose the shipped workflows load
 T = TypeVar("T")
 
 
@@ -33,6 +36,27 @@ def register_model_folder(name: str = MODEL_FOLDER, extensions: Iterable[str] = 
     paths, known = folder_paths.folder_names_and_paths[name]
     if not known:
         folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
+
+
+def add_example_inputs(input_directory: Optional[str] = None) -> list[str]:
+    """Copy the shipped workflows' example pictures (two drawn portraits, a two-person pose) into
+    ComfyUI's input folder (``input_directory``, default ComfyUI's), each only where no file of that
+    name is there yet, so that a template opened from the template browser runs as it is; a user's own
+    file of that name is never replaced. Returns the names copied. A folder it cannot write to is
+    logged, not raised: the pack still loads."""
+    target = Path(input_directory or folder_paths.get_input_directory())
+    copied = []
+    for source in sorted(EXAMPLE_INPUTS.glob("*.png")):
+        if (target / source.name).exists():
+            continue
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target / source.name)
+        except OSError as error:
+            logging.warning("Face-diffuser: could not copy the example input %s into %s (%s); the shipped workflows need it there", source.name, target, error)
+            continue
+        copied.append(source.name)
+    return copied
 
 
 def missing_model(node: str, folder: str, name: Optional[str], flags: Sequence[str] = ()) -> Optional[str]:
