@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import ast
-import sys
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -26,15 +26,20 @@ COMFYUI_MODULES = {
     "folder_paths", "latent_preview", "node_helpers", "nodes", "execution", "server", "main", "cuda_malloc",
     "comfyui_version", "hook_breaker_ac10a0", "protocol", "utils", "middleware", "new_updater",
 }  # fmt: skip
+CORE_PATH = re.compile(r"(facediffuser_pack\.)?facediffuser_core(\.\w+)+")  # a dotted path into the core, in a string
 
 
 def imported_modules(path: Path, package: str) -> Iterator[tuple[int, str]]:
     """(line, absolute dotted name) of every module ``path`` imports, lazy imports inside functions
     included; ``package`` is the file's own package (``facediffuser_core.method``), which resolves
-    relative imports. ``from X import name`` yields ``X.name`` too, since ``name`` may be a module."""
+    relative imports. ``from X import name`` yields ``X.name`` too, since ``name`` may be a module.
+    A string that is a dotted core path (``importlib.import_module("facediffuser_pack.facediffuser_core.x")``,
+    a ``monkeypatch.setattr`` target) counts as an import of it."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and CORE_PATH.fullmatch(node.value):
+            yield node.lineno, node.value
+        elif isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
@@ -102,29 +107,50 @@ def test_the_core_the_wings_and_the_nodes_keep_their_layers():
     assert violations(paths) == []
 
 
+def missing_core_paths(files: list[Path]) -> list[str]:
+    """``file:line: name`` for each core path that ``files`` import (or name in a string) and that
+    resolves to no file, package, or name defined in one."""
+    import importlib
+
+    missing = []
+    for path in files:
+        for line, module in imported_modules(path, package_of(path)):
+            name = core_name(module)
+            if name is None:
+                continue
+            head, _, attribute = name.rpartition(".")
+            if _is_package_path(name) or (_is_package_path(head) and hasattr(importlib.import_module(head), attribute)):
+                continue
+            missing.append(f"{path.relative_to(ROOT)}:{line}: {name}")
+    return missing
+
+
 def test_every_core_import_names_a_module_or_name_that_exists():
     """No file imports a core module path that no longer exists (the moves of the wings), the pack's
     scripts and benchmarks included: each dotted name resolves to a file, a package or a name defined
     in one."""
-    import importlib
+    files = [*CORE.rglob("*.py"), *(ROOT / "nodes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tools").glob("*.py"),
+             *(ROOT / "tests").rglob("*.py"), ROOT / "cli.py", ROOT / "install.py"]  # fmt: skip
+    assert missing_core_paths(files) == []
 
-    sys.path.insert(0, str(ROOT))
+
+def test_a_path_that_no_longer_exists_is_found_in_imports_and_strings(tmp_path):
+    source = tmp_path / "t.py"
+    source.write_text(
+        "import importlib\nfrom facediffuser_core.snf import fuse_noise\nfrom facediffuser_core.method.snf import fuse\n"
+        "importlib.import_module('facediffuser_pack.facediffuser_core.comfy_launch')\nx = 'facediffuser_core.method.snf.fuse_noise'\n"
+    )
+    source.rename(ROOT / "tests" / "_architecture_probe.py")
     try:
-        files = [*CORE.rglob("*.py"), *(ROOT / "nodes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tools").glob("*.py"),
-                 *(ROOT / "tests").rglob("*.py"), ROOT / "cli.py", ROOT / "install.py"]  # fmt: skip
-        missing = []
-        for path in files:
-            for line, module in imported_modules(path, package_of(path)):
-                name = core_name(module)
-                if name is None:
-                    continue
-                head, _, attribute = name.rpartition(".")
-                if _is_package_path(name) or (_is_package_path(head) and hasattr(importlib.import_module(head), attribute)):
-                    continue
-                missing.append(f"{path.relative_to(ROOT)}:{line}: {name}")
-        assert missing == []
+        found = missing_core_paths([ROOT / "tests" / "_architecture_probe.py"])
     finally:
-        sys.path.remove(str(ROOT))
+        (ROOT / "tests" / "_architecture_probe.py").unlink()
+    assert found == [
+        "tests/_architecture_probe.py:2: facediffuser_core.snf",
+        "tests/_architecture_probe.py:2: facediffuser_core.snf.fuse_noise",
+        "tests/_architecture_probe.py:3: facediffuser_core.method.snf.fuse",
+        "tests/_architecture_probe.py:4: facediffuser_core.comfy_launch",
+    ]
 
 
 def _is_package_path(name: str) -> bool:

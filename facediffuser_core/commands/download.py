@@ -26,7 +26,6 @@ import importlib
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

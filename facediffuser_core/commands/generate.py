@@ -153,7 +153,10 @@ def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces
         except RegionError as error:
             raise UsageError(f"--region #{number}: {error}") from None
         if box is None and not Path(spec).is_file():
-            raise UsageError(f"--region #{number}: '{spec}' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file")
+            raise UsageError(
+                f"--region #{number}: '{spec}' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file; "
+                "give one of those names or the path of a mask image, white where the person goes"
+            )
         parsed.append(box if box is not None else _mask_png(Path(spec), number, width, height))
     return parsed
 

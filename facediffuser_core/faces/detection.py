@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +27,8 @@ from ..errors import FaceDiffuserError, FaceNotFoundError, MissingDependencyErro
 from ..method.preprocess import pad_to_square, resize_square, to_rgb
 
 __all__ = [
-    "FACENET_INSTALL",
+    "FACENET_PACKAGE",
+    "facenet_install_hint",
     "DEFAULT_MARGIN",
     "DEFAULT_CROP_SIZE",
     "IF_NO_FACE",
@@ -52,7 +54,7 @@ __all__ = [
     "crop_preview",
 ]
 
-FACENET_INSTALL = "pip install --no-deps facenet-pytorch"
+FACENET_PACKAGE = ("-m", "pip", "install", "--no-deps", "facenet-pytorch")  # run by ComfyUI's Python: --no-deps keeps its torch
 MIN_FACE_SIZE = 20  # pixels: MTCNN finds no smaller faces
 DEFAULT_MARGIN = 0.5
 DEFAULT_CROP_SIZE = 512
@@ -98,15 +100,28 @@ class FaceCrops:
     chosen: tuple[Optional[Face], ...]
 
 
+def facenet_install_hint(python: str = sys.executable, platform: str = sys.platform) -> str:
+    """How to install facenet-pytorch into ``python`` (the interpreter running now: ComfyUI's, e.g.
+    ``python_embeded\\python.exe`` of the Windows portable build or the desktop app's, where a bare
+    ``pip`` would install into another Python): the pip command and the pack's ``install.py``, each
+    quoted for ``platform``'s shell."""
+    from ..weights.model_folders import PACK, quote_command  # PACK read at call time (tests move it)
+
+    pip = quote_command([python, *FACENET_PACKAGE], platform)
+    script = quote_command([python, str(PACK / "install.py")], platform)
+    return (
+        f"install it into the Python that runs ComfyUI with `{pip}` (or run the pack's install.py with that Python: "
+        f"`{script}`), then restart ComfyUI (--no-deps keeps your torch; its detector weights ship inside the package)"
+    )
+
+
 def import_facenet() -> ModuleType:
     """The facenet_pytorch package, or a :class:`MissingDependencyError` saying how to install it."""
     try:
         import facenet_pytorch
     except ImportError as error:
         raise MissingDependencyError(
-            f"face detection and identity scores need facenet-pytorch, which cannot be imported ({error}); "
-            f"install it with `{FACENET_INSTALL}` (--no-deps keeps your torch; its detector weights ship "
-            "inside the package)"
+            f"face detection and identity scores need facenet-pytorch, which cannot be imported ({error}); {facenet_install_hint()}"
         ) from None
     return facenet_pytorch
 

@@ -61,7 +61,10 @@ def _image(pose: PoseImage) -> np.ndarray:
             raise PoseError(f"the pose input is a batch of {array.shape[0]} images; give one pose image (all people in one picture)")
         array = array[0]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise PoseError(f"the pose image must be an IMAGE [H,W,3] (or [1,H,W,3]), got shape {list(array.shape)}")
+        raise PoseError(
+            f"the pose image must be an IMAGE [H,W,3] (or [1,H,W,3]), got shape {list(array.shape)}; connect a picture "
+            "(e.g. Load Image of an OpenPose render: coloured skeletons on black), not a mask or a latent"
+        )
     return array[..., :3]
 
 

@@ -91,7 +91,10 @@ def people_regions(
     if masks is not None:
         batch = _as_batch(masks)
         if batch.ndim != 3:
-            raise RegionError(f"masks must be a MASK batch [N,H,W], got shape {tuple(masks.shape)}")
+            raise RegionError(
+                f"masks must be a MASK batch [N,H,W], got shape {tuple(masks.shape)}; connect one mask per {MARKER} marker "
+                "as a MASK batch (e.g. the Face-diffuser Regions node's masks)"
+            )
         if batch.shape[0] != len(positions):
             marked = ", ".join(marker_label(i, words) for i in range(len(positions))) or "none"
             raise RegionError(

@@ -2,20 +2,25 @@
 photos: faces given to people by identity (references in the opposite order to the faces), pixels
 outside the faces kept bit for bit, denoise 0, repeatability, each face sampled as the Face-diffuser
 Sampler samples that crop with that person alone, the no-face and unmatched-face options, batches,
-FaceNet matching, the progress bar and the errors."""
+FaceNet matching (on references the subject encoder pairs the other way), the progress bar and the
+errors (a missing facenet-pytorch included)."""
 
 from __future__ import annotations
+
+import importlib
+import shlex
+import sys
 
 import pytest
 import torch
 
 from conftest import empty_conditioning, image_tensor
-from facediffuser_core.faces.detailer import face_crop, feather_mask
+from facediffuser_core.faces.detailer import detail_preview, face_crop, feather_mask, place_faces
 from facediffuser_core.faces.detection import crop_faces, detect, load_detector, to_pil_images
 from facediffuser_core.faces.identity import cosine_matrix
 from facediffuser_core.method.preprocess import resize_square, to_rgb
 from facediffuser_core.method.subjects import people_references
-from paths import FACES
+from paths import FACES, ROOT
 
 PROMPT = "a man <|image|> and a man <|image|> at a cafe"
 ONE_PERSON = "a man <|image|> at a cafe"
@@ -137,23 +142,41 @@ def facenet_similarities(facenet_file, picture: torch.Tensor, references: torch.
     return faces @ photos.T
 
 
-def test_facenet_matching_gives_the_same_people_with_facenets_similarities(comfy, loaded, picture, references, facenet_file):
-    """The similarities the FaceNet matching reports are FaceNet's (computed here independently), not
-    the subject encoder's: it would fail if the FaceNet file were ignored."""
-    (placed,) = detail(comfy, loaded, picture, references.flip(0), denoise=0.0, facenet_path=str(facenet_file))[3]
-    assert [p.person for p in by_position(placed)] == [1, 0]
-    expected = facenet_similarities(facenet_file, picture, references.flip(0))  # [face, man2 / man1]
+@pytest.fixture(scope="module")
+def swapped_faces(references, picture, facenet_file, comfy, loaded):
+    """References on which FaceNet and the subject encoder disagree: [A, B] = man2's crop with man1's
+    face pasted in (the middle half of the crop: about the face box at margin 0.5), and man1's crop
+    with man2's face. FaceNet sees the face box alone, the encoder the whole crop (hair, background).
+    Returns (references, FaceNet's [left/right face, A/B] similarities computed here, the person the
+    subject encoder's matching gives the left face)."""
+    man1, man2 = references
+    middle = slice(64, 192)
+    a, b = man2.clone(), man1.clone()
+    a[middle, middle], b[middle, middle] = man1[middle, middle], man2[middle, middle]
+    swapped = torch.stack([a, b])
+    by_encoder = by_position(detail(comfy, loaded, picture, swapped, denoise=0.0)[3][0])
+    return swapped, facenet_similarities(facenet_file, picture, swapped), by_encoder[0].person
+
+
+def test_facenet_matching_pairs_and_scores_the_faces_as_facenet_does(comfy, loaded, picture, swapped_faces, facenet_file):
+    """The pairing and similarities the FaceNet matching reports are FaceNet's (computed here with
+    facenet-pytorch alone), on references where the subject encoder pairs the faces the other way:
+    it fails if the FaceNet file is ignored."""
+    swapped, expected, encoders_left = swapped_faces
+    facenets_left = left_person(expected)
+    assert facenets_left != encoders_left, expected  # the precondition: the two matchers disagree here
+    (placed,) = detail(comfy, loaded, picture, swapped, denoise=0.0, facenet_path=str(facenet_file))[3]
+    assert [p.person for p in by_position(placed)] == [facenets_left, 1 - facenets_left]
     got = torch.tensor([p.similarity for p in by_position(placed)], dtype=torch.float64)
-    assert torch.allclose(got, torch.stack([expected[0, 1], expected[1, 0]]), atol=1e-5), (got, expected)
-    by_encoder = torch.tensor([p.similarity for p in by_position(detail(comfy, loaded, picture, references.flip(0), denoise=0.0)[3][0])], dtype=torch.float64)
-    assert (by_encoder - got).abs().max() > 1e-3, (by_encoder, got)  # the two embeddings are told apart
+    assert torch.allclose(got, torch.stack([expected[0, facenets_left], expected[1, 1 - facenets_left]]), atol=1e-5), (got, expected)
 
 
-def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_folder(comfy, loaded, photos, picture, references, facenet_file, monkeypatch):
+def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_folder(comfy, loaded, photos, picture, references, swapped_faces, facenet_file, monkeypatch):
     """The node itself (``execute``), FaceNet weights picked by ``facenet_name`` in models/facenet:
     both faces change inside their masks and nothing outside; each face's pixels are those the node
     gives when only its own man is asked for (the other face is then left as it was), and listing the
-    men the other way round changes nothing."""
+    men the other way round changes nothing. On references the subject encoder pairs the other way,
+    its preview labels each face with FaceNet's person and similarity (computed here)."""
     import folder_paths
 
     node, folder = comfy.detailer.FaceDiffuserFaceDetailer, comfy.detailer.FACENET_FOLDER
@@ -162,10 +185,10 @@ def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_
     assert facenet_name.id == "facenet_name" and facenet_file.name in facenet_name.options
     _, sdm, clip, vae, encoder = loaded
 
-    def run(prompt, people):
+    def run(prompt, people, output=slice(0, 2)):
         settings = (SETTINGS["seed"], SETTINGS["steps"], SETTINGS["cfg"], SETTINGS["sampler_name"], SETTINGS["scheduler"], SETTINGS["denoise"], SETTINGS["size"], SETTINGS["margin"], SETTINGS["feather"])
-        image, masks, _ = node.execute(picture, vae, sdm, clip, encoder, prompt, *settings, "leave it", "error", 512, facenet_file.name, images=people).result
-        return image[0], masks[0]
+        outputs = node.execute(picture, vae, sdm, clip, encoder, prompt, *settings, "leave it", "error", 512, facenet_file.name, images=people).result
+        return [value[0] for value in outputs[output]]
 
     image, masks = run(PROMPT, references)
     assert torch.equal(image[masks == 0], picture[0][masks == 0])
@@ -178,6 +201,15 @@ def test_the_node_renders_each_face_as_its_persons_with_a_facenet_file_from_its_
         assert torch.equal(own[~square], picture[0][~square])  # the other face left as it was
         assert (own[own_masks == 1] - picture[0][own_masks == 1]).abs().max() > 0.05  # re-rendered
         assert torch.equal(image[square], own[square])
+    swapped, expected, encoders_left = swapped_faces
+    assert left_person(expected) != encoders_left  # the precondition: the two matchers disagree here
+    (preview,) = run(PROMPT, swapped, slice(2, 3))
+    scene = to_pil_images(picture)[0]
+    faces = detect(load_detector("cpu"), scene)  # largest first, as the node numbers them
+    left_to_right = sorted(range(len(faces)), key=lambda k: faces[k].box[0])
+    by_facenet = place_faces(faces, expected[[left_to_right.index(k) for k in range(len(faces))]], SETTINGS["margin"], "leave it", SETTINGS["seed"])
+    assert [p.person for p in by_position(by_facenet)] == [left_person(expected), 1 - left_person(expected)]
+    assert torch.equal(preview, detail_preview([scene], [by_facenet], ["man", "man"])[0])  # boxes, "1 man: 0.85" labels
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +327,7 @@ def test_cancel_stops_the_detailer_at_the_next_step(comfy, loaded, picture, refe
     assert updates == [1] and not mm.processing_interrupted()
 
 
-def test_node_errors_name_the_node_and_the_fix(comfy, loaded, picture, references):
+def test_node_errors_name_the_node_and_the_fix(comfy, loaded, picture, references, monkeypatch):
     _, sdm, clip, vae, encoder = loaded
     node = comfy.detailer.FaceDiffuserFaceDetailer
     args = (picture, vae, sdm, clip, encoder, PROMPT, 0, 2, 5.0, "ddim", "ddim_uniform", 0.5, 64, 0.5, 0.15, "leave it", "error", 512, comfy.detailer.MATCH_BY_SUBJECT_ENCODER)
@@ -307,3 +339,11 @@ def test_node_errors_name_the_node_and_the_fix(comfy, loaded, picture, reference
     no_marker[5] = "a man at a cafe"
     with pytest.raises(ValueError, match="^Face-diffuser Face Detailer: the prompt marks no person"):
         node.execute(*no_marker, images=references)
+    # without facenet-pytorch: the pip of the Python running ComfyUI (not a bare pip) and install.py
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)
+    importlib.import_module("facediffuser_pack.facediffuser_core.faces.detection").load_detector.cache_clear()  # loaded again by the next test
+    with pytest.raises(Exception) as raised:
+        node.execute(*args, images=references)
+    pip, install = shlex.join([sys.executable, "-m", "pip", "install", "--no-deps", "facenet-pytorch"]), shlex.join([sys.executable, str(ROOT / "install.py")])
+    assert type(raised.value).__name__ == "MissingDependencyError" and str(raised.value).startswith("Face-diffuser Face Detailer: face detection and identity scores need facenet-pytorch")
+    assert f"into the Python that runs ComfyUI with `{pip}` (or run the pack's install.py with that Python: `{install}`)" in str(raised.value)

@@ -253,14 +253,28 @@ def test_four_people_long_prompts_and_a_long_negative(comfy, loaded, faces, call
                     assert torch.equal(torch.isinf(chunk[:, position]), cell_column // (grid[1] // 4) != person)
 
 
+def raises_whole(message: str, run) -> None:
+    """``run()`` raises a ValueError whose message is exactly ``message``: the node, the marker, what
+    is wrong and the fix (which input, what it needs)."""
+    with pytest.raises(ValueError) as raised:
+        run()
+    assert str(raised.value) == message
+
+
 def test_region_errors_name_the_node_marker_and_fix(comfy, loaded, faces):
     tdm, sdm, clip, _, encoder = loaded
     negative = empty_conditioning(clip)
     photos = torch.cat(faces)
-    with pytest.raises(ValueError, match=r"^Face-diffuser Subject Encode: masks has 3 mask\(s\) but the prompt marks 2 person\(s\).*marker 1 \('man'\)"):
-        encode(comfy, loaded, photos, masks=torch.ones(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^Face-diffuser Subject: mask of marker 1 is a batch of 2 masks"):
-        comfy.subject.FaceDiffuserSubject.execute(faces[0], "average", mask=torch.ones(2, 64, 64))
+    raises_whole(
+        "Face-diffuser Subject Encode: masks has 3 mask(s) but the prompt marks 2 person(s) with <|image|> (marker 1 ('man'), marker 2 ('woman')); "
+        "give exactly one mask per marker, in marker order (e.g. the Face-diffuser Regions node with that many people)",
+        lambda: encode(comfy, loaded, photos, masks=torch.ones(3, 64, 64)),
+    )
+    raises_whole(
+        "Face-diffuser Subject: mask of marker 1 is a batch of 2 masks; a Subject node takes one person's region: connect a single mask "
+        "(e.g. pick one with an image/mask batch picker), or give all masks to Subject Encode's masks",
+        lambda: comfy.subject.FaceDiffuserSubject.execute(faces[0], "average", mask=torch.ones(2, 64, 64)),
+    )
 
     def chained(masks):
         subjects = None
@@ -268,32 +282,53 @@ def test_region_errors_name_the_node_marker_and_fix(comfy, loaded, faces):
             (subjects,) = comfy.subject.FaceDiffuserSubject.execute(face, "average", previous_subjects=subjects, mask=mask).result
         return comfy.encode.FaceDiffuserSubjectEncode.execute(clip, encoder, TWO, 512, subjects=subjects).result
 
-    with pytest.raises(ValueError, match=r"^Face-diffuser Subject Encode: some people have a region and some do not: marker 2 \('woman'\) has no mask"):
-        chained([torch.ones(1, 64, 64), None])
-    with pytest.raises(ValueError, match=r"^Face-diffuser Subject Encode: marker 2 \('woman'\): its mask is 96x64 but marker 1 \('man'\)'s is 64x64"):
-        chained([torch.zeros(1, 64, 64), torch.zeros(1, 64, 96)])
-    text, subject = chained([columns(2, 64, 64)[:1], columns(2, 64, 64)[1:]])  # the Subject nodes' masks work as masks does
+    raises_whole(
+        "Face-diffuser Subject Encode: some people have a region and some do not: marker 2 ('woman') has no mask; "
+        "connect a mask to every Face-diffuser Subject node, or to none",
+        lambda: chained([torch.ones(1, 64, 64), None]),
+    )
+    raises_whole(
+        "Face-diffuser Subject Encode: marker 2 ('woman'): its mask is 96x64 but marker 1 ('man')'s is 64x64; give every person's mask the size of the image",
+        lambda: chained([torch.zeros(1, 64, 64), torch.zeros(1, 64, 96)]),
+    )
+    two_masks = columns(2, 64, 64)
+    raises_whole(
+        "Face-diffuser Subject Encode: masks is connected and Subject nodes have a mask too; give each person's region in one place: "
+        "either masks (one per marker) or each Subject node's mask",
+        lambda: comfy.encode.FaceDiffuserSubjectEncode.execute(
+            clip, encoder, TWO, 512, masks=two_masks, subjects=comfy.subject.add_subject(comfy.subject.add_subject(None, "average", {"images": faces[0]}, two_masks[:1]), "average", {"images": faces[1]}, two_masks[1:])
+        ),
+    )  # fmt: skip
+    text, subject = chained([two_masks[:1], two_masks[1:]])  # the Subject nodes' masks work as masks does
     assert text[0][1][REGIONS_KEY].positions == tuple(POSITIONS)
 
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     wide = encode(comfy, loaded, photos, masks=columns(2, 64, 96))
-    with pytest.raises(ValueError, match=r"^Face-diffuser Sampler: the masks are 96x64 but the latent is 8x8 \(64x64 px\).*aspect"):
-        comfy.sampler.FaceDiffuserSampler.execute(tdm, sdm, *wide, negative, latent, 5, 2, 5.0, "ddim", "ddim_uniform", 0.3, 0.6, 1.0)
+    raises_whole(
+        "Face-diffuser Sampler: the masks are 96x64 but the latent is 8x8 (64x64 px): their aspect ratios differ; "
+        "make the masks at the image's size (e.g. the Face-diffuser Regions node with the latent's width and height)",
+        lambda: comfy.sampler.FaceDiffuserSampler.execute(tdm, sdm, *wide, negative, latent, 5, 2, 5.0, "ddim", "ddim_uniform", 0.3, 0.6, 1.0),
+    )
     tiny = torch.zeros(2, 64, 64)
     tiny[0, :, :32] = 1
     tiny[1, 10:13, 40:43] = 1
     small = encode(comfy, loaded, photos, masks=tiny)
     (guider,) = comfy.guider.FaceDiffuserGuider.execute(tdm, sdm, *small, negative, 5.0, 0.3, 0.6).result
-    with pytest.raises(ValueError, match=r"^Face-diffuser Guider: marker 2 \('woman'\): its region is empty at the latent's 8x8 resolution"):
-        sample(comfy, guider, 8, 8)
+    raises_whole(
+        "Face-diffuser Guider: marker 2 ('woman'): its region is empty at the latent's 8x8 resolution "
+        "(less than half of every 8x8 pixel cell is inside); make the region larger",
+        lambda: sample(comfy, guider, 8, 8),
+    )
 
     taken = sdm.clone()
     taken.set_model_attn2_replace(lambda q, k, v, extra_options: q, "input", 1)
     regioned = encode(comfy, loaded, photos, masks=columns(2, 64, 64))
-    with pytest.raises(ValueError, match=r"^Face-diffuser Guider: the sdm already has a cross-attention replacement on block \('input', 1\)"):
-        comfy.guider.FaceDiffuserGuider.execute(tdm, taken, *regioned, negative, 5.0, 0.3, 0.6)
-    with pytest.raises(ValueError, match=r"^FastComposer Guider: the model already has a cross-attention replacement"):
-        comfy.fastcomposer.FastComposerGuider.execute(taken, *regioned, negative, 5.0, 0.2)
+    conflict = (
+        "already has a cross-attention replacement on block ('input', 1) (from another node, e.g. IPAdapter or an attention-couple pack); "
+        "per-person regions replace the same attention and cannot run with it: remove the masks (the people's regions) or that node"
+    )
+    raises_whole(f"Face-diffuser Guider: the sdm {conflict}", lambda: comfy.guider.FaceDiffuserGuider.execute(tdm, taken, *regioned, negative, 5.0, 0.3, 0.6))
+    raises_whole(f"FastComposer Guider: the model {conflict}", lambda: comfy.fastcomposer.FastComposerGuider.execute(taken, *regioned, negative, 5.0, 0.2))
 
 
 def test_regions_compose_with_other_packs_attention_patches(comfy, loaded, faces, calls):

@@ -53,18 +53,32 @@ def test_regions_node_boxes_each_skeleton_of_a_pose_and_previews_over_it(comfy):
     assert torch.equal(columns, layout_masks(96, 64, 2, "columns"))
 
 
+EXAMPLE = "e.g. '0,0,0.5,1; 0.5,0,1,1'"
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [
-        ({"layout": "boxes", "boxes": "0,0,1"}, "Face-diffuser Regions: box 1 '0,0,1' is not four numbers x0,y0,x1,y1"),
-        ({"layout": "boxes", "boxes": "0,0,1,1"}, "Face-diffuser Regions: boxes gives 1 box(es) but people is 2"),
-        ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,0,1.2,1"}, "Face-diffuser Regions: box 2 (0.5,0,1.2,1) reaches outside 0..1"),
-        ({"prompt": "a man <|image|> in a park"}, "Face-diffuser Regions: the prompt has 1 <|image|> marker(s) but people is 2"),
-        ({"layout": "pose"}, "Face-diffuser Regions: layout pose needs a pose image: connect an OpenPose render"),
-        ({"layout": "pose", "people": 3, "pose": pose_image()}, "Face-diffuser Regions: the pose image has 2 skeleton(s) for 3 people (one per <|image|> marker)"),
+        ({"layout": "boxes", "boxes": "0,0,1"}, f"box 1 '0,0,1' is not four numbers x0,y0,x1,y1; write one box per person as fractions, {EXAMPLE}"),
+        ({"layout": "boxes", "boxes": "   "}, f"boxes is empty; give one box per person as fractions x0,y0,x1,y1 separated by ';', {EXAMPLE}"),
+        ({"layout": "boxes", "boxes": "0,0,1,1"}, "boxes gives 1 box(es) but people is 2; give one box per person, in marker order, separated by ';'"),
+        ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,0,1.2,1"}, "box 2 (0.5,0,1.2,1) reaches outside 0..1; give fractions of the width and height between 0 and 1"),
+        ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,1,1,0"}, "box 2 (0.5,1,1,0) is empty: x0 must be below x1 and y0 below y1 (x0,y0 is the top-left corner)"),
+        ({"layout": "boxes", "boxes": "0,0,0.5,1; 0.5,0,0.505,1"}, "box 2 (0.5,0,0.505,1) covers no pixel of a 96x64 picture; make it larger"),
+        ({"prompt": "a man <|image|> in a park"}, "the prompt has 1 <|image|> marker(s) but people is 2; set people to the number of markers"),
+        ({"layout": "pose"}, "layout pose needs a pose image: connect an OpenPose render (coloured skeletons on black) to pose"),
+        (
+            {"layout": "pose", "people": 3, "pose": pose_image()},
+            "the pose image has 2 skeleton(s) for 3 people (one per <|image|> marker); draw one skeleton per person, left to right in marker order, or give the regions another way",
+        ),
+        (
+            {"layout": "pose", "pose": torch.zeros(2, 64, 96, 3)},
+            "the pose input is a batch of 2 images; give one pose image (all people in one picture)",
+        ),
     ],
 )
 def test_regions_node_errors_name_the_node_and_the_fix(comfy, inputs, message):
+    """The whole message: the node, what is wrong and the fix (which input, what it needs)."""
     with pytest.raises(ValueError) as error:
         run(comfy, **inputs)
-    assert str(error.value).startswith(message), str(error.value)
+    assert str(error.value) == f"Face-diffuser Regions: {message}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -204,13 +203,6 @@ def test_comfyui_is_found_from_the_pack_folder_also_through_a_symlink(fake_comfy
         find_comfyui(None, {}, source)  # imported from where the link points, with nothing else to go on
     assert find_comfyui(None, {"PWD": str(installed)}, source) == fake_comfyui  # the shell's working directory
     assert find_comfyui(None, {"PWD": str(installed / "sub")}, source) == fake_comfyui
-
-
-def test_the_console_script_is_the_module_command():
-    tomllib = pytest.importorskip("tomllib")
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, name = scripts["facediffuser"].partition(":")
-    assert getattr(importlib.import_module(module), name) is main
 
 
 # --- reference photos and progress ------------------------------------------------------------
@@ -630,19 +622,22 @@ def test_region_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, ca
     Image.new("RGB", (96, 64), 0).save(black)
     Image.new("RGB", (128, 32), (255, 255, 255)).save(wide)
     (tmp_path / "notes.png").write_text("not an image")
-    cases = [
-        (["--region", "left"], "--region was given 1 time(s) but --face 2 time(s); give one --region per --face"),
+    cases = [  # each whole message: what is wrong with which --region, and the fix
+        (["--region", "left"], "--region was given 1 time(s) but --face 2 time(s); give one --region per --face, in marker order (or --layout columns for all)"),
         (["--region", "left", "--region", "right", "--layout", "columns"], "give --region once per --face or --layout for all of them, not both"),
-        (["--region", "left", "--region", "top"], "--region #2: 'top' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file"),
-        (["--region", "3/2", "--region", "left"], "--region #1: region '3/2' asks for column 3 of 2"),
-        (["--region", str(black), "--region", "left"], f"--region #1: the mask image {black} is black everywhere"),
-        (["--region", "left", "--region", str(wide)], f"--region #2: the mask image {wide} is 128x32 but the picture is 96x64"),
-        (["--region", "left", "--region", str(tmp_path / "notes.png")], "--region #2: "),
+        (
+            ["--region", "left", "--region", "top"],
+            "--region #2: 'top' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file; give one of those names or the path of a mask image, white where the person goes",
+        ),
+        (["--region", "3/2", "--region", "left"], "--region #1: region '3/2' asks for column 3 of 2; n/N takes 1 <= n <= N, e.g. 2/3 for the middle of three"),
+        (["--region", str(black), "--region", "left"], f"--region #1: the mask image {black} is black everywhere; paint the person's region white"),
+        (["--region", "left", "--region", str(wide)], f"--region #2: the mask image {wide} is 128x32 but the picture is 96x64; give a mask of the picture's aspect ratio"),
+        (["--region", "left", "--region", str(tmp_path / "notes.png")], f"--region #2: {tmp_path / 'notes.png'} is not an image ("),
     ]
     for args, message in cases:
         code, _, err = run_main(capsys, *TWO_MEN, *args, "-o", str(tmp_path / "out"), "--server", fake.address, "--size", "64", "--width", "96")
         assert code == 2 and message in err, err
-    assert "is not an image" in err
+    assert "); give a mask image, white where the person goes" in err  # the unreadable file's fix, after PIL's reason
     assert fake.uploads == [] and fake.queued == []
     with pytest.raises(SystemExit) as stop:
         run_main(capsys, *TWO_MEN, "--layout", "rows", "-o", str(tmp_path / "out"), "--server", fake.address)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from facediffuser_core.faces.detection import (
     cut_square,
     detect,
     detect_faces,
+    facenet_install_hint,
     import_facenet,
     load_detector,
     pil_to_image,
@@ -211,10 +213,42 @@ def test_preview_draws_every_box_with_the_used_one_green(face_photos):
     assert (preview[0, 300, 320:380, 2] == 0).all() and (preview[0, 300, 320:380, 0] == 1).all()  # yellow
 
 
-def test_facenet_is_imported_lazily_with_an_install_hint(monkeypatch):
+def test_facenet_is_imported_lazily_with_an_install_hint_for_the_running_python(monkeypatch):
+    """The hint installs into this Python (ComfyUI's, not whatever ``pip`` is on PATH) and names the
+    pack's install.py as the other way (the quoting: the test below)."""
     monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # as if not installed
-    with pytest.raises(MissingDependencyError, match=r"pip install --no-deps facenet-pytorch"):
+    with pytest.raises(MissingDependencyError) as raised:
         import_facenet()
+    message = str(raised.value)
+    assert message.startswith("face detection and identity scores need facenet-pytorch, which cannot be imported")
+    assert message.endswith(facenet_install_hint(sys.executable, sys.platform))
+    assert sys.executable in message and " -m pip install --no-deps facenet-pytorch`" in message and str(ROOT / "install.py") in message
+
+
+@pytest.mark.parametrize(
+    ("platform", "python", "pack", "pip", "script"),
+    [
+        # the Windows portable build, in a folder with a space: double quotes (cmd and PowerShell)
+        (
+            "win32", r"C:\AI\ComfyUI portable\python_embeded\python.exe", PureWindowsPath(r"C:\AI\ComfyUI portable\ComfyUI\custom_nodes\facediffuser"),
+            r'"C:\AI\ComfyUI portable\python_embeded\python.exe" -m pip install --no-deps facenet-pytorch',
+            r'"C:\AI\ComfyUI portable\python_embeded\python.exe" "C:\AI\ComfyUI portable\ComfyUI\custom_nodes\facediffuser\install.py"',
+        ),
+        # a Linux / macOS venv in a folder with a space: POSIX single quotes
+        (
+            "linux", "/home/me/Comfy UI/venv/bin/python", PurePosixPath("/home/me/Comfy UI/custom_nodes/facediffuser"),
+            "'/home/me/Comfy UI/venv/bin/python' -m pip install --no-deps facenet-pytorch",
+            "'/home/me/Comfy UI/venv/bin/python' '/home/me/Comfy UI/custom_nodes/facediffuser/install.py'",
+        ),
+    ],
+)  # fmt: skip
+def test_the_facenet_install_hint_runs_the_given_python_quoted_for_the_platform(monkeypatch, platform, python, pack, pip, script):
+    import facediffuser_core.weights.model_folders as model_folders
+
+    monkeypatch.setattr(model_folders, "PACK", pack)  # where this pack was imported from
+    hint = facenet_install_hint(python, platform)
+    assert hint.startswith(f"install it into the Python that runs ComfyUI with `{pip}` (or run the pack's install.py with that Python: `{script}`), then restart ComfyUI")
+    assert "`pip " not in hint  # no bare pip, which may belong to another Python
 
 
 def test_the_core_imports_without_facenet_pytorch():

@@ -106,18 +106,23 @@ def test_dots_near_a_skeleton_join_it_and_specks_are_ignored():
     assert_near(boxes[1], expected_box(350, 150))
 
 
-def test_a_count_mismatch_names_both_counts():
-    with pytest.raises(PoseError, match=r"the pose image has 3 skeleton\(s\) for 2 people \(one per <\|image\|> marker\)"):
+def test_a_count_mismatch_names_both_counts_and_the_fix():
+    fix = "draw one skeleton per person, left to right in marker order, or give the regions another way"
+    with pytest.raises(PoseError, match=rf"^the pose image has 3 skeleton\(s\) for 2 people \(one per <\|image\|> marker\); {fix}$"):
         regions_from_pose(draw([(100, 150), (260, 140), (420, 160)], (520, 300)), 2)
-    with pytest.raises(PoseError, match=r"has 0 skeleton\(s\) for 1 people"):
+    with pytest.raises(PoseError, match=rf"^the pose image has 0 skeleton\(s\) for 1 people \(one per <\|image\|> marker\); {fix}$"):
         regions_from_pose(np.zeros((64, 64, 3), np.float32), 1)
 
 
 def test_one_pose_image_only():
-    with pytest.raises(PoseError, match="batch of 2 images"):
+    with pytest.raises(PoseError, match=r"^the pose input is a batch of 2 images; give one pose image \(all people in one picture\)$"):
         regions_from_pose(torch.zeros(2, 64, 64, 3), 1)
-    with pytest.raises(PoseError, match=r"IMAGE \[H,W,3\]"):
-        regions_from_pose(torch.zeros(64, 64), 1)
+    with pytest.raises(PoseError) as raised:
+        regions_from_pose(torch.zeros(64, 64), 1)  # a MASK
+    assert str(raised.value) == (
+        "the pose image must be an IMAGE [H,W,3] (or [1,H,W,3]), got shape [64, 64]; connect a picture "
+        "(e.g. Load Image of an OpenPose render: coloured skeletons on black), not a mask or a latent"
+    )
 
 
 def test_the_shipped_pose_image_is_drawn_by_the_script_and_has_two_people(tmp_path):
@@ -142,7 +147,7 @@ def test_the_regions_scale_with_the_picture():
 
 
 def test_the_pose_layout_needs_a_pose_image():
-    with pytest.raises(RegionError, match="layout pose needs a pose image: connect an OpenPose render"):
+    with pytest.raises(RegionError, match=r"^layout pose needs a pose image: connect an OpenPose render \(coloured skeletons on black\) to pose$"):
         layout_masks(64, 64, 1, "pose")
 
 

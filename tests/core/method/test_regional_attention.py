@@ -134,16 +134,41 @@ def test_people_regions_from_masks_or_subjects():
 @pytest.mark.parametrize(
     "masks, subject_masks, message",
     [
-        (torch.zeros(3, 8, 8), [], r"masks has 3 mask\(s\) but the prompt marks 2 person\(s\).*marker 1 \('man'\), marker 2 \('woman'\)"),
-        (torch.zeros(1, 8, 8), [], r"masks has 1 mask\(s\) but the prompt marks 2"),
-        (None, [torch.zeros(1, 8, 8), None], r"some people have a region and some do not: marker 2 \('woman'\) has no mask"),
-        (None, [torch.zeros(1, 8, 8), torch.zeros(1, 8, 16)], r"marker 2 \('woman'\): its mask is 16x8 but marker 1 \('man'\)'s is 8x8"),
-        (torch.zeros(2, 8, 8), [torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)], "either masks .* or each Subject node's mask"),
+        (
+            torch.zeros(3, 8, 8), [],
+            "masks has 3 mask(s) but the prompt marks 2 person(s) with <|image|> (marker 1 ('man'), marker 2 ('woman')); "
+            "give exactly one mask per marker, in marker order (e.g. the Face-diffuser Regions node with that many people)",
+        ),
+        (
+            torch.zeros(1, 8, 8), [],
+            "masks has 1 mask(s) but the prompt marks 2 person(s) with <|image|> (marker 1 ('man'), marker 2 ('woman')); "
+            "give exactly one mask per marker, in marker order (e.g. the Face-diffuser Regions node with that many people)",
+        ),
+        (
+            torch.zeros(1, 2, 8, 8), [],
+            "masks must be a MASK batch [N,H,W], got shape (1, 2, 8, 8); connect one mask per <|image|> marker as a MASK batch "
+            "(e.g. the Face-diffuser Regions node's masks)",
+        ),
+        (
+            None, [torch.zeros(1, 8, 8), None],
+            "some people have a region and some do not: marker 2 ('woman') has no mask; connect a mask to every Face-diffuser Subject node, or to none",
+        ),
+        (
+            None, [torch.zeros(1, 8, 8), torch.zeros(1, 8, 16)],
+            "marker 2 ('woman'): its mask is 16x8 but marker 1 ('man')'s is 8x8; give every person's mask the size of the image",
+        ),
+        (
+            torch.zeros(2, 8, 8), [torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)],
+            "masks is connected and Subject nodes have a mask too; give each person's region in one place: either masks (one per marker) "
+            "or each Subject node's mask",
+        ),
     ],
-)
+)  # fmt: skip
 def test_people_regions_errors(masks, subject_masks, message):
-    with pytest.raises(RegionError, match=message):
+    """The whole message: what is wrong, for which marker, and the fix (which input, what it needs)."""
+    with pytest.raises(RegionError) as raised:
         people_regions(masks, subject_masks, (1, 4), ("man", "woman"))
+    assert str(raised.value) == message
 
 
 def test_masks_must_fit_the_latent():
@@ -153,9 +178,9 @@ def test_masks_must_fit_the_latent():
     check_fits_latent(regions, (64, 96))
     check_fits_latent(Regions(torch.ones(1, 72, 104), (1,), ("man",)), (9, 13))
     check_fits_latent(Regions(torch.ones(1, 516, 512), (1,), ("man",)), (64, 64))  # within one latent cell
-    with pytest.raises(RegionError, match=r"masks are 768x512 but the latent is 64x64 \(512x512 px\).*aspect"):
+    with pytest.raises(RegionError, match=r"^the masks are 768x512 but the latent is 64x64 \(512x512 px\): their aspect ratios differ; make the masks at the image's size \(e\.g\. the Face-diffuser Regions node with the latent's width and height\)$"):
         check_fits_latent(regions, (64, 64))
     masks[1] = 0
     masks[1, 100:103, 600:603] = 1  # 3x3 pixels: under half of any 8x8 cell
-    with pytest.raises(RegionError, match=r"marker 2 \('woman'\): its region is empty at the latent's 96x64 resolution"):
+    with pytest.raises(RegionError, match=r"^marker 2 \('woman'\): its region is empty at the latent's 96x64 resolution \(less than half of every 8x8 pixel cell is inside\); make the region larger$"):
         check_fits_latent(regions, (64, 96))
