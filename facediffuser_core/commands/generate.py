@@ -37,7 +37,7 @@ from ..method.regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from ..method.schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from ..method.subjects import COMBINE_MODES, DEFAULT_COMBINE
 from ..weights.model_folders import MODEL_FOLDER, comfyui_model_folders, download_command_line, find_model
-from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
+from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, SUBJECT_PHOTO_INPUTS, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 
 __all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "read_pose", "pose_regions", "StageProgress", "save_outputs", "generate"]
@@ -89,12 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_faces(values: Sequence[str]) -> list[tuple[Path, ...]]:
     """``--face`` values -> the photos of each subject, in marker order (``a1.jpg,a2.jpg``: several
-    photos of one person)."""
+    photos of one person, at most one per photo input of a Face-diffuser Subject node)."""
     subjects = []
     for number, value in enumerate(values, start=1):
         photos = tuple(Path(part.strip()) for part in value.split(",") if part.strip())
         if not photos:
             raise UsageError(f"--face #{number} is empty; give the path of a photo")
+        if len(photos) > len(SUBJECT_PHOTO_INPUTS):
+            raise UsageError(f"--face #{number} has {len(photos)} photos; give at most {len(SUBJECT_PHOTO_INPUTS)} photos of one person (a Face-diffuser Subject node's {len(SUBJECT_PHOTO_INPUTS)} photo inputs)")
         subjects.append(photos)
     return subjects
 
