@@ -53,7 +53,7 @@ class UsageError(FaceDiffuserError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     job = parser.add_argument_group("the job")
-    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="the photo of the person of one <|image|> marker, or several photos of that person comma-separated (a1.jpg,a2.jpg); repeat --face once per marker, in marker order")
+    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="the photo of the person of one <|image|> marker, or several photos of that person comma-separated (a1.jpg,a2.jpg; at most 4); repeat --face once per marker, in marker order")
     job.add_argument("--prompt", required=True, help="the prompt, with <|image|> right after each person's class word, e.g. 'a man <|image|> reading in a cafe'")
     job.add_argument("-o", "--out", type=Path, required=True, help="folder for the images (facediffuser_NNNNN.png) and their subject masks (facediffuser_NNNNN_mask.png)")
     job.add_argument("--negative", default="", help="negative prompt of the scene stage (default: empty, as the official method)")
