@@ -54,7 +54,7 @@ __all__ = [
 DEFAULT_SDM = "facediffuser_sdm.safetensors"  # the names the README tells users to give the models
 DEFAULT_TDM = "facediffuser_tdm.safetensors"
 DEFAULT_CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"  # what download --controlnet openpose fetches
-BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images": ComfyUI 0.3.75+, and 0.8's newer node
+BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images" (0.3.75+; 0.8's newer node): read in users' templates only, build_graph uses none
 SUBJECT_PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # a Face-diffuser Subject node's photo inputs
 EventHandler = Callable[[str, dict], None]
 """``on_event(type, data)`` for each websocket event of the running job (``progress``, ``executing``...)."""
