@@ -3,7 +3,7 @@
 import pytest
 
 from facediffuser_core.method.prompt import parse_prompt
-from workflow_format import API_WORKFLOWS, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
+from workflow_format import API_WORKFLOWS, DEPRECATED_NODES, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
 
 PAIRS = workflow_pairs()
 MODEL_FILES = {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"}
@@ -195,12 +195,6 @@ def test_two_people_come_as_one_subject_node_each_chained_in_marker_order(name):
     # on the canvas: crop -> Person of the same marker
     pairs = sorted((crops[origin], subjects[target]) for _, origin, _, target, _, _ in ui["links"] if origin in crops and target in subjects)
     assert pairs == [("Crop face of the 1st <|image|>", "Person of the 1st <|image|>"), ("Crop face of the 2nd <|image|>", "Person of the 2nd <|image|>")]
-
-
-# Node classes ComfyUI marks deprecated (DEPRECATED = True, or is_deprecated in the v3 schema; /object_info
-# says "deprecated": true and the web UI badges them [DEPR]). The integration suite reads the flag from each
-# host's /object_info and the browser suite from each web UI; this list keeps the check without a ComfyUI.
-DEPRECATED_NODES = {"ImageBatch"}  # "Batch Images": deprecated in ComfyUI 0.33 (nodes.py), not in 0.3.75
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])

@@ -13,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
 
+# Node classes ComfyUI marks deprecated (DEPRECATED = True, or is_deprecated in the v3 schema; /object_info
+# says "deprecated": true and the web UI badges them [DEPR]). The integration suite reads the flag from each
+# host's /object_info and the browser suite from each web UI; this list keeps the check without a ComfyUI,
+# for the shipped workflows (tests/test_workflows.py) and the graphs generate builds (test_comfy_client.py).
+DEPRECATED_NODES = {"ImageBatch"}  # "Batch Images": deprecated in ComfyUI 0.33 (nodes.py), not in 0.3.75
+
 WIDGETS: dict[str, list[str]] = {
     "FaceDiffuserLoader": ["sdm_name", "tdm_name", "weight_dtype"],
     "FaceDiffuserSubject": ["combine"],

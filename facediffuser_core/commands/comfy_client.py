@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from ..errors import FaceDiffuserError
 from ..faces.detailer import DEFAULT_FEATHER, DEFAULT_SIZE, MATCH_BY_SUBJECT_ENCODER
 from ..faces.detection import DEFAULT_MARGIN
-from ..method.prompt import MAX_SUBJECTS
-from ..method.regions import Box, column_box, format_boxes
+from ..method.prompt import MARKER, MAX_SUBJECTS
+from ..method.regions import Box, format_boxes
 from ..method.schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION
 from ..method.subjects import DEFAULT_COMBINE
 from ..weights.model_folders import MODEL_FOLDER
@@ -54,7 +54,7 @@ __all__ = [
 DEFAULT_SDM = "facediffuser_sdm.safetensors"  # the names the README tells users to give the models
 DEFAULT_TDM = "facediffuser_tdm.safetensors"
 DEFAULT_CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"  # what download --controlnet openpose fetches
-BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images": ComfyUI 0.3.75+, and 0.8's newer node
+BATCH_NODES = ("ImageBatch", "BatchImagesNode")  # "Batch Images" (0.3.75+; 0.8's newer node): read in users' templates only, build_graph uses none
 SUBJECT_PHOTO_INPUTS = ("images", "images_2", "images_3", "images_4")  # a Face-diffuser Subject node's photo inputs
 EventHandler = Callable[[str, dict], None]
 """``on_event(type, data)`` for each websocket event of the running job (``progress``, ``executing``...)."""
@@ -138,55 +138,48 @@ class _GraphBuilder:
         self.nodes[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
         return node_id
 
-    def batch(self, links: list[list], title: str) -> list:
-        """One IMAGE link batching ``links`` in order, through chained "Batch Images" (ImageBatch) nodes."""
-        batched = links[0]
-        for number, link in enumerate(links[1:], start=2):
-            batched = [self.add("ImageBatch", f"{title} 1-{number}", image1=batched, image2=link), 0]
-        return batched
+
+def _ordinal(number: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``: the shipped workflows' node titles ("Person of the 1st <|image|>")."""
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number if number < 20 else number % 10, 'th')}"
 
 
-def _region_masks(graph: _GraphBuilder, job: Generation, batched: bool) -> list[list]:
-    """The MASK links of the job's regions: one batch in marker order (``batched``, for Subject Encode's
-    ``masks``) or one link per face (for each Face-diffuser Subject's ``mask``); none without regions.
-
-    Columns and boxes come from Face-diffuser Regions nodes, mask images from LoadImage through
-    "Convert Image to Mask" (red channel). A batch that mixes both is made of images (each Regions
-    node through "Convert Mask to Image", batched with Batch Images) converted to one MASK."""
+def _region_masks(graph: _GraphBuilder, job: Generation) -> tuple[Optional[list], list[list]]:
+    """The MASK links of the job's regions, as (Subject Encode's ``masks``, each Face-diffuser Subject's
+    ``mask``): one Face-diffuser Regions node with every person's region in marker order into
+    ``masks`` (as the shipped regions and pose workflows) where the regions are columns or boxes;
+    with a mask image among them, one mask per person into its Subject node (a box through a
+    one-person Regions node, a mask image through LoadImage and "Convert Image to Mask", red
+    channel), so nothing needs batching; (None, []) without regions."""
     count = len(job.faces)
     size = {"width": job.width, "height": job.height}
     if job.layout is not None:
-        if batched:
-            return [[graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout=job.layout, boxes="", prompt=job.prompt), 0]]
-        regions: list = [column_box(index, count) for index in range(count)]
-    else:
-        regions = list(job.regions)
+        return [graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout=job.layout, boxes="", prompt=job.prompt), 0], []
+    regions = list(job.regions)
     if not regions:
-        return []
+        return None, []
     if len(regions) != count:
         raise FaceDiffuserError(f"a Face-diffuser graph needs one region per face, got {len(regions)} region(s) for {count} face(s)")
-    if batched and not any(isinstance(region, str) for region in regions):
-        return [[graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout="boxes", boxes=format_boxes(regions), prompt=job.prompt), 0]]
+    if not any(isinstance(region, str) for region in regions):
+        return [graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout="boxes", boxes=format_boxes(regions), prompt=job.prompt), 0], []
     links = []
     for number, region in enumerate(regions, start=1):
         if isinstance(region, str):
             image = [graph.add("LoadImage", f"Region {number} (mask image)", image=region), 0]
-            links.append(image if batched else [graph.add("ImageToMask", f"Region {number}", image=image, channel="red"), 0])
+            links.append([graph.add("ImageToMask", f"Region {number}", image=image, channel="red"), 0])
         else:
-            mask = [graph.add("FaceDiffuserRegions", f"Region {number}", **size, people=1, layout="boxes", boxes=format_boxes([region]), prompt=""), 0]
-            links.append([graph.add("MaskToImage", f"Region {number} as image", mask=mask), 0] if batched else mask)
-    if not batched:
-        return links
-    return [[graph.add("ImageToMask", "Regions", image=graph.batch(links, "Regions"), channel="red"), 0]]
+            links.append([graph.add("FaceDiffuserRegions", f"Region {number}", **size, people=1, layout="boxes", boxes=format_boxes([region]), prompt=""), 0])
+    return None, links
 
 
 def build_graph(job: Generation) -> JobGraph:
-    """The API workflow of the shipped ``facediffuser_one_subject.json`` for any 1 to 4 faces: with
-    one photo per face, each a LoadImage batched in marker order by chained "Batch Images"
-    (ImageBatch) nodes into Subject Encode's ``images``; with several photos of a person, one chained
-    Face-diffuser Subject node per face (its photos batched into its ``images``) into Subject
-    Encode's ``subjects``, as ``facediffuser_two_photos.json``. The job's regions (see
-    :func:`_region_masks`) go into Subject Encode's ``masks``, or each Subject node's ``mask``. Then
+    """The API workflow of the shipped two-person workflows (``facediffuser_two_subjects.json``,
+    ``facediffuser_two_regions.json``...) for any 1 to 4 faces: per face, in marker order, one
+    Face-diffuser Subject node ("Person of the 1st <|image|>"...) with that person's LoadImage photos
+    (up to four, one per photo input: images, images_2...), each Subject's ``subjects`` into the next
+    one's ``previous_subjects`` and the last one's into Subject Encode's ``subjects``; no "Batch
+    Images" node, which ComfyUI 0.33 marks deprecated. The job's regions (see :func:`_region_masks`)
+    go into Subject Encode's ``masks``, or each Subject node's ``mask``. Then
     the all-in-one Face-diffuser Sampler (with ``job.pose``, all its conditionings through Face-diffuser
     Apply ControlNet), VAE decode, with ``job.detail`` the Face-diffuser Face
     Detailer (same people, prompt, seed, steps, cfg and sampler; a picture without a face passes
@@ -195,24 +188,24 @@ def build_graph(job: Generation) -> JobGraph:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
     if not all(job.faces):
         raise FaceDiffuserError("every face of a Face-diffuser graph needs at least one photo")
+    for number, faces in enumerate(job.faces, start=1):
+        if len(faces) > len(SUBJECT_PHOTO_INPUTS):
+            raise FaceDiffuserError(f"face {number} has {len(faces)} photos; a Face-diffuser Subject node takes at most {len(SUBJECT_PHOTO_INPUTS)} ({', '.join(SUBJECT_PHOTO_INPUTS)}): give at most {len(SUBJECT_PHOTO_INPUTS)} photos per face")
     graph = _GraphBuilder()
     loader = graph.add("FaceDiffuserLoader", "Face-diffuser Loader", sdm_name=job.sdm or DEFAULT_SDM, tdm_name=job.tdm or DEFAULT_TDM, weight_dtype="auto")
     photos = [
         [[graph.add("LoadImage", f"Face {number}" + (f", photo {index}" if len(faces) > 1 else ""), image=photo), 0] for index, photo in enumerate(faces, start=1)]
         for number, faces in enumerate(job.faces, start=1)
     ]  # fmt: skip
-    one_photo_each = all(len(faces) == 1 for faces in job.faces)
-    masks = _region_masks(graph, job, batched=one_photo_each)
-    regions = {"masks": masks[0]} if one_photo_each and masks else {}
-    if one_photo_each:
-        references = {"images": graph.batch([links[0] for links in photos], "Faces")}
-    else:
-        subjects = None
-        for number, links in enumerate(photos, start=1):
-            chained = {} if subjects is None else {"previous_subjects": subjects}
-            region = {"mask": masks[number - 1]} if masks else {}
-            subjects = [graph.add("FaceDiffuserSubject", f"Face-diffuser Subject {number}", images=graph.batch(links, f"Face {number} photos"), combine=job.combine, **chained, **region), 0]
-        references = {"subjects": subjects}
+    masks, person_masks = _region_masks(graph, job)
+    regions = {} if masks is None else {"masks": masks}
+    subjects = None
+    for number, links in enumerate(photos, start=1):
+        chained = {} if subjects is None else {"previous_subjects": subjects}
+        region = {"mask": person_masks[number - 1]} if person_masks else {}
+        inputs = dict(zip(SUBJECT_PHOTO_INPUTS, links))
+        subjects = [graph.add("FaceDiffuserSubject", f"Person of the {_ordinal(number)} {MARKER}", **inputs, combine=job.combine, **chained, **region), 0]
+    references = {"subjects": subjects}
     clip = [loader, 2]
     encode = graph.add("FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode", clip=clip, subject_encoder=[loader, 4], prompt=job.prompt, object_resolution=512, **references, **regions)
     negative = graph.add("CLIPTextEncode", "Negative prompt (TDM scene stage)", text=job.negative, clip=clip)

@@ -5,8 +5,9 @@ headless for the run and stopped afterwards).
 Everything that can be checked here (the prompt's markers against the photos, the settings, a face
 in each photo) is checked before a server starts. Each photo is face-cropped with MTCNN locally,
 uploaded, and the graph is built in code (:func:`~facediffuser_core.commands.comfy_client.build_graph`);
-``--region``/``--layout`` place each person in a region (Face-diffuser Regions nodes, or uploaded
-mask images, into Subject Encode's ``masks``).
+``--region``/``--layout`` place each person in a region (one Face-diffuser Regions node into Subject
+Encode's ``masks``, or, with a mask image among them, each person's mask into its Face-diffuser
+Subject node).
 The PNGs ComfyUI saves carry the API workflow (dropping one on the canvas reopens it); each comes
 with its subject mask. Exit codes: 0 done, 1 the job failed in ComfyUI, 2 usage or server error,
 130 interrupted.
@@ -36,7 +37,7 @@ from ..method.regions import WHOLE_LAYOUTS, Box, marked_words, named_region
 from ..method.schedule import FINAL_FRACTION, OFFICIAL_GUIDANCE, OFFICIAL_STEPS, START_MERGE_FRACTION, bounds_from_fractions, stage_at, validate_fractions
 from ..method.subjects import COMBINE_MODES, DEFAULT_COMBINE
 from ..weights.model_folders import MODEL_FOLDER, comfyui_model_folders, download_command_line, find_model
-from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, ComfyClient, Generation, JobError, JobGraph, build_graph
+from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, SUBJECT_PHOTO_INPUTS, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 
 __all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "read_pose", "pose_regions", "StageProgress", "save_outputs", "generate"]
@@ -52,7 +53,7 @@ class UsageError(FaceDiffuserError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     job = parser.add_argument_group("the job")
-    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="the photo of the person of one <|image|> marker, or several photos of that person comma-separated (a1.jpg,a2.jpg); repeat --face once per marker, in marker order")
+    job.add_argument("--face", action="append", required=True, metavar="PHOTO", help="the photo of the person of one <|image|> marker, or several photos of that person comma-separated (a1.jpg,a2.jpg; at most 4); repeat --face once per marker, in marker order")
     job.add_argument("--prompt", required=True, help="the prompt, with <|image|> right after each person's class word, e.g. 'a man <|image|> reading in a cafe'")
     job.add_argument("-o", "--out", type=Path, required=True, help="folder for the images (facediffuser_NNNNN.png) and their subject masks (facediffuser_NNNNN_mask.png)")
     job.add_argument("--negative", default="", help="negative prompt of the scene stage (default: empty, as the official method)")
@@ -88,12 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_faces(values: Sequence[str]) -> list[tuple[Path, ...]]:
     """``--face`` values -> the photos of each subject, in marker order (``a1.jpg,a2.jpg``: several
-    photos of one person)."""
+    photos of one person, at most one per photo input of a Face-diffuser Subject node)."""
     subjects = []
     for number, value in enumerate(values, start=1):
         photos = tuple(Path(part.strip()) for part in value.split(",") if part.strip())
         if not photos:
             raise UsageError(f"--face #{number} is empty; give the path of a photo")
+        if len(photos) > len(SUBJECT_PHOTO_INPUTS):
+            raise UsageError(f"--face #{number} has {len(photos)} photos; give at most {len(SUBJECT_PHOTO_INPUTS)} photos of one person (a Face-diffuser Subject node's {len(SUBJECT_PHOTO_INPUTS)} photo inputs)")
         subjects.append(photos)
     return subjects
 
@@ -126,27 +129,31 @@ def _open_rgb(path: Path, option: str, fix: str) -> Image.Image:
         raise UsageError(f"{option}: {path} is not an image ({error}); {fix}") from None
 
 
-def _mask_png(path: Path, number: int, width: int, height: int) -> bytes:
-    """The mask image of ``--region #number`` as PNG bytes, checked: readable, the picture's aspect
-    ratio, and white (red channel >= 128) somewhere."""
+def _mask_image(path: Path, number: int, width: int, height: int) -> Image.Image:
+    """The mask image of ``--region #number``, checked: readable, the picture's aspect ratio, and
+    white (red channel >= 128) somewhere."""
     image = _open_rgb(path, f"--region #{number}", "give a mask image, white where the person goes")
     if abs(image.width * height - image.height * width) > ASPECT_TOLERANCE * image.width * height:
         raise UsageError(f"--region #{number}: the mask image {path} is {image.width}x{image.height} but the picture is {width}x{height}; give a mask of the picture's aspect ratio")
     if image.getchannel("R").getextrema()[1] < 128:
         raise UsageError(f"--region #{number}: the mask image {path} is black everywhere; paint the person's region white")
-    return png_bytes(image)
+    return image
 
 
 def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces: int, width: int, height: int) -> list[Union[Box, bytes]]:
     """``--region`` values -> per face, in marker order, a box (fractions of the width and height) or a
-    mask image's PNG bytes; none without --region (``--layout`` is passed to the graph as it is)."""
+    mask image's PNG bytes; none without --region (``--layout`` is passed to the graph as it is).
+
+    Each mask image goes to its person's Face-diffuser Subject node, and Subject Encode stacks the
+    people's masks, so they must have one size: where the masks (a box's is the picture's size) are
+    not all of one size, each mask image not at the picture's size is resized (bilinear) to it."""
     if regions and layout:
         raise UsageError("give --region once per --face or --layout for all of them, not both")
     if not regions:
         return []
     if len(regions) != faces:
         raise UsageError(f"--region was given {len(regions)} time(s) but --face {faces} time(s); give one --region per --face, in marker order (or --layout columns for all)")
-    parsed: list[Union[Box, bytes]] = []
+    parsed: list[Union[Box, Image.Image]] = []
     for number, spec in enumerate(regions, start=1):
         try:
             box = named_region(spec)
@@ -157,8 +164,10 @@ def parse_regions(regions: Optional[Sequence[str]], layout: Optional[str], faces
                 f"--region #{number}: '{spec}' is none of left, right, centre, n/N (e.g. 2/3) and no such mask image file; "
                 "give one of those names or the path of a mask image, white where the person goes"
             )
-        parsed.append(box if box is not None else _mask_png(Path(spec), number, width, height))
-    return parsed
+        parsed.append(box if box is not None else _mask_image(Path(spec), number, width, height))
+    if len({region.size if isinstance(region, Image.Image) else (width, height) for region in parsed}) > 1:
+        parsed = [region.resize((width, height), Image.BILINEAR) if isinstance(region, Image.Image) and region.size != (width, height) else region for region in parsed]
+    return [png_bytes(region) if isinstance(region, Image.Image) else region for region in parsed]
 
 
 def _check_settings(args: argparse.Namespace) -> None:

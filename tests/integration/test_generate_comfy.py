@@ -81,6 +81,31 @@ def nodes_of(graph: dict, class_type: str) -> list[dict]:
     return [node for node in graph.values() if node["class_type"] == class_type]
 
 
+def people(graph: dict, link: list) -> list[dict]:
+    """The Face-diffuser Subject nodes chained into ``link`` (a subjects input), in marker order."""
+    chain = []
+    while link is not None:
+        node = graph[link[0]]
+        assert node["class_type"] == "FaceDiffuserSubject", node
+        chain.insert(0, node)
+        link = node["inputs"].get("previous_subjects")
+    return chain
+
+
+def photos(graph: dict, subject: dict) -> list[str]:
+    """The uploaded photo names of one Subject node, in input order (images, images_2...), as the people's file stems."""
+    return [graph[subject["inputs"][name][0]]["inputs"]["image"].split("_")[0] for name in ("images", "images_2", "images_3", "images_4") if name in subject["inputs"]]
+
+
+def check_no_deprecated_node(graph: dict, server) -> None:
+    """No node of the graph generate built is one this ComfyUI marks deprecated (the web UI's [DEPR]
+    badge when the PNG is dropped on the canvas); ImageBatch, which 0.33 marks, on no host."""
+    info = server.get("/object_info")
+    used = {node["class_type"] for node in graph.values()}
+    assert used <= set(info) and not sorted(kind for kind in used if info[kind].get("deprecated"))
+    assert "ImageBatch" not in used
+
+
 def check_outputs(out: Path, count: int) -> list[Path]:
     """The images and masks of one run: 64 px RGB pictures, masks only black and white."""
     images = sorted(out.glob("facediffuser_?????.png"))
@@ -126,9 +151,11 @@ def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
     first, second = check_outputs(out, 2)
     assert not np.array_equal(pixels(first), pixels(second))  # each batch item has its own noise
     graph = embedded_graph(first)
-    (batch,) = nodes_of(graph, "ImageBatch")
-    faces = [graph[batch["inputs"][name][0]]["inputs"]["image"] for name in ("image1", "image2")]
-    assert faces[0].startswith("facediffuser/man1_") and faces[1].startswith("facediffuser/man2_")  # marker order
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    chain = people(graph, encode["inputs"]["subjects"])
+    assert [photos(graph, subject) for subject in chain] == [["facediffuser/man1"], ["facediffuser/man2"]]  # marker order
+    assert [subject["_meta"]["title"] for subject in chain] == ["Person of the 1st <|image|>", "Person of the 2nd <|image|>"]
+    check_no_deprecated_node(graph, server)
     assert nodes_of(graph, "EmptyLatentImage")[0]["inputs"]["batch_size"] == 2
 
 
@@ -146,7 +173,9 @@ def test_detail_runs_the_face_detailer_on_the_sampled_picture(server, tmp_path):
     graph = embedded_graph(detailed)
     (detailer,) = nodes_of(graph, "FaceDiffuserFaceDetailer")
     (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
-    assert detailer["inputs"]["images"] == encode["inputs"]["images"] and detailer["inputs"]["denoise"] == 0.35
+    assert detailer["inputs"]["subjects"] == encode["inputs"]["subjects"] and detailer["inputs"]["denoise"] == 0.35
+    assert [photos(graph, subject) for subject in people(graph, detailer["inputs"]["subjects"])] == [["facediffuser/man1"], ["facediffuser/man2"]]
+    check_no_deprecated_node(graph, server)
     assert (detailer["inputs"]["seed"], detailer["inputs"]["steps"]) == (5, 3)
 
 
@@ -168,24 +197,30 @@ def test_several_photos_of_one_person(server, tmp_path):
     assert (both != alone).sum() > 10 * max(rounding, 1)
     graph = embedded_graph(next((tmp_path / "both").glob("*[0-9].png")))
     (subject,) = nodes_of(graph, "FaceDiffuserSubject")
-    (batch,) = nodes_of(graph, "ImageBatch")
-    assert graph[subject["inputs"]["images"][0]] == batch and [graph[batch["inputs"][k][0]]["inputs"]["image"].split("_")[0] for k in ("image1", "image2")] == ["facediffuser/man1", "facediffuser/man2"]
+    assert photos(graph, subject) == ["facediffuser/man1", "facediffuser/man2"]  # one photo input each, in --face order
+    check_no_deprecated_node(graph, server)
 
 
-def test_four_faces_chain_batch_images_nodes(server, tmp_path):
+def test_four_faces_chain_four_subject_nodes(server, tmp_path):
     out = tmp_path / "out"
     prompt = "a man <|image|>, a man <|image|>, a man <|image|> and a man <|image|> on a bench"
     faces = [arg for photo in (MAN1, MAN2, MAN2, MAN1) for arg in ("--face", str(photo))]
     result = generate(*faces, "--prompt", prompt, "-o", str(out), *SMALL, "--seed", "2", "--server", f"127.0.0.1:{server.port}")
     assert result.returncode == 0, result.stderr[-3000:]
     (image,) = check_outputs(out, 1)
-    assert len(nodes_of(embedded_graph(image), "ImageBatch")) == 3
+    graph = embedded_graph(image)
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    chain = people(graph, encode["inputs"]["subjects"])
+    assert [photos(graph, subject) for subject in chain] == [["facediffuser/man1"], ["facediffuser/man2"], ["facediffuser/man2"], ["facediffuser/man1"]]
+    assert len(nodes_of(graph, "FaceDiffuserSubject")) == 4
+    check_no_deprecated_node(graph, server)
 
 
 def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
     """--region and --layout on the real server: regions that cover the whole picture are no regions
-    (bit-identical picture), columns change it; a mask image batched with a named region, and
-    columns on chained Subject nodes (several photos of a person) run through ComfyUI's own nodes."""
+    (bit-identical picture), columns change it; a mask image with a named region (each person's mask on
+    their own Subject node) gives the columns' picture, and columns with several photos of a person
+    run through ComfyUI's own nodes."""
     common = ["--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--start-merge", "0", "--final", "0", "--seed", "8", "--server", f"127.0.0.1:{server.port}"]
 
     def picture(name: str, *args: str) -> np.ndarray:
@@ -202,10 +237,19 @@ def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
     left.save(mask)
     assert np.array_equal(picture("mixed", "--region", str(mask), "--region", "right"), columns)  # the same two halves
     graph = embedded_graph(next((tmp_path / "mixed").glob("*[0-9].png")))
-    assert len(nodes_of(graph, "ImageToMask")) == 1 and len(nodes_of(graph, "FaceDiffuserRegions")) == 1
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    first, second = people(graph, encode["inputs"]["subjects"])
+    assert "masks" not in encode["inputs"] and graph[first["inputs"]["mask"][0]]["class_type"] == "ImageToMask"
+    assert graph[graph[first["inputs"]["mask"][0]]["inputs"]["image"][0]]["inputs"]["image"].startswith("facediffuser/region1")  # the mask image: marker 1's
+    assert graph[second["inputs"]["mask"][0]]["inputs"]["boxes"] == "0.5,0,1,1"  # right: marker 2's
+    check_no_deprecated_node(graph, server)
     several = generate(*common[:2], "--face", f"{MAN2},{MAN2}", *common[4:], "--layout", "columns", "-o", str(tmp_path / "subjects"))
     assert several.returncode == 0, several.stderr[-3000:]
-    assert len(nodes_of(embedded_graph(next((tmp_path / "subjects").glob("*[0-9].png"))), "FaceDiffuserRegions")) == 2  # one per Subject node
+    graph = embedded_graph(next((tmp_path / "subjects").glob("*[0-9].png")))
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    assert graph[encode["inputs"]["masks"][0]]["inputs"]["layout"] == "columns" and len(nodes_of(graph, "FaceDiffuserRegions")) == 1
+    assert [photos(graph, subject) for subject in people(graph, encode["inputs"]["subjects"])] == [["facediffuser/man1"], ["facediffuser/man2", "facediffuser/man2"]]
+    check_no_deprecated_node(graph, server)
 
 
 def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):

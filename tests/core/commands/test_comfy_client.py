@@ -19,9 +19,8 @@ from facediffuser_core.commands.comfy_client import ComfyClient, Generation, Job
 from facediffuser_core.errors import FaceDiffuserError
 from facediffuser_core.faces.detection import DEFAULT_CROP_SIZE, DEFAULT_MARGIN, IF_NO_FACE
 from fake_comfy import FakeComfy, server_frame, websocket_accept
-from workflow_format import API_WORKFLOWS
+from workflow_format import API_WORKFLOWS, DEPRECATED_NODES
 
-BATCH_NODES = ("ImageBatch", "BatchImagesNode")
 GENERATE_CROP = {"face_index": 0, "margin": DEFAULT_MARGIN, "size": DEFAULT_CROP_SIZE, "if_no_face": IF_NO_FACE[0]}  # reference_png's defaults
 
 
@@ -41,8 +40,7 @@ def single_photo_people(graph: dict, link: list):
 
 
 def canonical(graph: dict, value):
-    """A link as the tree of what computes it (node ids and titles left out; every "Batch Images"
-    node, ImageBatch or BatchImagesNode, nested or not, as the flat list of what it batches; a Face
+    """A link as the tree of what computes it (node ids and titles left out; a Face
     Crop with generate's settings as the photo it crops, since generate uploads that crop; a chain of
     one-photo Subject nodes into ``subjects`` as those photos batched into ``images``)."""
     if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
@@ -51,10 +49,6 @@ def canonical(graph: dict, value):
     if node["class_type"] == "FaceDiffuserFaceCrop":  # generate uploads its photos cropped just so (reference_png)
         assert value[1] == 0 and {k: v for k, v in node["inputs"].items() if k != "images"} == GENERATE_CROP
         return canonical(graph, node["inputs"]["images"])
-    if node["class_type"] in BATCH_NODES:
-        inputs = node["inputs"]
-        links = [inputs["image1"], inputs["image2"]] if node["class_type"] == "ImageBatch" else [inputs[k] for k in sorted(inputs)]
-        return batched([canonical(graph, link) for link in links])
     inputs = {name: canonical(graph, v) for name, v in node["inputs"].items()}
     people = single_photo_people(graph, node["inputs"]["subjects"]) if "subjects" in node["inputs"] else None
     photos = [canonical(graph, link) for link in people or []]
@@ -71,6 +65,29 @@ def batched(parts: list):
     return ("batch", tuple(item for part in parts for item in (part[1] if part[0] == "batch" else [part])))
 
 
+def subject_chain(graph: dict, link: list) -> list[dict]:
+    """The Face-diffuser Subject nodes chained into ``link`` (a ``subjects`` input), in marker order."""
+    chain = []
+    while link is not None:
+        node = graph[link[0]]
+        assert node["class_type"] == "FaceDiffuserSubject" and link[1] == 0
+        chain.insert(0, node)
+        link = node["inputs"].get("previous_subjects")
+    return chain
+
+
+def photo_names(graph: dict, subject: dict) -> list[str]:
+    """A Subject node's photos, each straight from a LoadImage into its own photo input, in input order."""
+    names = [name for name in ("images", "images_2", "images_3", "images_4") if name in subject["inputs"]]
+    assert all(graph[subject["inputs"][name][0]]["class_type"] == "LoadImage" for name in names)
+    return [graph[subject["inputs"][name][0]]["inputs"]["image"] for name in names]
+
+
+def check_no_deprecated_node(graph: dict) -> None:
+    used = {node["class_type"] for node in graph.values()}
+    assert not used & DEPRECATED_NODES, f"build_graph used {sorted(used & DEPRECATED_NODES)}, which ComfyUI 0.33's web UI shows as [DEPR]"
+
+
 def outputs(graph: dict) -> list:
     return sorted(repr(canonical(graph, [key, 0])) for key, node in graph.items() if node["class_type"] in ("SaveImage", "PreviewImage"))
 
@@ -80,23 +97,26 @@ def test_built_graphs_compute_what_the_shipped_workflows_compute(name, faces):
     shipped = json.loads((API_WORKFLOWS / name).read_text())
     prompt = next(n["inputs"]["prompt"] for n in shipped.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
     built = build_graph(Generation(prompt, faces, seed=42))
+    check_no_deprecated_node(built.nodes)
     assert outputs(built.nodes) == outputs(shipped)
     assert built.nodes[built.sampler]["class_type"] == "FaceDiffuserSampler"
     assert built.nodes[built.images]["class_type"] == "SaveImage" and built.nodes[built.masks]["class_type"] == "PreviewImage"
     assert all(node["_meta"]["title"] for node in built.nodes.values())
 
 
-def test_built_graphs_batch_up_to_four_faces_in_marker_order():
+def test_built_graphs_chain_one_subject_node_per_face_for_up_to_four_faces_in_marker_order():
     job = Generation("a <|image|> b <|image|> c <|image|> d <|image|>", (("1.png",), ("2.png",), ("3.png",), ("4.png",)), negative="blurry",
                      seed=9, steps=7, cfg=3.5, start_merge=0.2, final=0.8, width=96, height=64, batch=3, sampler="euler",
                      scheduler="karras", sdm="s.safetensors", tdm="t.safetensors", filename_prefix="out/x", subject_mask=False)  # fmt: skip
     built = build_graph(job)
     nodes = built.nodes
-    batches = [node for node in nodes.values() if node["class_type"] == "ImageBatch"]
-    assert len(batches) == 3  # chained: ((1, 2), 3), 4
+    check_no_deprecated_node(nodes)
     encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
-    tree = canonical(nodes, encode["inputs"]["images"])
-    assert tree[0] == "batch" and [dict(load[1])["image"] for load in tree[1]] == ["1.png", "2.png", "3.png", "4.png"]
+    assert "images" not in encode["inputs"] and "masks" not in encode["inputs"]
+    chain = subject_chain(nodes, encode["inputs"]["subjects"])
+    assert [photo_names(nodes, subject) for subject in chain] == [["1.png"], ["2.png"], ["3.png"], ["4.png"]]
+    assert [subject["_meta"]["title"] for subject in chain] == [f"Person of the {n} <|image|>" for n in ("1st", "2nd", "3rd", "4th")]
+    assert len([n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubject"]) == 4 and all("mask" not in s["inputs"] for s in chain)
     sampler = nodes[built.sampler]["inputs"]
     assert {k: sampler[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "start_merge", "final", "denoise")} == {
         "seed": 9, "steps": 7, "cfg": 3.5, "sampler_name": "euler", "scheduler": "karras", "start_merge": 0.2, "final": 0.8, "denoise": 1.0,
@@ -111,6 +131,8 @@ def test_built_graphs_batch_up_to_four_faces_in_marker_order():
         build_graph(Generation("p", (("a.png",),) * 5))
     with pytest.raises(FaceDiffuserError, match="every face .* needs at least one photo"):
         build_graph(Generation("p", (("a.png",), ())))
+    with pytest.raises(FaceDiffuserError, match=r"face 2 has 5 photos; a Face-diffuser Subject node takes at most 4 \(images, images_2, images_3, images_4\)"):
+        build_graph(Generation("p", (("a.png",), ("b.png",) * 5)))
 
 
 def test_several_photos_of_a_person_go_through_chained_subject_nodes():
@@ -122,10 +144,10 @@ def test_several_photos_of_a_person_go_through_chained_subject_nodes():
     photos = tuple(shipped[crop["inputs"]["images"][0]]["inputs"]["image"] for crop in crops)
     built = build_graph(Generation(encode["prompt"], (photos,), seed=42, combine=subject["combine"]))
     nodes = built.nodes
+    check_no_deprecated_node(nodes)
     (built_subject,) = [n["inputs"] for n in nodes.values() if n["class_type"] == "FaceDiffuserSubject"]
-    # the shipped workflow has its photos in images and images_2 (photos of different sizes); generate's
-    # crops are all one size, so they come batched into images: the same photos in the same order
-    assert canonical(nodes, built_subject["images"]) == ("batch", tuple(canonical(shipped, crop["inputs"]["images"]) for crop in crops))
+    # as the shipped workflow: the photos in images and images_2, each its own (cropped) photo
+    assert {name: canonical(nodes, built_subject[name]) for name in ("images", "images_2")} == {name: canonical(shipped, subject[name]) for name in ("images", "images_2")}
     assert built_subject["combine"] == subject["combine"] and "previous_subjects" not in built_subject
     built_encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
     assert "images" not in built_encode and nodes[built_encode["subjects"][0]]["class_type"] == "FaceDiffuserSubject"
@@ -137,16 +159,11 @@ def test_several_photos_of_a_person_go_through_chained_subject_nodes():
 def test_subject_nodes_chain_in_marker_order_with_each_persons_photos():
     job = Generation("a <|image|> and b <|image|> and c <|image|>", (("a1.png", "a2.png", "a3.png"), ("b.png",), ("c1.png", "c2.png")), combine="norm average")
     nodes = build_graph(job).nodes
+    check_no_deprecated_node(nodes)
     encode = next(n for n in nodes.values() if n["class_type"] == "FaceDiffuserSubjectEncode")["inputs"]
-    chain, link = [], encode["subjects"]
-    while link is not None:  # from the last subject back to the first
-        subject = nodes[link[0]]
-        assert subject["class_type"] == "FaceDiffuserSubject" and subject["inputs"]["combine"] == "norm average"
-        tree = canonical(nodes, subject["inputs"]["images"])
-        loads = tree[1] if tree[0] == "batch" else (tree,)
-        chain.insert(0, [dict(load[1])["image"] for load in loads])
-        link = subject["inputs"].get("previous_subjects")
-    assert chain == [["a1.png", "a2.png", "a3.png"], ["b.png"], ["c1.png", "c2.png"]]
+    chain = subject_chain(nodes, encode["subjects"])
+    assert all(subject["inputs"]["combine"] == "norm average" for subject in chain)
+    assert [photo_names(nodes, subject) for subject in chain] == [["a1.png", "a2.png", "a3.png"], ["b.png"], ["c1.png", "c2.png"]]
 
 
 def test_filled_templates_keep_their_own_settings():

@@ -113,25 +113,26 @@ def nodes_of(graph: dict, class_type: str) -> list[dict]:
     return [node for node in graph.values() if node["class_type"] == class_type]
 
 
-def loaded_images(graph: dict) -> list[str]:
-    """The LoadImage values feeding Subject Encode, in batch order (through any Batch Images nodes)."""
-
-    def follow(link: list) -> list[str]:
-        node = graph[link[0]]
-        if node["class_type"] == "LoadImage":
-            return [node["inputs"]["image"]]
-        inputs = node["inputs"]
-        links = [inputs["image1"], inputs["image2"]] if node["class_type"] == "ImageBatch" else [inputs[k] for k in sorted(inputs)]
-        return [image for inner in links for image in follow(inner)]
-
+def loaded_images(graph: dict) -> list[list[str]]:
+    """Per person, in marker order, the LoadImage values of the Face-diffuser Subject chain feeding
+    Subject Encode's subjects (each Subject's photo inputs in order)."""
     (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
-    return follow(encode["inputs"]["images"])
+    people, link = [], encode["inputs"]["subjects"]
+    while link is not None:
+        subject = graph[link[0]]
+        assert subject["class_type"] == "FaceDiffuserSubject"
+        loads = [graph[subject["inputs"][name][0]] for name in ("images", "images_2", "images_3", "images_4") if name in subject["inputs"]]
+        assert all(load["class_type"] == "LoadImage" for load in loads)
+        people.insert(0, [load["inputs"]["image"] for load in loads])
+        link = subject["inputs"].get("previous_subjects")
+    return people
 
 
 def test_built_graphs_carry_the_job_and_its_settings():
     job = Job("abc_a+b+c", "a man <|image|>, a woman <|image|> and a boy <|image|> at a table", ("a", "b", "c"), 2)
     graph = job_graph(job, ["eval/a.png", "eval/b.png", "eval/c.png"], SETTINGS).nodes
-    assert loaded_images(graph) == ["eval/a.png", "eval/b.png", "eval/c.png"]  # marker order
+    assert loaded_images(graph) == [["eval/a.png"], ["eval/b.png"], ["eval/c.png"]]  # marker order, one Subject node each
+    assert "images" not in nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"] and not nodes_of(graph, "ImageBatch")  # no [DEPR] node
     assert nodes_of(graph, "FaceDiffuserSubjectEncode")[0]["inputs"]["prompt"] == job.prompt
     (sampler,) = nodes_of(graph, "FaceDiffuserSampler")
     assert {k: sampler["inputs"][k] for k in ("seed", "steps", "cfg")} == {"seed": 7, "steps": 3, "cfg": 4.5}
@@ -586,12 +587,12 @@ def test_command_end_to_end_with_retry_failures_and_resume(tmp_path, subjects_di
     with open(out / "failures.csv", newline="") as file:
         failed = list(csv.DictReader(file))
     assert sorted(row["job"] for row in failed) == sorted(job.id for job in jobs if "broken" in job.prompt)
-    assert all("FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): fake failure (broken)" in row["error"] for row in failed)
+    assert all("FaceDiffuserSampler (node 7, 'Face-diffuser Sampler'): fake failure (broken)" in row["error"] for row in failed)
     assert "2 job(s) failed" in report.err and "fake failure (broken)" in report.err
 
     pair = next(g for g in queued if "flaky" in json.dumps(g))
     uploads = {name for server in servers for _, name in server.uploads}
-    alice, bob = loaded_images(pair)
+    (alice,), (bob,) = loaded_images(pair)
     assert alice.startswith("facediffuser_eval/alice_") and bob.startswith("facediffuser_eval/bob_")
     assert {alice.split("/")[1], bob.split("/")[1]} <= uploads
     assert nodes_of(pair, "EmptyLatentImage")[0]["inputs"] == {"width": 64, "height": 64, "batch_size": 2}

@@ -65,6 +65,9 @@ def gray_photo(tmp_path) -> Path:
 
 def test_faces_are_one_or_more_photos_per_marker(tmp_path):
     assert parse_faces(["a.jpg", " b.jpg , c.jpg "]) == [(Path("a.jpg"),), (Path("b.jpg"), Path("c.jpg"))]
+    assert len(parse_faces(["a.jpg,b.jpg,c.jpg,d.jpg"])[0]) == 4  # a Subject node's four photo inputs
+    with pytest.raises(UsageError, match=r"--face #2 has 5 photos; give at most 4 photos of one person \(a Face-diffuser Subject node's 4 photo inputs\)"):
+        parse_faces(["a.jpg", "a,b,c,d,e"])
     with pytest.raises(UsageError, match=r"--face #1 is empty"):
         parse_faces([" , "])
     with pytest.raises(UsageError, match=rf"--face #2: no such file {tmp_path / 'none.jpg'}"):
@@ -316,7 +319,8 @@ def test_detail_adds_the_face_detailer_between_decoding_and_saving(fake, tmp_pat
     encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
     save = next(n["inputs"] for n in graph.values() if n["class_type"] == "SaveImage")
     assert save["images"] == [detailer_id, 0] and graph[detailer["image"][0]]["class_type"] == "VAEDecode"
-    assert detailer["images"] == encode["images"] and detailer["prompt"] == encode["prompt"]  # the same people, in marker order
+    assert detailer["subjects"] == encode["subjects"] and detailer["prompt"] == encode["prompt"]  # the same people (Subject chain), in marker order
+    assert "images" not in detailer and "images" not in encode
     for name in ("clip", "subject_encoder"):
         assert detailer[name] == encode[name]
     loader = encode["clip"][0]
@@ -340,8 +344,8 @@ def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake,
     while link is not None:  # the Subject nodes, from the last marker's back to the first
         subject = graph[link[0]]["inputs"]
         assert subject["combine"] == "norm average"
-        batch = graph[subject["images"][0]]
-        links = [batch["inputs"]["image1"], batch["inputs"]["image2"]] if batch["class_type"] == "ImageBatch" else [subject["images"]]
+        links = [subject[name] for name in ("images", "images_2", "images_3", "images_4") if name in subject]  # one photo per input
+        assert all(graph[load[0]]["class_type"] == "LoadImage" for load in links)
         chain.insert(0, [re.sub(r"_[0-9a-f]{10}\.png$", "", graph[load[0]]["inputs"]["image"]) for load in links])
         link = subject.get("previous_subjects")
     assert chain == [["facediffuser/man1", "facediffuser/man2"], ["facediffuser/man2"]]
@@ -353,9 +357,9 @@ def test_errors_and_exit_codes(fake, tmp_path, capsys):
     fake.fail["broken"] = 1
     common = ["--face", str(MAN1), "-o", str(tmp_path / "out"), "--size", "64", "--steps", "2"]
     code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>, invalid", "--server", fake.address)
-    assert code == 1 and "rejected the workflow (HTTP 400): Prompt outputs failed validation; FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): Value not in list" in err
+    assert code == 1 and "rejected the workflow (HTTP 400): Prompt outputs failed validation; FaceDiffuserSampler (node 7, 'Face-diffuser Sampler'): Value not in list" in err
     code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>, broken", "--server", fake.address)
-    assert code == 1 and "failed the job: FaceDiffuserSampler (node 6, 'Face-diffuser Sampler'): fake failure (broken)" in err
+    assert code == 1 and "failed the job: FaceDiffuserSampler (node 7, 'Face-diffuser Sampler'): fake failure (broken)" in err
     code, _, err = run_main(capsys, *common, "--prompt", "a man <|image|>", "--server", "127.0.0.1:1")
     assert code == 2 and "error: http://127.0.0.1:1 cannot be reached" in err
     assert not (tmp_path / "out").exists()
@@ -581,40 +585,61 @@ def test_named_regions_become_the_boxes_of_one_regions_node(fake, tmp_path, caps
     assert boxes[0] == (0.5, 0.0, 1.0, 1.0) and boxes[1] == pytest.approx((0.0, 0.0, 1 / 3, 1.0), abs=1e-9)  # marker order
 
 
-def test_a_mask_image_region_is_uploaded_and_batched_with_the_named_ones(fake, tmp_path, capsys):
+def test_a_mask_image_region_goes_on_its_persons_subject_node_with_the_named_ones(fake, tmp_path, capsys):
+    """With a mask image among the regions each person's mask goes on their own Subject node (nothing
+    is batched: no Batch Images, which ComfyUI 0.33 marks deprecated); Subject Encode stacks the
+    people's masks, so a mask image of another size than a named region's (the picture's) is resized
+    to the picture's size."""
     mask = Image.new("L", (48, 32), 0)
     mask.paste(255, (0, 0, 24, 32))  # the left half
     path = tmp_path / "left.png"
     mask.save(path)
     graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, "--region", str(path), "--region", "right")
     expected = io.BytesIO()
-    mask.convert("RGB").save(expected, format="PNG")
+    mask.convert("RGB").resize((96, 64), Image.BILINEAR).save(expected, format="PNG")
     uploaded = [name for _, name in fake.uploads if name.startswith("region1_")]
     assert uploaded == [f"region1_{hashlib.sha1(expected.getvalue()).hexdigest()[:10]}.png"]
+    assert not [n for n in graph.values() if n["class_type"] == "ImageBatch"]
     encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
-    to_mask = graph[encode["masks"][0]]
+    assert "masks" not in encode
+    second = node_inputs(graph, encode["subjects"])
+    first = node_inputs(graph, second["previous_subjects"])
+    assert "previous_subjects" not in first
+    to_mask = graph[first["mask"][0]]  # marker 1: the mask image, its red channel
     assert to_mask["class_type"] == "ImageToMask" and to_mask["inputs"]["channel"] == "red"
-    batch = node_inputs(graph, to_mask["inputs"]["image"])  # Batch Images: marker 1, then marker 2
-    first, second = graph[batch["image1"][0]], graph[batch["image2"][0]]
-    assert first["class_type"] == "LoadImage" and first["inputs"]["image"] == f"facediffuser/{uploaded[0]}"
-    assert second["class_type"] == "MaskToImage"
-    regions = node_inputs(graph, second["inputs"]["mask"])
-    assert (regions["people"], regions["layout"], parse_boxes(regions["boxes"])) == (1, "boxes", [(0.5, 0.0, 1.0, 1.0)])
+    load = graph[to_mask["inputs"]["image"][0]]
+    assert load["class_type"] == "LoadImage" and load["inputs"]["image"] == f"facediffuser/{uploaded[0]}"
+    regions = node_inputs(graph, second["mask"])  # marker 2: right
+    assert (regions["people"], regions["layout"], parse_boxes(regions["boxes"]), regions["width"], regions["height"]) == (1, "boxes", [(0.5, 0.0, 1.0, 1.0)], 96, 64)
 
 
-def test_several_photos_a_person_put_each_region_on_its_subject_node(fake, tmp_path, capsys):
+def test_mask_images_of_one_size_are_uploaded_as_they_are(fake, tmp_path, capsys):
+    """Masks of one size (none of them the picture's) need no resizing: each is uploaded as it is."""
+    paths = []
+    for number, box in enumerate(((0, 0, 24, 32), (24, 0, 48, 32)), start=1):
+        mask = Image.new("L", (48, 32), 0)
+        mask.paste(255, box)
+        paths.append(tmp_path / f"m{number}.png")
+        mask.save(paths[-1])
+    regions_run(fake, tmp_path, capsys, *TWO_MEN, "--region", str(paths[0]), "--region", str(paths[1]))
+    for number, path in enumerate(paths, start=1):
+        expected = io.BytesIO()
+        Image.open(path).convert("RGB").save(expected, format="PNG")
+        assert [name for _, name in fake.uploads if name.startswith(f"region{number}_")] == [f"region{number}_{hashlib.sha1(expected.getvalue()).hexdigest()[:10]}.png"]
+
+
+def test_several_photos_of_a_person_take_the_regions_as_one_photo_each_does(fake, tmp_path, capsys):
+    """Columns with several photos of a person: one Regions node into Subject Encode's masks, as with
+    one photo each (and the shipped regions workflow), each person's photos on their own Subject node."""
     args = ["--face", f"{MAN1},{MAN2}", "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess"]
     graph = regions_run(fake, tmp_path, capsys, *args, "--layout", "columns")
     encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
-    assert "masks" not in encode
-    boxes, link = [], encode["subjects"]
-    while link is not None:  # from the last marker's Subject back to the first
-        subject = node_inputs(graph, link)
-        regions = node_inputs(graph, subject["mask"])
-        assert (regions["people"], regions["layout"]) == (1, "boxes")
-        boxes.insert(0, parse_boxes(regions["boxes"])[0])
-        link = subject.get("previous_subjects")
-    assert boxes == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    regions = node_inputs(graph, encode["masks"])
+    assert (regions["people"], regions["layout"], regions["width"], regions["height"]) == (2, "columns", 96, 64)
+    second = node_inputs(graph, encode["subjects"])
+    first = node_inputs(graph, second["previous_subjects"])
+    assert "mask" not in first and "mask" not in second
+    assert ("images_2" in first, "images_2" in second) == (True, False)
 
 
 def test_region_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, capsys):
