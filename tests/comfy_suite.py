@@ -105,7 +105,7 @@ def start_server(
             "TDM": model_files.tdm_official.parent,
             FASTCOMPOSER_FILE: ensure_fastcomposer_file(model_files),
         },
-        [*face_pngs, TESTS.parent / "workflows" / "pose_two_people.png", *inputs],
+        [*face_pngs, TESTS.parent / "workflows" / "inputs" / "pose_two_people.png", *inputs],
         {
             **dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
             f"controlnet/{CONTROLNET}": ensure_controlnet_file(model_files, comfyui_path),

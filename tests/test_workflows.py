@@ -265,7 +265,7 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert (control["strength"], control["start_percent"], control["end_percent"]) == (1.0, 0.0, 1.0)
     assert api[control["control_net"][0]]["inputs"] == {"control_net_name": "control_v11p_sd15_openpose_fp16.safetensors"}
     pose = api[control["image"][0]]
-    assert pose["class_type"] == "LoadImage" and (WORKFLOWS / pose["inputs"]["image"]).is_file()  # shipped beside the workflow
+    assert pose["class_type"] == "LoadImage" and (WORKFLOWS / "inputs" / pose["inputs"]["image"]).is_file()  # shipped with the example inputs
     regions = api[encode["masks"][0]]["inputs"]
     assert regions["layout"] == "pose" and regions["pose"] == control["image"]  # the regions come from the pose the ControlNet follows
     assert regions["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2
