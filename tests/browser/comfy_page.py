@@ -140,6 +140,15 @@ class ComfyPage:
         card.click()
         self.wait_for_graph(workflow)
 
+    def show_saved_view(self, workflow: dict) -> None:
+        """Zoom and pan the canvas as the file saved it (``extra.ds``), as File > Open shows it: the
+        template browser fits the graph to the window instead, too small for LiteGraph to draw text."""
+        self.page.evaluate(
+            "(ds) => { app.canvas.ds.scale = ds.scale; app.canvas.ds.offset[0] = ds.offset[0]; app.canvas.ds.offset[1] = ds.offset[1]; app.canvas.setDirty(true, true) }",
+            workflow["extra"]["ds"],
+        )
+        self.page.wait_for_timeout(300)
+
     def wait_for_graph(self, workflow: dict) -> None:
         ids = sorted(str(node["id"]) for node in workflow["nodes"])
         self.page.wait_for_function("(ids) => JSON.stringify(app.graph._nodes.map(n => String(n.id)).sort()) === JSON.stringify(ids)", arg=ids)

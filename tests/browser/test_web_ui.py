@@ -85,6 +85,7 @@ def test_workflow_opens_converts_to_its_api_file_and_runs_from_the_run_button(ui
     # the frontend's own UI -> API conversion gives exactly the shipped API file: same nodes, links,
     # widget values and titles
     assert ui.prompt() == expected_prompt(name)
+    ui.show_saved_view(workflow)  # the pictures at the file's own zoom, where node text is drawn
     image = ui.screenshot(screenshots / f"{name}.png", clip=ui.graph_rect())
     save_thumbnail(image, screenshots / f"{name}.jpg")
 
