@@ -70,7 +70,7 @@ def with_controlnet(files, size: int, *conditionings: list) -> tuple:
     from PIL import Image
 
     control_net = comfy.controlnet.load_controlnet(str(ensure_controlnet_file(files, Path(os.environ["COMFYUI_PATH"]))))
-    image = Image.open(ROOT / "workflows" / "pose_two_people.png").convert("RGB").resize((size, size))
+    image = Image.open(ROOT / "workflows" / "inputs" / "pose_two_people.png").convert("RGB").resize((size, size))
     pose = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
     applied = apply_controlnet(dict(enumerate(conditionings)), control_net, pose, 1.0, 0.0, 1.0)
     return tuple(applied.values())

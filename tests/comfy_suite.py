@@ -81,6 +81,7 @@ CACHE_ARGS = ["--cache-classic"]
 def start_server(
     comfyui_path: Path, model_files, face_pngs: list[Path], tmp_path_factory, inputs: list[Path] = (),
     models: dict[str, Path] | None = None, cache_args: list[str] = CACHE_ARGS, suite_settings: bool = True,
+    templates_only: bool = False,
 ):  # fmt: skip
     """A ComfyUI server (``--cpu``, 127.0.0.1) with the pack in custom_nodes; in models/facediffuser the
     converted files under the README's names (FastComposer's too) and the official SDM/ and TDM/
@@ -89,11 +90,19 @@ def start_server(
     models/controlnet, plus ``models`` (``facenet/x`` -> file); an SDXL-shaped file in a folder of
     extra_model_paths.yaml; face_1.png, face_2.png, the shipped pose image and ``inputs`` in input/. Stop it
     with ``.stop()``. ``cache_args``: ComfyUI's cache options (``[]``: its default); ``suite_settings``:
-    False runs ComfyUI as users do (no ``harness.SERVER_ARGS``, no ``LOW_MEMORY_ENV``)."""
+    False runs ComfyUI as users do (no ``harness.SERVER_ARGS``, no ``LOW_MEMORY_ENV``). ``templates_only``:
+    only the pack and the models the shipped templates need, as a user has after the README's steps:
+    nothing copied into input/ (the pack's ``add_example_inputs`` fills it on load; ``face_pngs`` and
+    ``inputs`` must be empty) and no LoRA (the scene-checkpoint template's LoRA loader is bypassed)."""
     from harness import ComfyServer, make_base_directory
     from models import CONTROLNET, FASTCOMPOSER_FILE, SCENE_CHECKPOINT, SCENE_LORA, ensure_controlnet_file, ensure_fastcomposer_file, ensure_scene_files
 
     release_in_process()  # before a server loads models beside this process's
+    if templates_only:
+        assert not face_pngs and not inputs, "templates_only: the pack provides the inputs"
+    scene = dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path)))
+    if templates_only:
+        del scene[f"loras/{SCENE_LORA}"]
 
     base = tmp_path_factory.mktemp("comfy-base")
     make_base_directory(
@@ -105,9 +114,9 @@ def start_server(
             "TDM": model_files.tdm_official.parent,
             FASTCOMPOSER_FILE: ensure_fastcomposer_file(model_files),
         },
-        [*face_pngs, TESTS.parent / "workflows" / "pose_two_people.png", *inputs],
+        [] if templates_only else [*face_pngs, TESTS.parent / "workflows" / "inputs" / "pose_two_people.png", *inputs],
         {
-            **dict(zip((f"checkpoints/{SCENE_CHECKPOINT}", f"loras/{SCENE_LORA}"), ensure_scene_files(model_files, comfyui_path))),
+            **scene,
             f"controlnet/{CONTROLNET}": ensure_controlnet_file(model_files, comfyui_path),
             **(models or {}),
         },

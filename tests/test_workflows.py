@@ -3,7 +3,7 @@
 import pytest
 
 from facediffuser_core.method.prompt import parse_prompt
-from workflow_format import API_WORKFLOWS, DEPRECATED_NODES, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
+from workflow_format import API_WORKFLOWS, BYPASS, DEPRECATED_NODES, FRONTEND_ONLY, REPO, WIDGETS, WORKFLOWS, load, ui_to_api, workflow_pairs
 
 PAIRS = workflow_pairs()
 MODEL_FILES = {"facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"}
@@ -35,7 +35,7 @@ def test_ui_graph_is_well_formed(ui_path):
         assert socket["link"] == link_id and socket["type"] == kind
     linked = {link[0] for link in ui["links"]}
     for node in nodes.values():
-        assert node["type"] in WIDGETS
+        assert node["type"] in WIDGETS or node["type"] in FRONTEND_ONLY
         # an unconnected (optional) input is saved with link null, as the frontend does
         assert all(s["link"] is None or s["link"] in linked for s in node["inputs"]), f"node {node['id']} has a dangling input"
         assert all(set(o["links"]) <= linked for o in node["outputs"])
@@ -92,13 +92,57 @@ def test_model_download_entries_follow_the_web_uis_rules(ui_path):
 def test_the_scene_checkpoint_workflow_encodes_the_scene_prompts_with_the_scene_models_clip():
     api = load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")
     (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
-    lora = sampler["tdm"][0]  # the scene model through its LoRA: its CLIP output is the scene model's CLIP
-    assert api[lora]["class_type"] == "LoraLoader"
+    scene = sampler["tdm"][0]  # the checkpoint itself: its LoRA is bypassed as shipped
+    assert api[scene]["class_type"] == "CheckpointLoaderSimple" and sampler["tdm"][1] == 0
+    assert not [n for n in api.values() if n["class_type"] == "LoraLoader"]
     for name in ("scene_positive", "scene_negative"):
-        assert api[sampler[name][0]]["class_type"] == "CLIPTextEncode" and api[sampler[name][0]]["inputs"]["clip"] == [lora, 1]
+        assert api[sampler[name][0]]["class_type"] == "CLIPTextEncode" and api[sampler[name][0]]["inputs"]["clip"] == [scene, 1]
     (encoder,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
     scene_prompt = api[sampler["scene_positive"][0]]["inputs"]["text"]
     assert "<|image|>" not in scene_prompt and encoder["prompt"].replace(" <|image|>", "") in scene_prompt
+
+
+def test_the_scene_checkpoint_workflows_lora_is_bypassed_with_a_note_and_un_bypassing_puts_it_on_the_scene_model():
+    """The template needs no LoRA file (none is downloadable for it): its LoRA loader ships bypassed,
+    a Note says how to use one, and un-bypassing the node (Ctrl+B, mode 0) puts the LoRA between the
+    checkpoint and everything that uses the scene model or its CLIP."""
+    ui = load(WORKFLOWS / "facediffuser_scene_checkpoint.json")
+    (lora,) = [n for n in ui["nodes"] if n["type"] == "LoraLoader"]
+    assert lora["mode"] == BYPASS
+    notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
+    assert any("bypassed" in text and "Ctrl+B" in text and "models/loras" in text for text in notes)
+    lora["mode"] = 0
+    api = ui_to_api(ui)
+    key = str(lora["id"])
+    assert api[key]["class_type"] == "LoraLoader" and api[api[key]["inputs"]["model"][0]]["class_type"] == "CheckpointLoaderSimple"
+    assert api[key]["inputs"]["clip"] == [api[key]["inputs"]["model"][0], 1]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
+    assert sampler["tdm"] == [key, 0]
+    for name in ("scene_positive", "scene_negative"):
+        assert api[sampler[name][0]]["inputs"]["clip"] == [key, 1]
+    shipped = load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")
+    assert {k: v for k, v in api.items() if k != key} != shipped and set(api) - set(shipped) == {key}
+
+
+@pytest.mark.parametrize("ui_path", [p for p, _ in PAIRS], ids=[p.stem for p, _ in PAIRS])
+def test_every_workflow_has_a_note_naming_the_load_image_nodes_for_your_own_photos(ui_path):
+    """The template runs on the example pictures the pack copies into ComfyUI's input folder
+    (workflows/inputs/); one Note, above the photos, names each Load Image node a user points at
+    their own photos (and the pose), by its title on the canvas."""
+    ui = load(ui_path)
+    (note,) = [n for n in ui["nodes"] if n["type"] == "Note" and n["title"] == "Your photos"]
+    text = note["widgets_values"][0]
+    loads = [n for n in ui["nodes"] if n["type"] == "LoadImage"]
+    assert loads and all(f"• {n['title']}" in text.splitlines() for n in loads)
+    assert all((WORKFLOWS / "inputs" / n["widgets_values"][0]).is_file() for n in loads)  # the pack ships what it opens
+    assert "example portraits" in text and "input folder" in text
+    # placed in the free corner above the photos: it overlaps no node
+    x, y, w, h = *note["pos"], *note["size"]
+    title = 30
+    for node in ui["nodes"]:
+        if node is not note:
+            nx, ny, nw, nh = *node["pos"], *node["size"]
+            assert x + w <= nx or nx + nw <= x or y + h <= ny - title or ny + nh <= y - title, f"the note overlaps node {node['id']}"
 
 
 def canonical(api: dict, link: list):
@@ -259,7 +303,7 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert (control["strength"], control["start_percent"], control["end_percent"]) == (1.0, 0.0, 1.0)
     assert api[control["control_net"][0]]["inputs"] == {"control_net_name": "control_v11p_sd15_openpose_fp16.safetensors"}
     pose = api[control["image"][0]]
-    assert pose["class_type"] == "LoadImage" and (WORKFLOWS / pose["inputs"]["image"]).is_file()  # shipped beside the workflow
+    assert pose["class_type"] == "LoadImage" and (WORKFLOWS / "inputs" / pose["inputs"]["image"]).is_file()  # shipped with the example inputs
     regions = api[encode["masks"][0]]["inputs"]
     assert regions["layout"] == "pose" and regions["pose"] == control["image"]  # the regions come from the pose the ControlNet follows
     assert regions["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2

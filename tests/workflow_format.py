@@ -66,24 +66,47 @@ def widget_names_from_object_info(node_info: dict) -> list[str]:
     return names
 
 
+# Node types the frontend keeps to itself (virtual nodes): shown on the canvas, never sent to the server.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+BYPASS = 4  # a node's mode when bypassed (Ctrl+B): left out of the prompt, its inputs passed through
+NEVER = 2  # muted (Ctrl+M): left out, and so is what only it feeds
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
 def ui_to_api(ui: dict) -> dict:
-    """API-format graph (``class_type`` and ``inputs`` per node id) of a UI-format workflow."""
+    """API-format graph (``class_type`` and ``inputs`` per node id) of a UI-format workflow: as the
+    frontend's graphToPrompt, without its Note nodes and bypassed nodes; a link from a bypassed node
+    comes from what feeds that node's input of the same type (the same slot first)."""
     links = {link[0]: link for link in ui["links"]}
+    nodes = {node["id"]: node for node in ui["nodes"]}
+
+    def source(link_id: int):
+        _, origin, slot, _, _, kind = links[link_id]
+        node = nodes[origin]
+        if node.get("mode", 0) != BYPASS:
+            return [str(origin), slot]
+        inputs = node.get("inputs", [])
+        candidates = ([inputs[slot]] if slot < len(inputs) else []) + inputs
+        for socket in candidates:
+            if socket["type"] == kind and socket.get("link") is not None:
+                return source(socket["link"])
+        return None
+
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (BYPASS, NEVER):
+            continue
         names = WIDGETS[node["type"]]
         values = node.get("widgets_values", [])
         if len(values) != len(names):
             raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values, expected {len(names)}: {names}")
         inputs = {name: value for name, value in zip(names, values) if not name.startswith("$")}
         for socket in node.get("inputs", []):
-            if socket.get("link") is not None:
-                _, origin, slot, *_ = links[socket["link"]]
-                inputs[socket["name"]] = [str(origin), slot]
+            if socket.get("link") is not None and (origin := source(socket["link"])) is not None:
+                inputs[socket["name"]] = origin
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return api
 

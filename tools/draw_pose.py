@@ -1,6 +1,6 @@
 """Draw the two-person OpenPose skeleton image the pose workflow ships with, deterministically.
 
-    python tools/draw_pose.py                  # writes workflows/pose_two_people.png
+    python tools/draw_pose.py                  # writes workflows/inputs/pose_two_people.png
     python tools/draw_pose.py -o other.png
 
 It draws as the OpenPose annotator of ControlNet 1.1 does (COCO's 18 body keypoints, its limb pairs
@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SIZE = (512, 512)
-OUT = Path(__file__).resolve().parent.parent / "workflows" / "pose_two_people.png"
+OUT = Path(__file__).resolve().parent.parent / "workflows" / "inputs" / "pose_two_people.png"
 JOINT_RADIUS = 4
 STICK_WIDTH = 4
 # COCO-18 order: nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist, right hip/knee/ankle,

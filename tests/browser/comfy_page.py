@@ -50,7 +50,7 @@ GRAPH_REPORT_JS = """() => app.graph._nodes.map(node => {
     }
   }
   return {
-    id: String(node.id), type: node.type, title: node.title,
+    id: String(node.id), type: node.type, title: node.title, mode: node.mode,
     registered: node.type in LiteGraph.registered_node_types,
     has_errors: !!node.has_errors, problems,
     deprecated: definition ? !!definition.deprecated : null, badge: definition?.nodeLifeCycleBadgeText ?? null,
@@ -127,6 +127,27 @@ class ComfyPage:
             self.menu("File", "Open")
         chooser.value.set_files(str(path))
         self.wait_for_graph(json.loads(path.read_text()))
+
+    def open_template(self, pack: str, name: str, workflow: dict) -> None:
+        """Main menu > Browse Templates, ``pack`` under Extensions, and the card of template ``name``
+        (the frontend fetches /api/workflow_templates/<pack>/<name>.json and opens it); waits until
+        the canvas holds ``workflow``'s nodes."""
+        self.menu("Browse Templates")
+        self.page.locator("[data-testid='template-workflows-content']").wait_for()
+        self.page.get_by_text(pack, exact=True).click()
+        card = self.page.locator(f"[data-testid='template-workflow-{name}']")
+        card.wait_for()
+        card.click()
+        self.wait_for_graph(workflow)
+
+    def show_saved_view(self, workflow: dict) -> None:
+        """Zoom and pan the canvas as the file saved it (``extra.ds``), as File > Open shows it: the
+        template browser fits the graph to the window instead, too small for LiteGraph to draw text."""
+        self.page.evaluate(
+            "(ds) => { app.canvas.ds.scale = ds.scale; app.canvas.ds.offset[0] = ds.offset[0]; app.canvas.ds.offset[1] = ds.offset[1]; app.canvas.setDirty(true, true) }",
+            workflow["extra"]["ds"],
+        )
+        self.page.wait_for_timeout(300)
 
     def wait_for_graph(self, workflow: dict) -> None:
         ids = sorted(str(node["id"]) for node in workflow["nodes"])

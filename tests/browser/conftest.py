@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_suite import comfyui_path, model_files, skip_without_comfyui, start_server  # noqa: F401 (fixtures; face_pngs is below)
+from comfy_suite import comfyui_path, model_files, skip_without_comfyui, start_server  # noqa: F401 (fixtures)
 
 BROWSER = Path(__file__).resolve().parent
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
@@ -80,9 +80,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_path, model_files, face_pngs, tmp_path_factory):
-    """The browser suite's ComfyUI server (see ``comfy_suite.start_server``), with the drawn faces."""
-    comfy = start_server(comfyui_path, model_files, face_pngs, tmp_path_factory)
+def server(comfyui_path, model_files, tmp_path_factory):
+    """The browser suite's ComfyUI server (see ``comfy_suite.start_server``) as a user has it: the pack
+    and the models the templates need, nothing put in input/ by the suite (the pack copies its example
+    portraits and pose there on load, as for a user: the pictures this suite takes, published in the
+    README, show those drawn portraits) and no LoRA."""
+    comfy = start_server(comfyui_path, model_files, [], tmp_path_factory, templates_only=True)
     yield comfy
     comfy.stop()
 
@@ -101,34 +104,3 @@ def ui(browser, server):
         yield page
     finally:
         context.close()
-
-
-@pytest.fixture(scope="session")
-def face_pngs(tmp_path_factory) -> list[Path]:
-    """face_1.png / face_2.png for the UI: drawn portraits rather than the photos of the other suites,
-    since the pictures this suite takes are published in the README (the models are random anyway)."""
-    from PIL import Image, ImageDraw
-
-    folder = tmp_path_factory.mktemp("drawn-faces")
-    looks = [  # background, skin, hair, shirt
-        ((176, 208, 232), (236, 194, 160), (70, 46, 30), (60, 90, 150)),
-        ((232, 214, 170), (196, 140, 104), (30, 26, 24), (150, 60, 60)),
-    ]
-    paths = []
-    for index, (background, skin, hair, shirt) in enumerate(looks, start=1):
-        image = Image.new("RGB", (512, 512), background)
-        draw = ImageDraw.Draw(image)
-        draw.ellipse((96, 400, 416, 640), fill=shirt)  # shoulders
-        draw.rectangle((226, 330, 286, 420), fill=skin)  # neck
-        draw.ellipse((146, 70, 366, 250), fill=hair)  # hair
-        draw.ellipse((156, 110, 356, 370), fill=skin)  # face
-        for x in (210, 302):
-            draw.ellipse((x - 22, 208, x + 22, 236), fill=(250, 250, 250))  # eyes
-            draw.ellipse((x - 10, 212, x + 10, 232), fill=(50, 40, 35))
-            draw.line((x - 26, 192, x + 24, 188), fill=hair, width=7)  # brows
-        draw.line((256, 240, 248, 290, 262, 292), fill=tuple(c - 40 for c in skin), width=4)  # nose
-        draw.arc((216, 290, 296, 340), 20, 160, fill=(150, 60, 60), width=6)  # mouth
-        path = folder / f"face_{index}.png"
-        image.save(path)
-        paths.append(path)
-    return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -36,6 +37,11 @@ def import_pack() -> ModuleType:
     """The repository as the package ComfyUI loads (relative imports included)."""
     if PACK in sys.modules:
         return sys.modules[PACK]
+    import folder_paths
+
+    # loading the pack copies its example inputs into ComfyUI's input folder: a temporary one, not the
+    # ComfyUI checkout's (shared by every run on this machine)
+    folder_paths.set_input_directory(tempfile.mkdtemp(prefix="facediffuser-input-"))
     spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK] = module

@@ -16,7 +16,7 @@ from conftest import empty_conditioning, image_tensor
 from paths import ROOT
 from test_comfy_guidance_hooks import SIZE, STEPS, TOLERANCE, face_diffuser, ksampler, one_stage, relative_difference
 
-POSE = ROOT / "workflows" / "pose_two_people.png"
+POSE = ROOT / "workflows" / "inputs" / "pose_two_people.png"
 STAGES = {"scene": (1.0, 1.0), "fusion": (0.0, 1.0), "subject": (0.0, 0.0)}  # (start_merge, final) putting every step in one stage
 
 

@@ -14,7 +14,7 @@ from facediffuser_core.method.pose import pose_backdrop
 from facediffuser_core.method.regions import layout_masks, region_preview
 from paths import ROOT
 
-POSE = ROOT / "workflows" / "pose_two_people.png"  # two skeletons, one in each half
+POSE = ROOT / "workflows" / "inputs" / "pose_two_people.png"  # two skeletons, one in each half
 
 
 def pose_image() -> torch.Tensor:

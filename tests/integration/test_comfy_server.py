@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import ComfyServer, PromptRejected, status_message
-from workflow_format import API_WORKFLOWS, WIDGETS, load, widget_names_from_object_info, workflow_pairs
+from workflow_format import API_WORKFLOWS, WIDGETS, WORKFLOWS, load, ui_to_api, widget_names_from_object_info, workflow_pairs
 
 NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer", "FaceDiffuserRegions"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
@@ -278,10 +278,18 @@ def test_sdxl_shaped_model(server):
 
 
 def test_the_scene_checkpoint_and_its_lora_shape_only_the_scene_and_fusion_stages(server):
-    """The shipped scene-checkpoint workflow (a generated single-file SD1.5 checkpoint and LoRA): the
+    """The shipped scene-checkpoint workflow with its LoRA loader un-bypassed, as its Note tells a user
+    to (a generated single-file SD1.5 checkpoint and LoRA, the suite's file picked in the loader): the
     LoRA's strength changes the picture; with every step in the subject stage it cannot."""
+    from models import SCENE_LORA
+
     server.free()  # the earlier tests' models (5.5 GB) would stay cached while this one loads its own: 11 GB at once
-    graph = with_saved_latent(small(load(API_WORKFLOWS / "facediffuser_scene_checkpoint.json")))
+    ui = load(WORKFLOWS / "facediffuser_scene_checkpoint.json")
+    (lora,) = [node for node in ui["nodes"] if node["type"] == "LoraLoader"]
+    lora["mode"] = 0  # Ctrl+B
+    lora["widgets_values"][0] = SCENE_LORA
+    graph = with_saved_latent(small(ui_to_api(ui)))
+    assert node_of(graph, "LoraLoader")["inputs"]["lora_name"] == SCENE_LORA and node_of(graph, "FaceDiffuserSampler")["inputs"]["tdm"][0] == str(lora["id"])
     assert node_of(graph, "FaceDiffuserLoader")["inputs"]["tdm_name"] == "none (another scene model)"
     without_lora = copy.deepcopy(graph)
     node_of(without_lora, "LoraLoader")["inputs"].update(strength_model=0.0, strength_clip=0.0)

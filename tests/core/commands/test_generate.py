@@ -669,7 +669,7 @@ def test_region_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, ca
     assert stop.value.code == 2 and "invalid choice: 'rows'" in capsys.readouterr().err
 # --- a pose ControlNet ------------------------------------------------------------------------
 
-POSE = ROOT / "workflows" / "pose_two_people.png"
+POSE = ROOT / "workflows" / "inputs" / "pose_two_people.png"
 
 
 def test_pose_puts_the_controlnet_on_every_conditioning_of_the_sampler(fake, tmp_path, capsys):

@@ -126,7 +126,7 @@ def test_one_pose_image_only():
 
 
 def test_the_shipped_pose_image_is_drawn_by_the_script_and_has_two_people(tmp_path):
-    shipped = ROOT / "workflows" / "pose_two_people.png"
+    shipped = ROOT / "workflows" / "inputs" / "pose_two_people.png"
     subprocess.run([sys.executable, str(ROOT / "tools" / "draw_pose.py"), "-o", str(tmp_path / "pose.png")], check=True, capture_output=True)
     drawn = np.asarray(Image.open(tmp_path / "pose.png"))
     assert np.array_equal(drawn, np.asarray(Image.open(shipped)))
