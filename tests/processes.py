@@ -1,9 +1,11 @@
-"""Whether processes have ended, for the tests that start servers and must leave nothing behind, and
-how the Ctrl-C tests start their command."""
+"""Whether processes have ended, for the tests that start servers and must leave nothing behind, how
+the Ctrl-C tests start their command, and git for the tests that build throwaway repositories."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,3 +34,12 @@ def gone(*pids: int, within: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+
+def git(*args: str, cwd: Path) -> str:
+    """Runs git in ``cwd`` with a throwaway identity (commits work on a machine without git config);
+    its output, stripped."""
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_IDENTITY}, check=True, capture_output=True, text=True).stdout.strip()

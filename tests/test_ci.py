@@ -13,13 +13,9 @@ from pathlib import Path
 import pytest
 
 from paths import ROOT
+from processes import git
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not shutil.which("git") or not shutil.which("bash"), reason="CI's scripts run in bash on Linux")
-
-
-def git(*args: str, cwd: Path) -> str:
-    environment = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    return subprocess.run(["git", *args], cwd=cwd, env=environment, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
 import pytest
 
 from paths import ROOT
+from processes import git
 
 PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE", "facediffuser_core")
 
@@ -60,8 +61,8 @@ PACK_FOLDERS = ("nodes/", "facediffuser_core/", "workflows/", "web/")  # every t
 def tracked_files() -> list[str]:
     """The repository's files as the next commit would track them (tracked, and new ones git does not
     ignore), that exist now."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return sorted({name for name in listed.stdout.splitlines() if (ROOT / name).is_file()})
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT)
+    return sorted({name for name in listed.splitlines() if (ROOT / name).is_file()})
 
 
 def comfy_cli() -> str:
@@ -87,8 +88,8 @@ def registry_checkout(tmp_path_factory) -> Path:
     for name in tracked_files():
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, checkout / name)
-    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=checkout, check=True)
+    git("init", "-q", cwd=checkout)
+    git("add", "-A", cwd=checkout)
     return checkout
 
 
@@ -162,15 +163,14 @@ def test_the_publish_workflow_publishes_when_the_version_changes(tmp_path, old, 
     script = publish_step()
     repo = tmp_path / "repo"
     repo.mkdir()
-    environment = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    git("init", "-q", cwd=repo)
     for version, description in ((old, "first"), (new, "second")):
         (repo / "pyproject.toml").write_text(f'[project]\nname = "x"\nversion = "{version}"\ndescription = "{description}"\n')
-        subprocess.run(["git", "add", "pyproject.toml"], cwd=repo, check=True)
-        subprocess.run(["git", "commit", "-qm", description], cwd=repo, env=environment, check=True)
+        git("add", "pyproject.toml", cwd=repo)
+        git("commit", "-qm", description, cwd=repo)
     output = tmp_path / "github_output"
-    result = subprocess.run(["bash", "-e", "-c", script], cwd=repo, env={**environment, "GITHUB_OUTPUT": str(output), "GITHUB_EVENT_NAME": event}, capture_output=True, text=True)
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=repo, env={**os.environ, "GITHUB_OUTPUT": str(output), "GITHUB_EVENT_NAME": event}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"version {old} -> {new}" in result.stdout
     assert output.read_text() == f"publish={'true' if publishes else 'false'}\n"
-    assert len(subprocess.run(["git", "log", "--oneline"], cwd=repo, capture_output=True, text=True, check=True).stdout.splitlines()) == 2
+    assert len(git("log", "--oneline", cwd=repo).splitlines()) == 2
