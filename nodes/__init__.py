@@ -13,7 +13,7 @@ from .faces import FaceDiffuserFaceCrop
 from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
-from .regions import FaceDiffuserRegions
+from .regions import FaceDiffuserRegions, FaceDiffuserRegionsUnion
 from .sampler import FaceDiffuserSampler
 from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
 from .subject import FaceDiffuserSubject
@@ -32,6 +32,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserSubject,
             FaceDiffuserSubjectEncode,
             FaceDiffuserRegions,
+            FaceDiffuserRegionsUnion,
             FaceDiffuserGuider,
             FaceDiffuserSampler,
             FastComposerGuider,

@@ -10,10 +10,11 @@ from comfy_api.latest import io, ui
 from ..facediffuser_core.errors import RegionError
 from ..facediffuser_core.method.pose import DEFAULT_MARGIN, pose_backdrop
 from ..facediffuser_core.method.prompt import MARKER, MAX_SUBJECTS
-from ..facediffuser_core.method.regions import LAYOUTS, layout_masks, marked_words, picture_size, region_preview
+from ..facediffuser_core.method.regions import LAYOUTS, layout_masks, marked_words, picture_size, region_preview, regions_union
 from .common import CATEGORY, errors_named
 
 NAME = "Face-diffuser Regions"
+UNION_NAME = "Face-diffuser Regions Union"
 DEFAULT_BOXES = "0, 0, 0.5, 1; 0.5, 0, 1, 1"
 
 
@@ -106,3 +107,22 @@ class FaceDiffuserRegions(io.ComfyNode):
             masks, preview = regions(width, height, people, layout, boxes, prompt, pose, margin)
         # the preview also goes to the web UI (the node's onExecuted: its image, the box editor's backdrop)
         return io.NodeOutput(masks, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+class FaceDiffuserRegionsUnion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceDiffuserRegionsUnion",
+            display_name=UNION_NAME,
+            category=CATEGORY,
+            description="One mask of everywhere any person's region is (the union of a MASK batch), e.g. into Set Latent Noise Mask "
+            "so that only the people's regions of your own picture are repainted and the rest is kept.",
+            inputs=[io.Mask.Input("masks", tooltip="The people's regions: Face-diffuser Regions' masks (or any MASK batch).")],
+            outputs=[io.Mask.Output("mask", display_name="mask", tooltip="One mask [1,H,W]: 1 wherever any region is (the largest value at each pixel).")],
+        )
+
+    @classmethod
+    def execute(cls, masks: torch.Tensor) -> io.NodeOutput:
+        with errors_named(UNION_NAME):
+            return io.NodeOutput(regions_union(masks))

@@ -41,6 +41,7 @@ __all__ = [
     "box_masks",
     "layout_masks",
     "picture_size",
+    "regions_union",
     "region_preview",
 ]
 
@@ -178,6 +179,15 @@ def picture_size(picture: object) -> tuple[int, int]:
         return int(width), int(height)
     described = f"a dict with keys {sorted(picture)}" if isinstance(picture, dict) else f"a {type(picture).__name__}" + (f" of shape {list(picture.shape)}" if isinstance(picture, torch.Tensor) else "")
     raise RegionError(f"size_from got {described}; connect a LATENT (e.g. the Empty Latent Image) or an IMAGE (e.g. a Load Image), or leave it unconnected and set width and height")
+
+
+def regions_union(masks: torch.Tensor) -> torch.Tensor:
+    """MASK ``[1, H, W]``: where any region of ``masks`` ``[N, H, W]`` (or one mask ``[H, W]``) is, the
+    largest of their values at each pixel; e.g. the noise mask that repaints only where people go."""
+    batch = masks[None] if masks.ndim == 2 else masks
+    if batch.ndim != 3 or batch.shape[0] == 0:
+        raise RegionError(f"masks must be a MASK batch [N,H,W] with at least one mask, got shape {list(masks.shape)}; connect the Face-diffuser Regions node's masks")
+    return batch.amax(dim=0, keepdim=True).float()
 
 
 def region_preview(masks: torch.Tensor, words: Sequence[str] = (), backdrop: Optional[np.ndarray] = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from facediffuser_core.method.regions import (
     named_region,
     parse_boxes,
     picture_size,
+    regions_union,
     region_preview,
 )
 
@@ -172,3 +173,14 @@ def test_picture_size_of_anything_else_is_an_error_naming_what_to_connect(pictur
     with pytest.raises(RegionError) as error:
         picture_size(picture)
     assert str(error.value) == f"size_from got {described}; connect a LATENT (e.g. the Empty Latent Image) or an IMAGE (e.g. a Load Image), or leave it unconnected and set width and height"
+
+
+def test_the_union_of_regions_is_one_mask_of_everywhere_any_region_is():
+    masks = layout_masks(96, 64, 2, "boxes", "0,0,0.25,0.5; 0.5,0.5,1,1")
+    union = regions_union(masks)
+    assert union.shape == (1, 64, 96)
+    assert torch.equal(union[0], ((masks[0] > 0) | (masks[1] > 0)).float())
+    soft = torch.tensor([[[0.2, 0.9]], [[0.6, 0.1]]])  # painted, soft masks: the largest value
+    assert torch.equal(regions_union(soft), torch.tensor([[[0.6, 0.9]]]))
+    with pytest.raises(RegionError, match=r"masks must be a MASK batch \[N,H,W\] with at least one mask, got shape \[0, 4, 4\]"):
+        regions_union(torch.zeros(0, 4, 4))
