@@ -21,7 +21,7 @@ from .subject import FaceDiffuserSubject
 register_model_folder()
 register_model_folder(FACENET_FOLDER)
 register_model_folder(CLIP_EVAL_FOLDER, CLIP_EVAL_EXTENSIONS)
-add_example_inputs()  # the templates' Load Image nodes find face_1.png, face_2.png and the pose there
+add_example_inputs()  # the templates' Load Image nodes find face_1.png, face_2.png, the pose and the park there
 
 
 class FaceDiffuserExtension(ComfyExtension):

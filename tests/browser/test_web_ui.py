@@ -29,6 +29,7 @@ STEPS = 3
 SMALL = {
     "EmptyLatentImage": {"width": SIZE, "height": SIZE},
     "FaceDiffuserRegions": {"width": SIZE, "height": SIZE},
+    "ImageScale": {"width": SIZE},  # your picture (square in the template) at SIZE wide
     "FaceDiffuserSampler": {"steps": STEPS},
     "BasicScheduler": {"steps": STEPS},
     "FaceDiffuserFaceDetailer": {"steps": STEPS, "size": SIZE},
