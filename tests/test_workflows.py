@@ -1,5 +1,7 @@
 """The shipped workflows: UI and API formats agree, graphs are well-formed, prompts match images."""
 
+import uuid
+
 import pytest
 
 from facediffuser_core.method.prompt import parse_prompt
@@ -25,6 +27,7 @@ def test_ui_and_api_formats_agree(ui_path, api_path):
 @pytest.mark.parametrize("ui_path", [p for p, _ in PAIRS], ids=[p.stem for p, _ in PAIRS])
 def test_ui_graph_is_well_formed(ui_path):
     ui = load(ui_path)
+    assert str(uuid.UUID(ui["id"])) == ui["id"]  # the web UI 1.35.9 refuses a workflow whose id is no UUID
     nodes = {node["id"]: node for node in ui["nodes"]}
     assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
     assert ui["last_link_id"] >= max(link[0] for link in ui["links"])

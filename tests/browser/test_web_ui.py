@@ -157,7 +157,7 @@ def test_the_servers_input_folder_holds_the_packs_example_inputs_only(server):
     found = {path.name: path.read_bytes() for path in (server.base / "input").iterdir() if path.is_file()}
     assert found == shipped
     opened = {n["widgets_values"][0] for path in WORKFLOWS.glob("*.json") for n in load(path)["nodes"] if n["type"] == "LoadImage"}
-    assert opened == {"face_1.png", "face_2.png", "pose_two_people.png"} and opened <= set(found)
+    assert opened == {"face_1.png", "face_2.png", "photo_park.png", "pose_two_people.png"} and opened <= set(found)
     assert not (server.base / "models" / "loras").exists() or not any((server.base / "models" / "loras").iterdir())
 
 
