@@ -13,7 +13,7 @@ from .faces import FaceDiffuserFaceCrop
 from .fastcomposer import FastComposerGuider
 from .guider import FaceDiffuserGuider
 from .loader import FaceDiffuserLoader
-from .regions import FaceDiffuserRegions
+from .regions import FaceDiffuserRegions, FaceDiffuserRegionsUnion
 from .sampler import FaceDiffuserSampler
 from .scores import CLIP_EVAL_EXTENSIONS, CLIP_EVAL_FOLDER, FACENET_FOLDER, FaceDiffuserIdentityScore, FaceDiffuserPromptConsistency
 from .subject import FaceDiffuserSubject
@@ -21,7 +21,7 @@ from .subject import FaceDiffuserSubject
 register_model_folder()
 register_model_folder(FACENET_FOLDER)
 register_model_folder(CLIP_EVAL_FOLDER, CLIP_EVAL_EXTENSIONS)
-add_example_inputs()  # the templates' Load Image nodes find face_1.png, face_2.png and the pose there
+add_example_inputs()  # the templates' Load Image nodes find face_1.png, face_2.png, the pose and the park there
 
 
 class FaceDiffuserExtension(ComfyExtension):
@@ -32,6 +32,7 @@ class FaceDiffuserExtension(ComfyExtension):
             FaceDiffuserSubject,
             FaceDiffuserSubjectEncode,
             FaceDiffuserRegions,
+            FaceDiffuserRegionsUnion,
             FaceDiffuserGuider,
             FaceDiffuserSampler,
             FastComposerGuider,

@@ -21,7 +21,7 @@ from ..facediffuser_core.errors import FaceDiffuserError
 from ..facediffuser_core.weights.model_folders import MODEL_FOLDER, download_command_line
 
 CATEGORY = "Face-diffuser"
-EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"  # the portraits and pose the shipped workflows load
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"  # the portraits, pose and park the shipped workflows load
 T = TypeVar("T")
 
 
@@ -39,7 +39,7 @@ def register_model_folder(name: str = MODEL_FOLDER, extensions: Iterable[str] = 
 
 
 def add_example_inputs(input_directory: Optional[str] = None) -> list[str]:
-    """Copy the shipped workflows' example pictures (two drawn portraits, a two-person pose) into
+    """Copy the shipped workflows' example pictures (two drawn portraits, a two-person pose, a park) into
     ComfyUI's input folder (``input_directory``, default ComfyUI's), each only where no file of that
     name is there yet, so that a template opened from the template browser runs as it is; a user's own
     file of that name is never replaced. Returns the names copied. A folder it cannot write to is

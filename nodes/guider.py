@@ -104,6 +104,9 @@ class StagedCFGGuider(comfy.samplers.CFGGuider):
         if self.regions is not None:
             with errors_named(self.node):
                 self.regions.check_latent(tuple(noise.shape[-2:]))
+                denoise_mask = args[0] if args else kwargs.get("denoise_mask")
+                if denoise_mask is not None and denoise_mask.ndim == noise.ndim:  # only there is the picture repainted
+                    self.regions.check_inside(denoise_mask)
         self.schedule = sigmas.detach().to("cpu", torch.float64)  # looked up at every model evaluation
         self.bounds = bounds_from_fractions(len(sigmas) - 1, self.start_fraction, self.final_fraction)
         try:

@@ -10,7 +10,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch
 
 from ..facediffuser_core.errors import FaceDiffuserError
-from ..facediffuser_core.method.regional_attention import REGIONS_KEY, batch_bias, check_fits_latent, regional_attention
+from ..facediffuser_core.method.regional_attention import REGIONS_KEY, batch_bias, check_fits_latent, check_inside_noise_mask, regional_attention
 
 BlockKey = tuple[str, int, int]  # (block name, block id, transformer index), as ComfyUI looks attn2_replace up
 
@@ -72,6 +72,11 @@ class RegionalCrossAttention:
         """Every regioned conditioning's masks fit a latent of (h, w) (see ``check_fits_latent``)."""
         for regions, _ in self.people.values():
             check_fits_latent(regions, latent)
+
+    def check_inside(self, noise_mask: torch.Tensor) -> None:
+        """Every person's region lies mostly inside the latent's noise mask (see ``check_inside_noise_mask``)."""
+        for regions, _ in self.people.values():
+            check_inside_noise_mask(regions, noise_mask)
 
 
 def regional_patch(conds: dict[str, list[dict]]) -> Optional[RegionalCrossAttention]:

@@ -13,7 +13,7 @@ def test_every_workflow_has_both_formats():
     assert len(PAIRS) >= 3
     assert {p.name for p in WORKFLOWS.glob("*.json")} == {p.name for p in API_WORKFLOWS.glob("*.json")}
     names = {p.stem for p, _ in PAIRS}
-    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer", "facediffuser_two_regions", "facediffuser_two_people_pose"} <= names
+    assert {"facediffuser_one_subject", "facediffuser_two_subjects", "facediffuser_guider_custom_sampler", "facediffuser_two_photos", "facediffuser_scene_checkpoint", "facediffuser_fastcomposer", "facediffuser_face_detailer", "facediffuser_two_regions", "facediffuser_two_people_pose", "facediffuser_into_a_photo"} <= names
 
 
 @pytest.mark.parametrize("ui_path, api_path", PAIRS, ids=[p.stem for p, _ in PAIRS])
@@ -32,7 +32,8 @@ def test_ui_graph_is_well_formed(ui_path):
         output = nodes[origin]["outputs"][slot]
         assert link_id in output["links"] and output["type"] == kind
         socket = nodes[target]["inputs"][target_slot]
-        assert socket["link"] == link_id and socket["type"] == kind
+        # a link's type is the output's; an input taking several types lists them ("LATENT,IMAGE")
+        assert socket["link"] == link_id and kind in socket["type"].split(",")
     linked = {link[0] for link in ui["links"]}
     for node in nodes.values():
         assert node["type"] in WIDGETS or node["type"] in FRONTEND_ONLY
@@ -217,7 +218,7 @@ def test_the_multi_photo_workflow_gives_one_person_two_photos_of_different_sizes
     assert [api[crop["inputs"]["images"][0]]["inputs"]["image"] for crop in crops] == ["face_1.png", "face_2.png"]
 
 
-TWO_PEOPLE = ["facediffuser_two_subjects", "facediffuser_two_regions", "facediffuser_two_people_pose", "facediffuser_face_detailer"]
+TWO_PEOPLE = ["facediffuser_two_subjects", "facediffuser_two_regions", "facediffuser_two_people_pose", "facediffuser_face_detailer", "facediffuser_into_a_photo"]
 
 
 @pytest.mark.parametrize("name", TWO_PEOPLE)
@@ -284,8 +285,8 @@ def test_the_regions_workflow_places_each_marker_in_its_region_with_a_preview():
     settings = regions["inputs"]
     assert settings["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2
     assert settings["prompt"] == encode["prompt"] and settings["layout"] == "columns"
-    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
-    assert (settings["width"], settings["height"]) == (latent["width"], latent["height"])
+    (latent,) = [key for key, n in api.items() if n["class_type"] == "EmptyLatentImage"]
+    assert settings["size_from"] == [latent, 0]  # the masks take the latent's size: they cannot mismatch it
     previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
     assert [encode["masks"][0], 1] in previews  # the regions preview is shown
 
@@ -308,10 +309,41 @@ def test_the_pose_workflow_puts_the_pose_controlnet_on_every_conditioning_and_ta
     assert regions["layout"] == "pose" and regions["pose"] == control["image"]  # the regions come from the pose the ControlNet follows
     assert regions["people"] == encode["prompt"].count("<|image|>") == len(subject_photo_counts(api, {"inputs": encode})) == 2
     assert regions["prompt"] == encode["prompt"]
-    (latent,) = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
-    assert (regions["width"], regions["height"]) == (latent["width"], latent["height"])
+    # the masks take the latent's size (as the ControlNet stretches the pose to it): changing the Empty
+    # Latent Image's size or aspect ratio cannot make them mismatch the picture
+    (latent,) = [key for key, n in api.items() if n["class_type"] == "EmptyLatentImage"]
+    assert regions["size_from"] == [latent, 0]
     previews = [n["inputs"]["images"] for n in api.values() if n["class_type"] == "PreviewImage"]
     assert [encode["masks"][0], 1] in previews
+
+
+def test_the_into_a_photo_workflow_repaints_only_the_peoples_boxes_of_your_picture_and_keeps_the_rest():
+    """Your picture (Load Image, scaled to 512 wide, aspect kept) encoded; the regions take the encoded
+    latent's size (they cannot mismatch it); their union is the noise mask the sampler (denoise 1.0)
+    repaints, each person confined to their box by Subject Encode's masks; the decoded picture is
+    composited over yours through the same union, so every other pixel is yours."""
+    api = load(API_WORKFLOWS / "facediffuser_into_a_photo.json")
+    (photo_id,) = [key for key, n in api.items() if n["class_type"] == "LoadImage" and not n["inputs"]["image"].startswith("face_")]
+    assert (WORKFLOWS / "inputs" / api[photo_id]["inputs"]["image"]).is_file()
+    (scale_id,) = [key for key, n in api.items() if n["class_type"] == "ImageScale"]
+    assert api[scale_id]["inputs"] == {"image": [photo_id, 0], "upscale_method": "lanczos", "width": 512, "height": 0, "crop": "disabled"}
+    (encode_id,) = [key for key, n in api.items() if n["class_type"] == "VAEEncode"]
+    assert api[encode_id]["inputs"]["pixels"] == [scale_id, 0]
+    (encode,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSubjectEncode"]
+    regions = api[encode["masks"][0]]["inputs"]
+    assert regions["size_from"] == [encode_id, 0] and regions["layout"] == "boxes" and regions["prompt"] == encode["prompt"]
+    assert regions["people"] == encode["prompt"].count("<|image|>") == 2
+    (union_id,) = [key for key, n in api.items() if n["class_type"] == "FaceDiffuserRegionsUnion"]
+    assert api[union_id]["inputs"] == {"masks": encode["masks"]}
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FaceDiffuserSampler"]
+    noise_mask = api[sampler["latent_image"][0]]
+    assert noise_mask["class_type"] == "SetLatentNoiseMask" and noise_mask["inputs"] == {"samples": [encode_id, 0], "mask": [union_id, 0]}
+    assert sampler["denoise"] == 1.0
+    (save,) = [n["inputs"] for n in api.values() if n["class_type"] == "SaveImage"]
+    composite = api[save["images"][0]]
+    assert composite["class_type"] == "ImageCompositeMasked"
+    assert composite["inputs"]["destination"] == [scale_id, 0] and composite["inputs"]["mask"] == [union_id, 0]
+    assert api[composite["inputs"]["source"][0]]["class_type"] == "VAEDecode" and (composite["inputs"]["x"], composite["inputs"]["y"]) == (0, 0)
 
 
 # what generate does to each --face photo (facediffuser_core.commands.generate: reference_png with the defaults)

@@ -31,6 +31,8 @@ __all__ = [
     "Regions",
     "people_regions",
     "check_fits_latent",
+    "INSIDE_NOISE_MASK",
+    "check_inside_noise_mask",
     "grid_inside",
     "region_bias",
     "batch_bias",
@@ -147,6 +149,28 @@ def check_fits_latent(regions: Regions, latent: tuple[int, int]) -> None:
             f"{marker_label(index, regions.words)}: its region is empty at the latent's {width}x{height} resolution "
             "(less than half of every 8x8 pixel cell is inside); make the region larger"
         )
+
+
+INSIDE_NOISE_MASK = 0.5  # the least share of a person's region that the noise mask must repaint
+
+
+def check_inside_noise_mask(regions: Regions, noise_mask: torch.Tensor) -> None:
+    """With a latent noise mask (only where it is > 0 is the picture repainted), each person's region
+    must lie mostly inside it: at least :data:`INSIDE_NOISE_MASK` of the region's area, the region
+    area-resized to the mask's latent grid and weighted by the mask (averaged over its batch).
+    ``noise_mask``: [h, w], [B, h, w] or [B, C, h, w] at the latent's resolution."""
+    mask = noise_mask.detach().to("cpu", torch.float32)
+    mask = mask.reshape(-1, *mask.shape[-2:]).mean(dim=0).clamp(0, 1)
+    resized = F.interpolate(regions.masks[:, None].float(), size=tuple(mask.shape), mode="area")[:, 0]
+    areas = resized.sum(dim=(1, 2))
+    shares = (resized * mask).sum(dim=(1, 2)) / areas.clamp_min(1e-12)
+    for index, share in enumerate(shares.tolist()):
+        if share < INSIDE_NOISE_MASK:
+            raise RegionError(
+                f"{marker_label(index, regions.words)}: only {share:.0%} of its region lies inside the latent's noise mask (the part of "
+                "the picture that is repainted), so the kept picture would cut the person off; draw the region inside the masked "
+                "area, or make the noise mask cover it (e.g. the regions' union: Face-diffuser Regions Union into Set Latent Noise Mask)"
+            )
 
 
 def region_bias(inside: torch.Tensor, positions: Sequence[int], context: int, period: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -40,6 +40,8 @@ __all__ = [
     "named_region",
     "box_masks",
     "layout_masks",
+    "picture_size",
+    "regions_union",
     "region_preview",
 ]
 
@@ -52,6 +54,7 @@ COLOURS = ((230, 60, 60), (50, 120, 240), (60, 190, 80), (240, 180, 30))  # one 
 BACKGROUND = (40, 40, 40)
 TINT = 0.55  # how much of a region's colour covers the canvas inside it
 _BOX_EXAMPLE = "0,0,0.5,1; 0.5,0,1,1"
+LATENT_SCALE = 8  # pixels per latent cell of an SD1.5 VAE (the Empty Latent Image's width / 8)
 
 
 def word_ids(text: str) -> list[int]:
@@ -160,6 +163,31 @@ def layout_masks(width: int, height: int, people: int, layout: str, boxes: str =
     if len(parsed) != people:
         raise RegionError(f"boxes gives {len(parsed)} box(es) but people is {people}; give one box per person, in marker order, separated by ';'")
     return box_masks(parsed, width, height)
+
+
+def picture_size(picture: object) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the picture that ``picture`` stands for: a LATENT (a dict whose
+    ``samples`` is ``[B, C, h, w]``: ``(w * 8, h * 8)``, the size its VAE decodes to) or an IMAGE
+    (``[B, H, W, C]``: ``(W, H)``), so that regions made at that size match the picture by construction."""
+    if isinstance(picture, dict):
+        samples = picture.get("samples")
+        if isinstance(samples, torch.Tensor) and samples.ndim >= 4:
+            height, width = samples.shape[-2:]
+            return int(width) * LATENT_SCALE, int(height) * LATENT_SCALE
+    elif isinstance(picture, torch.Tensor) and picture.ndim == 4:
+        _, height, width, _ = picture.shape
+        return int(width), int(height)
+    described = f"a dict with keys {sorted(picture)}" if isinstance(picture, dict) else f"a {type(picture).__name__}" + (f" of shape {list(picture.shape)}" if isinstance(picture, torch.Tensor) else "")
+    raise RegionError(f"size_from got {described}; connect a LATENT (e.g. the Empty Latent Image) or an IMAGE (e.g. a Load Image), or leave it unconnected and set width and height")
+
+
+def regions_union(masks: torch.Tensor) -> torch.Tensor:
+    """MASK ``[1, H, W]``: where any region of ``masks`` ``[N, H, W]`` (or one mask ``[H, W]``) is, the
+    largest of their values at each pixel; e.g. the noise mask that repaints only where people go."""
+    batch = masks[None] if masks.ndim == 2 else masks
+    if batch.ndim != 3 or batch.shape[0] == 0:
+        raise RegionError(f"masks must be a MASK batch [N,H,W] with at least one mask, got shape {list(masks.shape)}; connect the Face-diffuser Regions node's masks")
+    return batch.amax(dim=0, keepdim=True).float()
 
 
 def region_preview(masks: torch.Tensor, words: Sequence[str] = (), backdrop: Optional[np.ndarray] = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ STEPS = 3
 SMALL = {
     "EmptyLatentImage": {"width": SIZE, "height": SIZE},
     "FaceDiffuserRegions": {"width": SIZE, "height": SIZE},
+    "ImageScale": {"width": SIZE},  # your picture (square in the template) at SIZE wide
     "FaceDiffuserSampler": {"steps": STEPS},
     "BasicScheduler": {"steps": STEPS},
     "FaceDiffuserFaceDetailer": {"steps": STEPS, "size": SIZE},
@@ -137,7 +138,9 @@ def check_outputs(server, entry: dict, graph: dict) -> None:
     assert np.isfinite(pixels).all() and pixels.std() > 2.0  # an image, not a blank (NaN or constant) one
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > SIZE  # many distinct colours, not a flat fill
     previews = {key: node["inputs"]["images"][0] for key, node in graph.items() if node["class_type"] == "PreviewImage"}
-    assert len(output_images(entry, "temp")) == len(previews)
+    regions = [key for key, node in graph.items() if node["class_type"] == "FaceDiffuserRegions"]  # each shows its preview on itself
+    assert len(output_images(entry, "temp")) == len(previews) + len(regions)
+    assert all(len(entry["outputs"][key]["images"]) == 1 for key in regions)
     for key, source in previews.items():
         (shown,) = entry["outputs"][key]["images"]
         preview = Image.open(io.BytesIO(server.view(shown)))

@@ -14,7 +14,7 @@ import torch
 from harness import ComfyServer, PromptRejected, status_message
 from workflow_format import API_WORKFLOWS, FRONTEND_ONLY, WIDGETS, WORKFLOWS, load, ui_to_api, widget_names_from_object_info, workflow_pairs
 
-NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer", "FaceDiffuserRegions"]
+NODES = ["FaceDiffuserLoader", "FaceDiffuserSubject", "FaceDiffuserSubjectEncode", "FaceDiffuserGuider", "FaceDiffuserSampler", "FastComposerGuider", "FaceDiffuserFaceDetailer", "FaceDiffuserRegions", "FaceDiffuserRegionsUnion"]
 SIZE = 64  # image pixels: an 8x8 latent keeps SD1.5-sized UNets quick on a CPU
 STEPS = 3
 

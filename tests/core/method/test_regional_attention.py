@@ -12,6 +12,7 @@ from facediffuser_core.method.regional_attention import (
     Regions,
     batch_bias,
     check_fits_latent,
+    check_inside_noise_mask,
     grid_inside,
     people_regions,
     region_bias,
@@ -184,3 +185,27 @@ def test_masks_must_fit_the_latent():
     masks[1, 100:103, 600:603] = 1  # 3x3 pixels: under half of any 8x8 cell
     with pytest.raises(RegionError, match=r"^marker 2 \('woman'\): its region is empty at the latent's 96x64 resolution \(less than half of every 8x8 pixel cell is inside\); make the region larger$"):
         check_fits_latent(regions, (64, 96))
+
+
+def test_each_region_must_lie_mostly_inside_the_noise_mask():
+    """With a latent noise mask, a region at least half inside it passes; one mostly outside is an error
+    naming the person and the fix (the picture would keep the photo over the person)."""
+    masks = torch.zeros(2, 64, 96)
+    masks[0, :, :48] = 1.0  # marker 1: the left half
+    masks[1, :, 48:] = 1.0  # marker 2: the right half
+    regions = Regions(masks, (2, 5), ("man", "woman"))
+    noise_mask = torch.zeros(1, 4, 8, 12)  # [B,C,h,w] as the sampler prepares it
+    noise_mask[..., :6] = 1.0  # repaint the left half only
+    with pytest.raises(RegionError) as error:
+        check_inside_noise_mask(regions, noise_mask)
+    assert str(error.value) == (
+        "marker 2 ('woman'): only 0% of its region lies inside the latent's noise mask (the part of the picture that is repainted), "
+        "so the kept picture would cut the person off; draw the region inside the masked area, or make the noise mask cover it "
+        "(e.g. the regions' union: Face-diffuser Regions Union into Set Latent Noise Mask)"
+    )
+    noise_mask[..., 6:9] = 1.0  # three quarters of the width: half of marker 2's region
+    check_inside_noise_mask(regions, noise_mask)
+    check_inside_noise_mask(regions, torch.ones(8, 12))  # [h, w] too
+    noise_mask[..., 8] = 0.0  # a third of it
+    with pytest.raises(RegionError, match="marker 2 .'woman'.: only 33% of its region"):
+        check_inside_noise_mask(regions, noise_mask)

@@ -20,6 +20,8 @@ from facediffuser_core.method.regions import (
     marked_words,
     named_region,
     parse_boxes,
+    picture_size,
+    regions_union,
     region_preview,
 )
 
@@ -148,3 +150,37 @@ def test_preview_tints_each_region_in_its_colour_and_labels_it():
 def test_preview_of_an_empty_mask_is_the_plain_canvas():
     preview = region_preview(torch.zeros(1, 8, 8))
     np.testing.assert_allclose(preview[0].numpy() * 255, np.broadcast_to(np.array(BACKGROUND, dtype=np.float64), (8, 8, 3)), atol=0.51)
+
+
+def test_picture_size_of_a_latent_is_its_decoded_size_and_of_an_image_its_own():
+    latent = {"samples": torch.zeros(2, 4, 56, 80)}  # the Empty Latent Image of width 640, height 448, batch 2
+    assert picture_size(latent) == (640, 448)
+    assert picture_size({"samples": torch.zeros(1, 4, 64, 64), "noise_mask": torch.ones(1, 1, 512, 512)}) == (512, 512)
+    assert picture_size(torch.zeros(1, 448, 641, 3)) == (641, 448)  # IMAGE [B,H,W,C]: any size, not only multiples of 8
+    masks = layout_masks(*picture_size(latent), 2, "boxes", "0,0,0.6,1; 0.4,0,1,1")
+    assert masks.shape == (2, 448, 640)  # [N, height, width]: the latent's picture, by construction
+
+
+@pytest.mark.parametrize(
+    "picture, described",
+    [
+        ({"noise_mask": torch.ones(1, 8, 8)}, "a dict with keys ['noise_mask']"),
+        (torch.zeros(8, 8), "a Tensor of shape [8, 8]"),
+        ("512x512", "a str"),
+    ],
+)
+def test_picture_size_of_anything_else_is_an_error_naming_what_to_connect(picture, described):
+    with pytest.raises(RegionError) as error:
+        picture_size(picture)
+    assert str(error.value) == f"size_from got {described}; connect a LATENT (e.g. the Empty Latent Image) or an IMAGE (e.g. a Load Image), or leave it unconnected and set width and height"
+
+
+def test_the_union_of_regions_is_one_mask_of_everywhere_any_region_is():
+    masks = layout_masks(96, 64, 2, "boxes", "0,0,0.25,0.5; 0.5,0.5,1,1")
+    union = regions_union(masks)
+    assert union.shape == (1, 64, 96)
+    assert torch.equal(union[0], ((masks[0] > 0) | (masks[1] > 0)).float())
+    soft = torch.tensor([[[0.2, 0.9]], [[0.6, 0.1]]])  # painted, soft masks: the largest value
+    assert torch.equal(regions_union(soft), torch.tensor([[[0.6, 0.9]]]))
+    with pytest.raises(RegionError, match=r"masks must be a MASK batch \[N,H,W\] with at least one mask, got shape \[0, 4, 4\]"):
+        regions_union(torch.zeros(0, 4, 4))
