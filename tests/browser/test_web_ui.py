@@ -518,3 +518,37 @@ def test_regions_editor_refused_the_workflow_opens_and_runs_from_the_text(browse
         assert ui.page_errors == []
     finally:
         context.close()
+
+
+def test_regions_editor_shows_your_picture_behind_the_boxes(ui, server):
+    """In the into-a-photo workflow the Regions node's size comes from your picture (Load Image >
+    Upscale Image > VAE Encode > size_from): the editor's frame has the picture's aspect ratio and shows
+    the picture, each box tinted over it."""
+    name = "facediffuser_into_a_photo"
+    workflow = load(WORKFLOWS / f"{name}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{name}.json")
+    (loader,) = [n for n in workflow["nodes"] if n["type"] == "LoadImage" and n["widgets_values"][0].startswith("photo_")]
+    picture = Image.open(WORKFLOWS / "inputs" / loader["widgets_values"][0]).convert("RGB")
+    ui.page.wait_for_function("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0", arg=str(loader["id"]))
+    show_node(ui, node_id)
+    boxes = parse_boxes(regions_widget(ui, node_id, "boxes"))
+    left, top, width, height = editor_frame(ui, node_id, *picture.size)
+    shot = np.asarray(Image.open(io.BytesIO(ui.page.screenshot())).convert("RGB"), dtype=np.float64)
+    w, h = round(width), round(height)
+    shown = shot[round(top) : round(top) + h, round(left) : round(left) + w]
+    expected = np.asarray(picture.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float64)
+    ys, xs = np.mgrid[0:h, 0:w]
+    fx, fy = (xs + 0.5) / w, (ys + 0.5) / h
+    keep = (xs > 6) & (xs < w - 6) & (ys > 6) & (ys < h - 6)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        inside = (x0 * w <= xs + 0.5) & (xs + 0.5 < x1 * w) & (y0 * h <= ys + 0.5) & (ys + 0.5 < y1 * h)
+        expected[inside] = expected[inside] * (1 - TINT) + np.array(COLOURS[k]) * TINT
+        edge = (np.abs(fx - x0) * w < 6) | (np.abs(fx - x1) * w < 6) | (np.abs(fy - y0) * h < 6) | (np.abs(fy - y1) * h < 6)
+        label = (xs > x0 * w - 3) & (xs < x0 * w + 90) & (ys > y0 * h - 3) & (ys < y0 * h + 28)
+        keep &= ~(edge & (fx > x0 - 0.02) & (fx < x1 + 0.02) & (fy > y0 - 0.02) & (fy < y1 + 0.02)) & ~label
+    assert abs(width / height - picture.width / picture.height) < 0.01
+    difference = np.abs(shown - expected)[keep].mean()
+    flat = np.abs(shown - np.array(BACKGROUND))[keep].mean()
+    assert difference < 8 and flat > 30, (difference, flat)
+    assert ui.page_errors == []

@@ -56,6 +56,28 @@ const columnBox = (index, columns) => [index / columns, 0, (index + 1) / columns
 const widget = (node, name) => node.widgets?.find((w) => w.name === name);
 const rgb = (c) => `rgb(${c.map((v) => Math.round(v)).join(", ")})`;
 
+/** What a node gives as a picture: its loaded image (a Load Image shows it), its width and height
+ * widgets (an Empty Latent Image; an Upscale Image, whose 0 keeps the aspect ratio of what comes in),
+ * else what its first linked input gives. */
+function upstreamPicture(node, depth = 0) {
+  if (!node || depth > 8) return null;
+  const image = node.imgs?.[0];
+  if (image?.complete && image.naturalWidth > 0) return { width: image.naturalWidth, height: image.naturalHeight, image };
+  const width = Number(widget(node, "width")?.value) || 0, height = Number(widget(node, "height")?.value) || 0;
+  if (width > 0 && height > 0 && !(node.inputs ?? []).some((input) => input.link != null && input.type === "IMAGE")) {
+    return { width, height, image: null };
+  }
+  let above = null;
+  for (let slot = 0; slot < (node.inputs ?? []).length && !above; slot++) {
+    if (node.inputs[slot].link != null) above = upstreamPicture(node.getInputNode(slot), depth + 1);
+  }
+  if (width > 0 && height > 0) return { width, height, image: above?.image ?? null };
+  if (!above) return null;
+  if (width > 0) return { width, height: Math.max(1, Math.round((above.height * width) / above.width)), image: above.image };
+  if (height > 0) return { width: Math.max(1, Math.round((above.width * height) / above.height)), height, image: above.image };
+  return above;
+}
+
 class RegionsEditor {
   constructor(node) {
     this.node = node;
@@ -106,16 +128,12 @@ class RegionsEditor {
     return this.value("layout", "columns");
   }
 
-  /** The picture's size and, from a Load Image on size_from, the picture itself. */
+  /** The picture's size and, where size_from comes from a Load Image (directly or through nodes such
+   * as Upscale Image and VAE Encode), the picture itself; else the width and height widgets. */
   picture() {
     const slot = this.node.findInputSlot?.("size_from") ?? -1;
-    const source = slot >= 0 ? this.node.getInputNode(slot) : null;
-    if (source) {
-      const image = source.imgs?.[0];
-      if (image?.complete && image.naturalWidth > 0) return { width: image.naturalWidth, height: image.naturalHeight, image };
-      const width = widget(source, "width")?.value, height = widget(source, "height")?.value;
-      if (width > 0 && height > 0) return { width, height, image: null };
-    }
+    const found = slot >= 0 ? upstreamPicture(this.node.getInputNode(slot)) : null;
+    if (found) return found;
     return { width: Number(this.value("width", 512)) || 512, height: Number(this.value("height", 512)) || 512, image: null };
   }
 
