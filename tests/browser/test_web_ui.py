@@ -494,6 +494,42 @@ def test_regions_editor_people_and_arrow_keys(ui, server):
     x0, y0, x1, y1 = parse_boxes(regions_widget(ui, node_id, "boxes"))[1]
     drag(ui, (left + x1 * width, top + y1 * height), (-width, -height))
     assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [x0, y0, x0 + 8 / 512, y0 + 8 / 512]])
+
+    # layout columns: the columns, read-only
+    text = regions_widget(ui, node_id, "boxes")
+    ui.set_widgets({"FaceDiffuserRegions": {"layout": "columns"}})
+    ui.page.wait_for_timeout(800)
+    assert_boxes_drawn(ui, node_id, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])
+    drag(ui, (left + 0.75 * width, top + 0.5 * height), (-60, 0))
+    ui.page.keyboard.press("ArrowLeft")
+    assert regions_widget(ui, node_id, "boxes") == text
+    assert_boxes_drawn(ui, node_id, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])
+    assert ui.page_errors == []
+
+
+def test_regions_editor_shows_the_pose_boxes_after_a_run(ui, server):
+    """Layout pose (the pose workflow): after a run the editor shows the node's preview, the pose's
+    boxes over the pose, and dragging changes nothing."""
+    name = "facediffuser_two_people_pose"
+    workflow = load(WORKFLOWS / f"{name}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{name}.json")
+    assert regions_widget(ui, node_id, "layout") == "pose"
+    ui.set_widgets(SMALL)
+    entry = run_to_history(ui, server)
+    (shown,) = entry["outputs"][node_id]["images"]
+    preview = Image.open(io.BytesIO(server.view(shown))).convert("RGB")
+    show_node(ui, node_id)
+    text = regions_widget(ui, node_id, "boxes")
+    left, top, width, height = editor_frame(ui, node_id, *preview.size)
+    drag(ui, (left + 0.5 * width, top + 0.5 * height), (-50, 20))
+    assert regions_widget(ui, node_id, "boxes") == text
+    shot = Image.open(io.BytesIO(ui.page.screenshot())).convert("RGB")
+    inner = (round(left) + 3, round(top) + 3, round(left + width) - 3, round(top + height) - 3)  # clear of the frame's rim
+    shown_frame = np.asarray(shot.crop(inner), dtype=np.float64)
+    expected = np.asarray(preview.resize((round(width), round(height)), Image.Resampling.BILINEAR).crop((3, 3, inner[2] - inner[0] + 3, inner[3] - inner[1] + 3)), dtype=np.float64)
+    difference = np.abs(shown_frame - expected).mean()
+    assert difference < 8 and np.abs(shown_frame - np.array(BACKGROUND)).mean() > 10, difference
     assert ui.page_errors == []
 
 
