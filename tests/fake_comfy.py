@@ -98,7 +98,7 @@ class FakeComfy(ThreadingHTTPServer):
             sampler = next(k for k, n in graph.items() if n["class_type"] == "FaceDiffuserSampler")
             message = ["execution_error", {"prompt_id": prompt_id, "node_id": sampler, "node_type": "FaceDiffuserSampler", "exception_message": f"fake failure ({key})\ntraceback"}]
             return {"status": {"status_str": "error", "completed": False, "messages": [message]}, "outputs": {}}
-        count = next(n["inputs"]["batch_size"] for n in graph.values() if n["class_type"] == "EmptyLatentImage")
+        count = next((n["inputs"]["batch_size"] for n in graph.values() if n["class_type"] == "EmptyLatentImage"), 1)  # --into: one picture
         outputs = {}
         for node_id, node in graph.items():
             if node["class_type"] in ("SaveImage", "PreviewImage"):

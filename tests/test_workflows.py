@@ -369,3 +369,16 @@ def test_the_crop_settings_are_generates_defaults():
 
     assert (GENERATE_CROP["margin"], GENERATE_CROP["size"], GENERATE_CROP["if_no_face"]) == (DEFAULT_MARGIN, DEFAULT_CROP_SIZE, IF_NO_FACE[0])
 
+
+
+def test_the_into_a_photo_workflows_picture_is_drawn_by_its_script(tmp_path):
+    """workflows/inputs/photo_park.png is what tools/draw_example_photo.py draws (nobody's photo ships)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    subprocess.run([sys.executable, str(REPO / "tools" / "draw_example_photo.py"), "-o", str(tmp_path)], check=True, capture_output=True)
+    drawn, shipped = (np.asarray(Image.open(folder / "photo_park.png")) for folder in (tmp_path, WORKFLOWS / "inputs"))
+    assert drawn.shape == (512, 512, 3) and np.array_equal(drawn, shipped)

@@ -88,7 +88,10 @@ class Generation:
     and height, see :mod:`.regions`) or the LoadImage value of an uploaded mask image (white inside,
     the picture's aspect ratio); neither: no regions. ``pose`` (a LoadImage value) puts the ControlNet file
     ``controlnet`` (in ComfyUI's models/controlnet) on that image, at ``control_strength``, on every
-    conditioning."""
+    conditioning. ``into`` (a LoadImage value) puts the people into that picture instead of a new one: it is
+    scaled to ``width`` pixels wide (its aspect ratio kept; ``height`` unused), encoded, and only the
+    union of the people's regions (columns or boxes, which it needs) is repainted; the rest is kept
+    pixel for pixel (:func:`build_graph`)."""
 
     prompt: str
     faces: tuple[tuple[str, ...], ...]
@@ -114,6 +117,7 @@ class Generation:
     pose: Optional[str] = None  # a control image (an OpenPose render) for the ControlNet; None: no ControlNet
     controlnet: str = DEFAULT_CONTROLNET
     control_strength: float = 1.0
+    into: Optional[str] = None  # a picture to put the people into (a LoadImage value); None: a new picture
 
 
 @dataclass(frozen=True)
@@ -144,15 +148,18 @@ def _ordinal(number: int) -> str:
     return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number if number < 20 else number % 10, 'th')}"
 
 
-def _region_masks(graph: _GraphBuilder, job: Generation) -> tuple[Optional[list], list[list]]:
+def _region_masks(graph: _GraphBuilder, job: Generation, picture: Optional[list] = None) -> tuple[Optional[list], list[list]]:
     """The MASK links of the job's regions, as (Subject Encode's ``masks``, each Face-diffuser Subject's
     ``mask``): one Face-diffuser Regions node with every person's region in marker order into
     ``masks`` (as the shipped regions and pose workflows) where the regions are columns or boxes;
     with a mask image among them, one mask per person into its Subject node (a box through a
     one-person Regions node, a mask image through LoadImage and "Convert Image to Mask", red
-    channel), so nothing needs batching; (None, []) without regions."""
+    channel), so nothing needs batching; (None, []) without regions. ``picture``: the LATENT link of the
+    picture the people go into, the Regions node's ``size_from``."""
     count = len(job.faces)
-    size = {"width": job.width, "height": job.height}
+    size: dict[str, Any] = {"width": job.width, "height": job.height}
+    if picture is not None:
+        size["size_from"] = picture  # the masks take the encoded picture's size
     if job.layout is not None:
         return [graph.add("FaceDiffuserRegions", "Face-diffuser Regions", **size, people=count, layout=job.layout, boxes="", prompt=job.prompt), 0], []
     regions = list(job.regions)
@@ -183,7 +190,11 @@ def build_graph(job: Generation) -> JobGraph:
     the all-in-one Face-diffuser Sampler (with ``job.pose``, all its conditionings through Face-diffuser
     Apply ControlNet), VAE decode, with ``job.detail`` the Face-diffuser Face
     Detailer (same people, prompt, seed, steps, cfg and sampler; a picture without a face passes
-    through, faces that match nobody are left), SaveImage, and the subject mask previewed."""
+    through, faces that match nobody are left), SaveImage, and the subject mask previewed. With
+    ``job.into``, the graph of ``facediffuser_into_a_photo.json``: the picture (Load Image, Upscale Image
+    to ``job.width`` wide, VAE Encode) sizes the regions, their union (Face-diffuser Regions Union) is
+    its noise mask (Set Latent Noise Mask) instead of an Empty Latent Image, and the decoded result is
+    composited over the scaled picture through that union (ImageCompositeMasked) before saving."""
     if not 1 <= len(job.faces) <= MAX_SUBJECTS:
         raise FaceDiffuserError(f"a Face-diffuser graph takes 1 to {MAX_SUBJECTS} faces, got {len(job.faces)}")
     if not all(job.faces):
@@ -197,7 +208,14 @@ def build_graph(job: Generation) -> JobGraph:
         [[graph.add("LoadImage", f"Face {number}" + (f", photo {index}" if len(faces) > 1 else ""), image=photo), 0] for index, photo in enumerate(faces, start=1)]
         for number, faces in enumerate(job.faces, start=1)
     ]  # fmt: skip
-    masks, person_masks = _region_masks(graph, job)
+    picture = None  # with job.into: the scaled picture (IMAGE) and its latent
+    if job.into is not None:
+        loaded = graph.add("LoadImage", "Your picture", image=job.into)
+        scaled = [graph.add("ImageScale", f"Working size ({job.width} wide, aspect ratio kept)", image=[loaded, 0], upscale_method="lanczos", width=job.width, height=0, crop="disabled"), 0]
+        picture = (scaled, [graph.add("VAEEncode", "VAE Encode (your picture)", pixels=scaled, vae=[loader, 3]), 0])
+    masks, person_masks = _region_masks(graph, job, None if picture is None else picture[1])
+    if picture is not None and (masks is None or person_masks):
+        raise FaceDiffuserError("putting people into a picture needs their regions as columns or boxes (one Face-diffuser Regions node), not none and not mask images")
     regions = {} if masks is None else {"masks": masks}
     subjects = None
     for number, links in enumerate(photos, start=1):
@@ -218,7 +236,12 @@ def build_graph(job: Generation) -> JobGraph:
             image=[pose, 0], strength=job.control_strength, start_percent=0.0, end_percent=1.0,
         )  # fmt: skip
         conditionings = {name: [control, index] for index, name in enumerate(conditionings)}
-    latent = graph.add("EmptyLatentImage", "Empty Latent Image", width=job.width, height=job.height, batch_size=job.batch)
+    union = None
+    if picture is None:
+        latent = graph.add("EmptyLatentImage", "Empty Latent Image", width=job.width, height=job.height, batch_size=job.batch)
+    else:  # repaint only where the people go
+        union = [graph.add("FaceDiffuserRegionsUnion", "Where people go (repainted)", masks=masks), 0]
+        latent = graph.add("SetLatentNoiseMask", "Repaint only the people's regions", samples=picture[1], mask=union)
     sampler = graph.add(
         "FaceDiffuserSampler", "Face-diffuser Sampler", tdm=[loader, 0], sdm=[loader, 1], **conditionings, latent_image=[latent, 0],
         seed=job.seed, steps=job.steps, cfg=job.cfg, sampler_name=job.sampler, scheduler=job.scheduler, start_merge=job.start_merge, final=job.final, denoise=1.0,
@@ -233,6 +256,8 @@ def build_graph(job: Generation) -> JobGraph:
             if_unmatched="leave it", if_no_face="pass through", object_resolution=512, facenet_name=MATCH_BY_SUBJECT_ENCODER, **references,
         )  # fmt: skip
         decoded = [detailer, 0]
+    if picture is not None:  # the rest of the picture kept pixel for pixel
+        decoded = [graph.add("ImageCompositeMasked", "Keep the rest of your picture", destination=picture[0], source=decoded, x=0, y=0, resize_source=False, mask=union), 0]
     save = graph.add("SaveImage", "Save Image", images=decoded, filename_prefix=job.filename_prefix)
     masks = None
     if job.subject_mask:

@@ -7,7 +7,7 @@ in each photo) is checked before a server starts. Each photo is face-cropped wit
 uploaded, and the graph is built in code (:func:`~facediffuser_core.commands.comfy_client.build_graph`);
 ``--region``/``--layout`` place each person in a region (one Face-diffuser Regions node into Subject
 Encode's ``masks``, or, with a mask image among them, each person's mask into its Face-diffuser
-Subject node).
+Subject node); ``--into`` puts the people into a picture of the user's instead of a new one.
 The PNGs ComfyUI saves carry the API workflow (dropping one on the canvas reopens it); each comes
 with its subject mask. Exit codes: 0 done, 1 the job failed in ComfyUI, 2 usage or server error,
 130 interrupted.
@@ -40,7 +40,7 @@ from ..weights.model_folders import MODEL_FOLDER, comfyui_model_folders, downloa
 from .comfy_client import DEFAULT_CONTROLNET, DEFAULT_SDM, DEFAULT_TDM, SUBJECT_PHOTO_INPUTS, ComfyClient, Generation, JobError, JobGraph, build_graph
 from .comfy_launch import LocalComfyUI, device_args, find_comfyui, split_command
 
-__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "read_pose", "pose_regions", "StageProgress", "save_outputs", "generate"]
+__all__ = ["add_arguments", "parse_faces", "check_photos", "check_prompt", "parse_regions", "check_models", "check_controlnet", "read_into", "read_pose", "pose_regions", "StageProgress", "save_outputs", "generate"]
 
 UPLOAD_FOLDER = "facediffuser"  # in ComfyUI's input/ (the face crops) and output/ (the images)
 OUTPUT_PREFIX = "facediffuser"
@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--pose", type=Path, metavar="IMAGE", help="a pose image (an OpenPose render: coloured skeletons on black, one per --face, ideally the output's size): the ControlNet --controlnet on it steers every conditioning, so all three stages follow the pose, and (without --region or --layout) each --face's person gets the region around one skeleton, left to right in marker order")
     job.add_argument("--controlnet", default=DEFAULT_CONTROLNET, metavar="NAME", help=f"the ControlNet file in ComfyUI's models/controlnet for --pose (default {DEFAULT_CONTROLNET}: download --controlnet openpose)")
     job.add_argument("--control-strength", type=float, default=1.0, help="how strongly --pose steers the image, 0..10 (default 1)")
+    job.add_argument("--into", type=Path, metavar="PHOTO", help="put the people into your own picture instead of a new one: PHOTO is scaled to --width (or --size) pixels wide, its aspect ratio kept (no --height), and only the people's regions (--region boxes, --layout or --pose, required) are repainted; every other pixel of the scaled picture is kept")
     job.add_argument("--no-crop", action="store_true", help="use each photo whole (padded to a square) instead of cropping it around the largest face")
     server = parser.add_argument_group("the ComfyUI server")
     server.add_argument("--server", metavar="HOST:PORT", help="a running ComfyUI with this pack and the models; without it, ComfyUI is started for the run")
@@ -184,6 +185,13 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--control-strength must be between 0 and 10, got {args.control_strength}")
     if args.pose is not None and not args.pose.is_file():
         raise UsageError(f"--pose: no such file {args.pose}")
+    if args.into is not None:
+        if not args.into.is_file():
+            raise UsageError(f"--into: no such file {args.into}")
+        if args.height is not None:
+            raise UsageError("--into takes the picture's aspect ratio: give its width with --width (or --size), not --height")
+        if args.batch != 1:
+            raise UsageError(f"--into makes one picture from your photo; leave out --batch (got {args.batch}) and change --seed for another")
     if not 0 <= args.detail_denoise <= 1:
         raise UsageError(f"--detail-denoise must be between 0 and 1, got {args.detail_denoise}")
     try:
@@ -218,6 +226,16 @@ def check_controlnet(file: str, comfyui: Path, explicit: bool, comfyui_args: Seq
         command = download_command(file, comfyui, explicit, comfyui_args, CONTROLNET_FOLDER)
         fix = f"download it with: {command}" if command else "put it in one of them"
         raise UsageError(f"--controlnet: no file {file} in the folders ComfyUI searches for ControlNets ({', '.join(map(str, folders))}); {fix}")
+
+
+def read_into(path: Path, width: int) -> tuple[Image.Image, int]:
+    """The ``--into`` picture as RGB and its height once scaled to ``width`` pixels wide (as the graph's
+    Upscale Image does: aspect ratio kept, rounded), at least 64 pixels."""
+    picture = _open_rgb(path, "--into", "give your picture (a photo to put the people into)")
+    height = max(1, round(picture.height * width / picture.width))
+    if height < 64:
+        raise UsageError(f"--into: {path} is {picture.width}x{picture.height}, {height} pixels high at {width} wide; give a picture at least 64 pixels high at that width (or a larger --width)")
+    return picture, height
 
 
 def read_pose(path: Path) -> Image.Image:
@@ -322,10 +340,16 @@ def generate(args: argparse.Namespace) -> int:
     check_photos(faces)
     check_prompt(args.prompt, len(faces))
     _check_settings(args)
-    regions = parse_regions(args.region, args.layout, len(faces), args.width or args.size, args.height or args.size)
+    width, height = args.width or args.size, args.height or args.size
+    into = None
+    if args.into is not None:
+        into, height = read_into(args.into, width)
+    regions = parse_regions(args.region, args.layout, len(faces), width, height)
     pose = None if args.pose is None else read_pose(args.pose)
     if pose is not None and not regions and args.layout is None:
         regions = pose_regions(pose, len(faces))
+    if into is not None and (any(isinstance(region, bytes) for region in regions) or not (regions or args.layout)):
+        raise UsageError("--into repaints only where the people go: give each --face's place as a box (--region left, right, centre or n/N, once per --face), --layout columns or --pose; mask images are not taken with --into")
     comfyui = None if args.server else find_comfyui(args.comfyui)
     if comfyui is not None:
         explicit, comfyui_args = bool(args.comfyui or os.environ.get("COMFYUI_PATH")), split_command(args.comfyui_args)
@@ -350,12 +374,13 @@ def generate(args: argparse.Namespace) -> int:
             uploaded = tuple(tuple(client.upload(stem, data, UPLOAD_FOLDER) for stem, data in photos) for photos in references)
             placed = tuple(client.upload(f"region{number}", region, UPLOAD_FOLDER) if isinstance(region, bytes) else region for number, region in enumerate(regions, start=1))
             uploaded_pose = None if pose is None else client.upload(args.pose.stem, png_bytes(pose), UPLOAD_FOLDER)
+            uploaded_into = None if into is None else client.upload(args.into.stem, png_bytes(into), UPLOAD_FOLDER)
             job = Generation(
                 args.prompt, uploaded, negative=args.negative, seed=seed, steps=args.steps, cfg=args.cfg,
-                start_merge=args.start_merge, final=args.final, width=args.width or args.size, height=args.height or args.size,
+                start_merge=args.start_merge, final=args.final, width=width, height=height,
                 batch=args.batch, sampler=args.sampler, scheduler=args.scheduler, sdm=args.sdm, tdm=args.tdm,
                 filename_prefix=f"{UPLOAD_FOLDER}/{OUTPUT_PREFIX}", combine=args.combine, detail=args.detail_denoise if args.detail else None, regions=placed, layout=args.layout,
-                pose=uploaded_pose, controlnet=args.controlnet, control_strength=args.control_strength,
+                pose=uploaded_pose, controlnet=args.controlnet, control_strength=args.control_strength, into=uploaded_into,
             )  # fmt: skip
             graph = build_graph(job)
             progress = StageProgress(graph, job.steps, job.start_merge, job.final)

@@ -320,3 +320,32 @@ def test_a_missing_model_is_downloaded_as_told_then_generate_starts_comfyui_on_i
     (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
     (again,) = entry["outputs"][save_id]["images"]
     assert np.array_equal(pixels(server.view(again)), pixels(image))
+
+
+def test_into_puts_each_person_into_their_box_of_the_photo_and_keeps_the_rest(server, tmp_path):
+    """--into on the real server: people in the left and right thirds of the drawn park (scaled to 64
+    px wide); the middle third is the park's, pixel for pixel (up to the 8-bit rounding of the scaled
+    park), in every run; swapping the first person's photo changes the first person's third more than
+    the second person's, and nothing in the middle."""
+    park = ROOT / "workflows" / "inputs" / "photo_park.png"
+    common = ["--prompt", "a man <|image|> and a man <|image|> standing in a park", *SMALL, "--seed", "5", "--server", f"127.0.0.1:{server.port}"]
+    common += ["--into", str(park), "--region", "1/3", "--region", "3/3"]
+
+    def picture(name: str, first: Path) -> np.ndarray:
+        result = generate("--face", str(first), "--face", str(MAN2), *common, "-o", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        (image,) = check_outputs(tmp_path / name, 1)
+        return pixels(image).astype(np.int16)
+
+    ours, swapped = picture("ours", MAN1), picture("swapped", MAN2)
+    scaled = np.asarray(Image.open(park).convert("RGB").resize((64, 64), Image.LANCZOS), dtype=np.int16)
+    middle, first, second = slice(22, 42), slice(0, 21), slice(43, 64)  # pixel centres inside 1/3 .. 2/3, 0 .. 1/3, 2/3 .. 1
+    for result in (ours, swapped):
+        assert np.abs(result[:, middle] - scaled[:, middle]).max() <= 1
+        assert np.abs(result[:, first] - scaled[:, first]).mean() > 5  # a person was painted there
+    change = np.abs(ours - swapped)
+    assert change[:, middle].max() == 0
+    assert change[:, first].mean() > change[:, second].mean()
+    graph = embedded_graph(next((tmp_path / "ours").glob("*[0-9].png")))
+    assert len(nodes_of(graph, "ImageCompositeMasked")) == 1 and not nodes_of(graph, "EmptyLatentImage")
+    check_no_deprecated_node(graph, server)

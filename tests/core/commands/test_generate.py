@@ -737,3 +737,70 @@ def test_pose_usage_errors_and_a_missing_controlnet_stop_before_any_server_start
     folder.mkdir()
     (folder / DEFAULT_CONTROLNET).touch()
     check_controlnet(DEFAULT_CONTROLNET, fake_comfyui, explicit=True, comfyui_args=[])  # there: no error
+
+
+# --- into your own picture ----------------------------------------------------------------------
+
+PARK = ROOT / "workflows" / "inputs" / "photo_park.png"
+
+
+def test_into_builds_the_into_a_photo_template_graph(fake, tmp_path, capsys):
+    """--into: the template's graph (workflows/api/facediffuser_into_a_photo.json) with the job's
+    settings: the photo scaled to --width wide, its latent sizing the regions and, through the
+    regions' union, the noise mask; the result composited over the scaled photo."""
+    photo = tmp_path / "street.jpg"
+    Image.new("RGB", (300, 200), (90, 120, 150)).save(photo)
+    graph = regions_run(fake, tmp_path, capsys, *TWO_MEN, "--region", "1/3", "--region", "3/3", "--into", str(photo))
+    assert "EmptyLatentImage" not in {n["class_type"] for n in graph.values()}
+    (load_id,) = [key for key, n in graph.items() if n["class_type"] == "LoadImage" and n["_meta"]["title"] == "Your picture"]
+    assert re.fullmatch(r"facediffuser/street_[0-9a-f]{10}\.png", graph[load_id]["inputs"]["image"])
+    expected = io.BytesIO()
+    Image.open(photo).convert("RGB").save(expected, format="PNG")  # uploaded as PNG, whole: the graph scales it
+    assert ("facediffuser", f"street_{hashlib.sha1(expected.getvalue()).hexdigest()[:10]}.png") in fake.uploads
+    (scale_id,) = [key for key, n in graph.items() if n["class_type"] == "ImageScale"]
+    assert graph[scale_id]["inputs"] == {"image": [load_id, 0], "upscale_method": "lanczos", "width": 96, "height": 0, "crop": "disabled"}
+    (encode_id,) = [key for key, n in graph.items() if n["class_type"] == "VAEEncode"]
+    encode = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSubjectEncode")
+    regions = node_inputs(graph, encode["masks"])
+    assert regions["size_from"] == [encode_id, 0] and regions["layout"] == "boxes" and (regions["width"], regions["height"]) == (96, 64)
+    (union_id,) = [key for key, n in graph.items() if n["class_type"] == "FaceDiffuserRegionsUnion"]
+    assert graph[union_id]["inputs"] == {"masks": encode["masks"]}
+    sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "FaceDiffuserSampler")
+    assert node_inputs(graph, sampler["latent_image"]) == {"samples": [encode_id, 0], "mask": [union_id, 0]} and sampler["denoise"] == 1.0
+    save = next(n["inputs"] for n in graph.values() if n["class_type"] == "SaveImage")
+    composite = graph[save["images"][0]]
+    assert composite["class_type"] == "ImageCompositeMasked" and composite["inputs"]["destination"] == [scale_id, 0] and composite["inputs"]["mask"] == [union_id, 0]
+    assert graph[composite["inputs"]["source"][0]]["class_type"] == "VAEDecode"
+    # the shipped template is this graph: the same node types, wired the same way
+    template = json.loads((ROOT / "workflows" / "api" / "facediffuser_into_a_photo.json").read_text())
+    kinds = lambda g: sorted(n["class_type"] for n in g.values() if n["class_type"] not in ("PreviewImage", "MaskToImage", "FaceDiffuserFaceCrop"))  # noqa: E731
+    assert kinds(graph) == kinds(template)
+
+
+def test_into_usage_errors_stop_before_anything_is_uploaded(fake, tmp_path, capsys):
+    mask = tmp_path / "mask.png"
+    Image.new("RGB", (96, 96), (255, 255, 255)).save(mask)  # the park's shape: a usable mask image, but not with --into
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (400, 100), 0).save(flat)
+    into = ["--into", str(PARK)]
+    cases = [
+        (into, "--into repaints only where the people go: give each --face's place as a box (--region left, right, centre or n/N, once per --face), --layout columns or --pose; mask images are not taken with --into"),
+        ([*into, "--region", str(mask), "--region", "right"], "mask images are not taken with --into"),
+        ([*into, "--layout", "columns", "--height", "64"], "--into takes the picture's aspect ratio: give its width with --width (or --size), not --height"),
+        ([*into, "--layout", "columns", "--batch", "2"], "--into makes one picture from your photo; leave out --batch (got 2) and change --seed for another"),
+        (["--into", str(tmp_path / "none.jpg"), "--layout", "columns"], f"--into: no such file {tmp_path / 'none.jpg'}"),
+        (["--into", str(flat), "--layout", "columns"], f"--into: {flat} is 400x100, 24 pixels high at 96 wide; give a picture at least 64 pixels high at that width (or a larger --width)"),
+    ]
+    for args, message in cases:
+        code, _, err = run_main(capsys, *TWO_MEN, *args, "-o", str(tmp_path / "out"), "--server", fake.address, "--width", "96")
+        assert code == 2 and message in err, err
+    assert fake.uploads == [] and fake.queued == []
+
+
+def test_without_into_the_graph_is_unchanged():
+    job = Generation("a man <|image|> and a man <|image|>", (("a.png",), ("b.png",)), layout="columns")
+    nodes = build_graph(job).nodes
+    assert "size_from" not in next(n["inputs"] for n in nodes.values() if n["class_type"] == "FaceDiffuserRegions")
+    assert not {n["class_type"] for n in nodes.values()} & {"VAEEncode", "SetLatentNoiseMask", "FaceDiffuserRegionsUnion", "ImageCompositeMasked", "ImageScale"}
+    with pytest.raises(FaceDiffuserError, match="putting people into a picture needs their regions as columns or boxes"):
+        build_graph(Generation("a man <|image|>", (("a.png",),), into="park.png"))
