@@ -176,10 +176,7 @@ class RegionsEditor {
     this.boxes = parseBoxes(text) ?? this.boxes;
     this.text = text;
     const w = widget(this.node, "boxes");
-    if (w && w.value !== text) {
-      w.value = text;
-      w.callback?.(text, app.canvas, this.node);
-    }
+    if (w && w.value !== text) w.value = text; // a widget's value setter calls its callback
     this.node.setDirtyCanvas?.(true, true);
     this.draw();
   }
@@ -340,8 +337,7 @@ class RegionsEditor {
 
   onPointerDown(event) {
     if (this.layout() !== "boxes" || event.button !== 0) return;
-    event.stopPropagation();
-    event.preventDefault();
+    event.stopPropagation(); // the press is the editor's, not the graph canvas's (no node drag)
     this.canvas.focus();
     const [x, y] = this.local(event);
     const grabbed = this.hit(x, y);
