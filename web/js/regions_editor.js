@@ -151,13 +151,15 @@ class RegionsEditor {
       if (this.people !== null && people !== this.people && parseBoxes(text)) this.setPeople(people);
     }
     this.people = people;
-    const rect = this.canvas.getBoundingClientRect();
-    const picture = this.picture();
-    const signature = JSON.stringify([
-      this.text, this.boxes, this.selected, this.layout(), people, String(this.value("prompt", "")),
+    if (this.state(this.canvas.getBoundingClientRect(), this.picture()) !== this.signature) this.draw();
+  }
+
+  /** Everything the drawing depends on, to redraw only on a change. */
+  state(rect, picture) {
+    return JSON.stringify([
+      this.text, this.boxes, this.selected, this.layout(), Number(this.value("people", 2)), String(this.value("prompt", "")),
       picture.width, picture.height, picture.image?.src ?? null, this.preview?.src ?? null, rect.width, rect.height,
     ]);
-    if (signature !== this.signature) this.draw();
   }
 
   /** Changing people keeps the first boxes, removes the last ones or adds new ones at the next free column. */
@@ -203,10 +205,7 @@ class RegionsEditor {
   draw() {
     const rect = this.canvas.getBoundingClientRect();
     const picture = this.picture();
-    this.signature = JSON.stringify([
-      this.text, this.boxes, this.selected, this.layout(), Number(this.value("people", 2)), String(this.value("prompt", "")),
-      picture.width, picture.height, picture.image?.src ?? null, this.preview?.src ?? null, rect.width, rect.height,
-    ]);
+    this.signature = this.state(rect, picture);
     const [cw, ch] = this.size();
     if (!cw || !ch) return;
     // one backing pixel per screen pixel at the canvas's current zoom
