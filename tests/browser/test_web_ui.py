@@ -232,3 +232,360 @@ def test_every_node_has_a_help_page_that_opens(ui, server, screenshots):
         if node == "FaceDiffuserSubjectEncode":
             ui.screenshot(screenshots / "node_help.png")
     assert ui.alerts() == [] and ui.page_errors == []
+
+
+# The regions editor (web/js/regions_editor.js, issue 35): a canvas on the Face-diffuser Regions node
+# that draws the boxes widget's text and writes it back as boxes are dragged. Its geometry, which the
+# tests read back from the screen: the picture's frame at the picture's aspect ratio, centred in the
+# canvas element, EDITOR_PAD of the element's own (unzoomed) pixels from its nearest sides; each box
+# filled in its marker's colour at TINT over BACKGROUND (overlaps mixed), as the node's preview draws it.
+from facediffuser_core.method.regions import BACKGROUND, COLOURS, TINT, box_masks, marked_words, parse_boxes, region_preview  # noqa: E402
+
+REGIONS = "facediffuser_two_regions"
+EDITOR_SCRIPT = f"**/extensions/{PACK_NAME}/js/regions_editor.js"
+EDITOR_PAD = 8
+EDITOR_OUTSIDE = (18, 18, 18)  # the canvas around the frame
+COLOUR_TOLERANCE = 6  # per channel, 0..255
+
+EDITOR_CANVAS_JS = """(id) => {
+  const node = app.graph.getNodeById(id);
+  const editor = node?.widgets?.find(w => w.name === 'regions_editor');
+  return editor ? editor.element.querySelector('canvas') : null;
+}"""
+
+NODE_RECT_JS = """(id) => {
+  const node = app.graph.getNodeById(id), title = LiteGraph.NODE_TITLE_HEIGHT;
+  const [left, top] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - title]);
+  const [right, bottom] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
+  const box = app.canvas.canvas.getBoundingClientRect();
+  return [box.left + left, box.top + top, box.left + right, box.top + bottom];
+}"""
+
+
+def regions_node_id(workflow: dict) -> str:
+    (node,) = [n for n in workflow["nodes"] if n["type"] == "FaceDiffuserRegions"]
+    return str(node["id"])
+
+
+def show_node(ui: ComfyPage, node_id: str) -> None:
+    """The node at zoom 1 in the middle of the canvas (the editor's canvas then has one screen pixel per
+    pixel of its own), nothing selected."""
+    ui.page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id); app.canvas.ds.scale = 1; app.canvas.centerOnNode(node);
+                     app.canvas.deselectAll(); app.canvas.setDirty(true, true) }""",
+        node_id,
+    )
+    ui.page.wait_for_timeout(800)  # the DOM widget follows the canvas, the editor redraws (it polls)
+
+
+def regions_widget(ui: ComfyPage, node_id: str, name: str):
+    return ui.page.evaluate("([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name)?.value", [node_id, name])
+
+
+def editor_frame(ui: ComfyPage, node_id: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """The picture's frame on screen (left, top, width, height in CSS pixels), from the editor canvas's
+    bounding box alone."""
+    canvas = ui.page.evaluate_handle(EDITOR_CANVAS_JS, node_id).as_element()
+    assert canvas is not None, "the Regions node has no editor canvas"
+    box = canvas.bounding_box()
+    client_w, client_h = canvas.evaluate("c => [c.clientWidth, c.clientHeight]")
+    zoom = box["width"] / client_w
+    scale = min((client_w - 2 * EDITOR_PAD) / width, (client_h - 2 * EDITOR_PAD) / height)
+    frame_w, frame_h = width * scale, height * scale
+    assert frame_w > 100 and frame_h > 100, f"the editor's frame is only {frame_w:.0f}x{frame_h:.0f}"
+    return (box["x"] + zoom * (client_w - frame_w) / 2, box["y"] + zoom * (client_h - frame_h) / 2, zoom * frame_w, zoom * frame_h)
+
+
+def expected_colour(boxes: list, fx: float, fy: float) -> tuple[float, ...]:
+    """What the editor draws at fraction (fx, fy) of the frame: the mixed colour of the boxes there."""
+    if not (0 <= fx < 1 and 0 <= fy < 1):
+        return EDITOR_OUTSIDE
+    inside = [k for k, (x0, y0, x1, y1) in enumerate(boxes) if x0 <= fx < x1 and y0 <= fy < y1]
+    if not inside:
+        return BACKGROUND
+    mixed = np.mean([COLOURS[k % len(COLOURS)] for k in inside], axis=0)
+    return tuple(np.array(BACKGROUND) * (1 - TINT) + mixed * TINT)
+
+
+def assert_boxes_drawn(ui: ComfyPage, node_id: str, boxes: list, size: tuple[int, int] = (512, 512)) -> None:
+    """A screenshot shows ``boxes`` where the fractions put them in the editor's frame: each box's
+    colour at its centre and, 4 screen pixels either side of each of its edges (a quarter of the way
+    along), the colours inside and outside the box. Points near another box's outline, handles or
+    label (its top-left corner) are not checked; at least 5 of each box's 9 are."""
+    left, top, width, height = editor_frame(ui, node_id, *size)
+    shot = np.asarray(Image.open(io.BytesIO(ui.page.screenshot())).convert("RGB"), dtype=np.float64)
+    screen = [(left + x0 * width, top + y0 * height, left + x1 * width, top + y1 * height) for x0, y0, x1, y1 in boxes]
+    wrong = []
+
+    def clear(sx: float, sy: float, own: tuple[int, str]) -> bool:
+        for j, (sx0, sy0, sx1, sy1) in enumerate(screen):
+            if sx0 - 3 <= sx <= sx0 + 90 and sy0 - 3 <= sy <= sy0 + 28:  # its label
+                return False
+            edges = {"left": (sx0, sy0, sx0, sy1), "right": (sx1, sy0, sx1, sy1), "top": (sx0, sy0, sx1, sy0), "bottom": (sx0, sy1, sx1, sy1)}
+            for side, (ax, ay, bx, by) in edges.items():  # within 6 pixels of the outline (Chebyshev distance)
+                distance = max(max(ax - sx, 0, sx - bx), max(ay - sy, 0, sy - by))
+                if (j, side) != own and distance <= 6:
+                    return False
+        return True
+
+    def check(sx: float, sy: float, what: str, own: tuple[int, str] = (-1, "")) -> int:
+        if not clear(sx, sy, own):
+            return 0
+        fx, fy = (sx - left) / width, (sy - top) / height
+        expected = np.array(expected_colour(boxes, fx, fy))
+        found = shot[int(sy), int(sx)]
+        if np.abs(found - expected).max() > COLOUR_TOLERANCE:
+            wrong.append(f"{what} at ({sx:.0f}, {sy:.0f}): {found.astype(int).tolist()}, expected {np.round(expected).astype(int).tolist()}")
+        return 1
+
+    for k, (sx0, sy0, sx1, sy1) in enumerate(screen):
+        checked = check((sx0 + sx1) / 2, (sy0 + sy1) / 2, f"box {k + 1} centre")
+        along_y, along_x = sy0 + 0.25 * (sy1 - sy0), sx0 + 0.75 * (sx1 - sx0)
+        for side, sx, sy, dx, dy in (("left", sx0, along_y, 1, 0), ("right", sx1, along_y, -1, 0), ("top", along_x, sy0, 0, 1), ("bottom", along_x, sy1, 0, -1)):
+            checked += check(sx + 4 * dx, sy + 4 * dy, f"box {k + 1} inside its {side} edge", (k, side))
+            checked += check(sx - 4 * dx, sy - 4 * dy, f"box {k + 1} outside its {side} edge", (k, side))
+        assert checked >= 5, f"box {k + 1}: only {checked} points clear of the other boxes' outlines and labels"
+    assert wrong == [], "\n".join(wrong)
+
+
+def assert_boxes_text(text: str, expected: list, step: float = 0.001) -> None:
+    """The boxes widget's text says ``expected``, within a rounding step (the editor writes 3 decimals)."""
+    found = parse_boxes(text)
+    assert len(found) == len(expected), text
+    assert np.abs(np.array(found) - np.array(expected)).max() <= step + 1e-9, f"{text!r} is not {expected}"
+    assert all(len(value.strip().split(".")[-1]) <= 3 for value in text.replace(";", ",").split(",")), f"{text!r}: more than 3 decimals"
+
+
+def drag(ui: ComfyPage, start: tuple[float, float], by: tuple[float, float]) -> None:
+    """The real mouse: press at ``start``, move by ``by`` screen pixels in steps, release."""
+    mouse = ui.page.mouse
+    mouse.move(*start)
+    mouse.down()
+    mouse.move(start[0] + by[0], start[1] + by[1], steps=8)
+    mouse.up()
+    ui.page.wait_for_timeout(300)
+
+
+def boxes_textbox(ui: ComfyPage, text: str):
+    """The boxes widget's text box on the canvas (the one whose text is ``text``)."""
+    matches = [box for box in ui.page.get_by_role("textbox").all() if box.is_visible() and box.input_value() == text]
+    assert len(matches) == 1, f"{len(matches)} text boxes say {text!r}"
+    return matches[0]
+
+
+def run_to_history(ui: ComfyPage, server) -> dict:
+    before = set(server.get("/history"))
+    ui.click_run()
+
+    def finished():
+        assert not ui.page.locator(".p-dialog:visible").count(), f"the UI shows an error: {ui.alerts()}"
+        return next(iter(set(server.get("/history")) - before), None)
+
+    prompt_id = ui.wait_until(finished, RUN_TIMEOUT, "the run")
+    entry = server.get(f"/history/{prompt_id}")[prompt_id]
+    assert entry["status"]["status_str"] == "success", (status_message(entry, "execution_error"), ui.alerts())
+    return entry
+
+
+def assert_run_used_boxes(server, entry: dict, workflow: dict, text: str) -> None:
+    """The run queued layout boxes with ``text``, and the regions it made (the Regions preview the
+    workflow shows, drawn from the masks that go into Subject Encode) are exactly those boxes."""
+    node_id = regions_node_id(workflow)
+    sent = entry["prompt"][2][node_id]["inputs"]
+    assert sent["layout"] == "boxes" and sent["boxes"] == text
+    (link,) = [link for link in workflow["links"] if str(link[1]) == node_id and link[2] == 1]  # Regions' preview output
+    (shown,) = entry["outputs"][str(link[3])]["images"]
+    preview = np.asarray(Image.open(io.BytesIO(server.view(shown))).convert("RGB"))
+    expected = region_preview(box_masks(parse_boxes(text), SIZE, SIZE), marked_words(sent["prompt"]))
+    assert np.array_equal(preview, np.round(expected[0].numpy() * 255).astype(np.uint8))
+    # the masks Subject Encode receives: the Regions node's masks output, linked to its masks input
+    encode = next(key for key, node in entry["prompt"][2].items() if node["class_type"] == "FaceDiffuserSubjectEncode")
+    assert entry["prompt"][2][encode]["inputs"]["masks"] == [node_id, 0]
+
+
+def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, screenshots, tmp_path):
+    """The editor on the Regions node of the two-regions workflow, layout boxes: the canvas shows the
+    boxes where the text says; dragging the right person's box with the mouse and a corner of it writes
+    the expected fractions; typed boxes are redrawn; a saved and reopened workflow shows the same boxes;
+    the run's regions are the boxes drawn."""
+    workflow = load(WORKFLOWS / f"{REGIONS}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{REGIONS}.json")
+    assert ui.set_widgets({"FaceDiffuserRegions": {"layout": "boxes"}}) == [f"{node_id}.layout"]
+    show_node(ui, node_id)
+    text = regions_widget(ui, node_id, "boxes")
+    boxes = parse_boxes(text)
+    assert len(boxes) == 2 == regions_widget(ui, node_id, "people")
+    assert_boxes_drawn(ui, node_id, boxes)
+
+    # drag the right person's box 40 screen pixels left, by its middle
+    left, top, width, height = editor_frame(ui, node_id, 512, 512)
+    x0, y0, x1, y1 = boxes[1]
+    drag(ui, (left + (x0 + x1) / 2 * width, top + (y0 + y1) / 2 * height), (-40, 0))
+    moved = [boxes[0], [x0 - 40 / width, y0, x1 - 40 / width, y1]]
+    text = regions_widget(ui, node_id, "boxes")
+    assert_boxes_text(text, moved)
+    # then its bottom-right corner 30 pixels left and 50 up
+    x0, y0, x1, y1 = parse_boxes(text)[1]
+    drag(ui, (left + x1 * width, top + y1 * height), (-30, -50))
+    resized = [moved[0], [x0, y0, x1 - 30 / width, y1 - 50 / height]]
+    text = regions_widget(ui, node_id, "boxes")
+    assert_boxes_text(text, resized)
+    ui.page.mouse.move(0, 0)
+    ui.page.wait_for_timeout(400)
+    assert_boxes_drawn(ui, node_id, parse_boxes(text))
+    image = ui.screenshot(screenshots / "facediffuser_regions_editor.png", clip=tuple(v + d for v, d in zip(ui.page.evaluate(NODE_RECT_JS, node_id), (-12, -28, 12, 12))))
+    assert image.size[0] > 300
+
+    # type new boxes in the widget (overlapping): the canvas redraws them
+    typed = "0.1, 0.2, 0.55, 0.9; 0.45, 0.1, 0.9, 0.8"
+    boxes_textbox(ui, text).fill(typed)
+    ui.page.wait_for_timeout(800)
+    assert regions_widget(ui, node_id, "boxes") == typed
+    assert_boxes_drawn(ui, node_id, parse_boxes(typed))
+
+    # save the workflow (the graph as the UI serializes it) and reopen it with File > Open
+    saved = tmp_path / f"{REGIONS}_edited.json"
+    saved.write_text(ui.page.evaluate("() => JSON.stringify(app.graph.serialize())"))  # in the page: JSON leaves out what is undefined
+    ui.set_widgets({"FaceDiffuserRegions": {"boxes": "0, 0, 1, 1; 0, 0, 1, 1"}})
+    ui.open_workflow_file(saved)
+    ui.page.wait_for_function("([id, text]) => app.graph.getNodeById(id)?.widgets.find(w => w.name === 'boxes')?.value === text", arg=[node_id, typed])
+    show_node(ui, node_id)
+    assert regions_widget(ui, node_id, "boxes") == typed and regions_widget(ui, node_id, "layout") == "boxes"
+    assert_boxes_drawn(ui, node_id, parse_boxes(typed))
+
+    # run it (at test size): the regions are the boxes drawn
+    assert ui.alerts() == []
+    ui.set_widgets(SMALL)
+    entry = run_to_history(ui, server)
+    assert_run_used_boxes(server, entry, workflow, typed)
+    assert ui.page_errors == []
+
+
+def test_regions_editor_people_and_arrow_keys(ui, server):
+    """Changing people adds a box at the next free column and removes the last; the arrow keys nudge
+    the selected box by 0.01 (Shift: 0.1) once the canvas has the focus; a box stays inside the frame."""
+    workflow = load(WORKFLOWS / f"{REGIONS}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{REGIONS}.json")
+    ui.set_widgets({"FaceDiffuserRegions": {"layout": "boxes", "boxes": "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9"}})
+    show_node(ui, node_id)
+    ui.set_widgets({"FaceDiffuserRegions": {"people": 3}})
+    ui.page.wait_for_timeout(800)
+    assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [0.5, 0.1, 0.9, 0.9], [2 / 3, 0, 1, 1]])
+    assert_boxes_drawn(ui, node_id, parse_boxes(regions_widget(ui, node_id, "boxes")))
+    ui.set_widgets({"FaceDiffuserRegions": {"people": 2}})
+    ui.page.wait_for_timeout(800)
+    assert regions_widget(ui, node_id, "boxes") == "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9"
+
+    left, top, width, height = editor_frame(ui, node_id, 512, 512)
+    ui.page.mouse.click(left + 0.2 * width, top + 0.5 * height)  # selects the first box, focuses the canvas
+    for key in ("ArrowRight", "ArrowRight", "ArrowDown", "Shift+ArrowLeft"):
+        ui.page.keyboard.press(key)
+    ui.page.wait_for_timeout(300)
+    # right twice (0.02), down is blocked by the frame's bottom, then 0.1 left is blocked at 0
+    assert regions_widget(ui, node_id, "boxes") == "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9"
+    ui.page.mouse.click(left + 0.7 * width, top + 0.5 * height)  # the second box
+    for key in ("ArrowRight", "ArrowRight", "ArrowUp", "Shift+ArrowLeft"):
+        ui.page.keyboard.press(key)
+    ui.page.wait_for_timeout(300)
+    assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [0.42, 0.09, 0.82, 0.89]])
+    # a corner dragged past the box's opposite corner stops one latent cell (8 of 512 pixels) from it
+    x0, y0, x1, y1 = parse_boxes(regions_widget(ui, node_id, "boxes"))[1]
+    drag(ui, (left + x1 * width, top + y1 * height), (-width, -height))
+    assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [x0, y0, x0 + 8 / 512, y0 + 8 / 512]])
+
+    # layout columns: the columns, read-only
+    text = regions_widget(ui, node_id, "boxes")
+    ui.set_widgets({"FaceDiffuserRegions": {"layout": "columns"}})
+    ui.page.wait_for_timeout(800)
+    assert_boxes_drawn(ui, node_id, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])
+    drag(ui, (left + 0.75 * width, top + 0.5 * height), (-60, 0))
+    ui.page.keyboard.press("ArrowLeft")
+    assert regions_widget(ui, node_id, "boxes") == text
+    assert_boxes_drawn(ui, node_id, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])
+    assert ui.page_errors == []
+
+
+def test_regions_editor_shows_the_pose_boxes_after_a_run(ui, server):
+    """Layout pose (the pose workflow): after a run the editor shows the node's preview, the pose's
+    boxes over the pose, and dragging changes nothing."""
+    name = "facediffuser_two_people_pose"
+    workflow = load(WORKFLOWS / f"{name}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{name}.json")
+    assert regions_widget(ui, node_id, "layout") == "pose"
+    ui.set_widgets(SMALL)
+    entry = run_to_history(ui, server)
+    (shown,) = entry["outputs"][node_id]["images"]
+    preview = Image.open(io.BytesIO(server.view(shown))).convert("RGB")
+    show_node(ui, node_id)
+    text = regions_widget(ui, node_id, "boxes")
+    left, top, width, height = editor_frame(ui, node_id, *preview.size)
+    drag(ui, (left + 0.5 * width, top + 0.5 * height), (-50, 20))
+    assert regions_widget(ui, node_id, "boxes") == text
+    shot = Image.open(io.BytesIO(ui.page.screenshot())).convert("RGB")
+    inner = (round(left) + 3, round(top) + 3, round(left + width) - 3, round(top + height) - 3)  # clear of the frame's rim
+    shown_frame = np.asarray(shot.crop(inner), dtype=np.float64)
+    expected = np.asarray(preview.resize((round(width), round(height)), Image.Resampling.BILINEAR).crop((3, 3, inner[2] - inner[0] + 3, inner[3] - inner[1] + 3)), dtype=np.float64)
+    difference = np.abs(shown_frame - expected).mean()
+    assert difference < 8 and np.abs(shown_frame - np.array(BACKGROUND)).mean() > 10, difference
+    assert ui.page_errors == []
+
+
+def test_regions_editor_refused_the_workflow_opens_and_runs_from_the_text(browser, server, tmp_path):
+    """With the editor's script refused (a ComfyUI that lacks it, or an extension that fails), the
+    regions workflow opens cleanly and runs with the boxes typed into the widget."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    try:
+        ui = ComfyPage(context, server.url)
+        refused = []
+        context.route(EDITOR_SCRIPT, lambda route: (refused.append(route.request.url), route.abort()))
+        ui.open()
+        assert refused, "the web UI did not ask for the editor's script"
+        workflow = load(WORKFLOWS / f"{REGIONS}.json")
+        node_id = regions_node_id(workflow)
+        ui.open_workflow_file(WORKFLOWS / f"{REGIONS}.json")
+        assert_clean_graph(ui, workflow)
+        assert ui.page.evaluate(EDITOR_CANVAS_JS, node_id) is None
+        text = "0.05, 0.1, 0.5, 0.95; 0.55, 0, 0.95, 0.9"
+        ui.set_widgets({**SMALL, "FaceDiffuserRegions": {**SMALL["FaceDiffuserRegions"], "layout": "boxes", "boxes": text}})
+        entry = run_to_history(ui, server)
+        assert_run_used_boxes(server, entry, workflow, text)
+        assert ui.page_errors == []
+    finally:
+        context.close()
+
+
+def test_regions_editor_shows_your_picture_behind_the_boxes(ui, server):
+    """In the into-a-photo workflow the Regions node's size comes from your picture (Load Image >
+    Upscale Image > VAE Encode > size_from): the editor's frame has the picture's aspect ratio and shows
+    the picture, each box tinted over it."""
+    name = "facediffuser_into_a_photo"
+    workflow = load(WORKFLOWS / f"{name}.json")
+    node_id = regions_node_id(workflow)
+    ui.open_workflow_file(WORKFLOWS / f"{name}.json")
+    (loader,) = [n for n in workflow["nodes"] if n["type"] == "LoadImage" and n["widgets_values"][0].startswith("photo_")]
+    picture = Image.open(WORKFLOWS / "inputs" / loader["widgets_values"][0]).convert("RGB")
+    ui.page.wait_for_function("(id) => app.graph.getNodeById(id).imgs?.[0]?.naturalWidth > 0", arg=str(loader["id"]))
+    show_node(ui, node_id)
+    boxes = parse_boxes(regions_widget(ui, node_id, "boxes"))
+    left, top, width, height = editor_frame(ui, node_id, *picture.size)
+    shot = np.asarray(Image.open(io.BytesIO(ui.page.screenshot())).convert("RGB"), dtype=np.float64)
+    w, h = round(width), round(height)
+    shown = shot[round(top) : round(top) + h, round(left) : round(left) + w]
+    expected = np.asarray(picture.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float64)
+    ys, xs = np.mgrid[0:h, 0:w]
+    fx, fy = (xs + 0.5) / w, (ys + 0.5) / h
+    keep = (xs > 6) & (xs < w - 6) & (ys > 6) & (ys < h - 6)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        inside = (x0 * w <= xs + 0.5) & (xs + 0.5 < x1 * w) & (y0 * h <= ys + 0.5) & (ys + 0.5 < y1 * h)
+        expected[inside] = expected[inside] * (1 - TINT) + np.array(COLOURS[k]) * TINT
+        edge = (np.abs(fx - x0) * w < 6) | (np.abs(fx - x1) * w < 6) | (np.abs(fy - y0) * h < 6) | (np.abs(fy - y1) * h < 6)
+        label = (xs > x0 * w - 3) & (xs < x0 * w + 90) & (ys > y0 * h - 3) & (ys < y0 * h + 28)
+        keep &= ~(edge & (fx > x0 - 0.02) & (fx < x1 + 0.02) & (fy > y0 - 0.02) & (fy < y1 + 0.02)) & ~label
+    assert abs(width / height - picture.width / picture.height) < 0.01
+    difference = np.abs(shown - expected)[keep].mean()
+    flat = np.abs(shown - np.array(BACKGROUND))[keep].mean()
+    assert difference < 8 and flat > 30, (difference, flat)
+    assert ui.page_errors == []
