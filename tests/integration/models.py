@@ -1,8 +1,9 @@
 """Random-weight SDM / TDM files for the real-ComfyUI suite, generated once and cached outside the repo
 (``$FACEDIFFUSER_TEST_CACHE`` or ``~/.cache/facediffuser-tests``): SD1.5's text encoder, VAE and
 subject encoder with the smallest UNet ComfyUI still loads as SD1.5 (``factories.unet("sd15_xs")``,
-2.2 times faster per evaluation than SD1.5's), or, with ``full_size=True``, SD1.5's own UNet (for
-what needs SD1.5's block layout, e.g. its middle block, and for the benchmarks' figures)."""
+2.2 times faster per evaluation than SD1.5's), or, with ``full_size=True``, SD1.5's own UNet (the
+benchmarks' figures are SD1.5's; the suite builds the few full-size UNets it needs in memory,
+test_comfy_guidance_hooks.py)."""
 
 from __future__ import annotations
 

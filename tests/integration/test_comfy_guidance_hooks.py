@@ -117,15 +117,20 @@ def one_stage(stage: str, tdm, sdm, conditionings):
 
 @pytest.fixture(scope="module")
 def full_size_unets(comfy, loaded):
-    """(tdm, sdm) MODELs with SD1.5's full-size UNets (models.ensure_model_files(full_size=True)), for
-    MIDDLE_BLOCK_PATCHES and the fusion test (HOOK_SETTINGS), stored in fp16 as ``loaded``'s; the same text encoder and subject encoder
-    weights as the suite's set, so ``conditionings`` fit them. Loaded on first use, dropped after the module."""
-    from facediffuser_core.weights.checkpoints import ModelKind, load_checkpoint
-    from models import ensure_model_files
+    """(tdm, sdm) MODELs with SD1.5's full-size UNets, for MIDDLE_BLOCK_PATCHES and the fusion test
+    (HOOK_SETTINGS): the random UNets of the suite's files of before (factories.unet("sd15") with the
+    TDM's and SDM's seeds, models.py), built in memory (no files to cache) and stored in fp16 as
+    ``loaded``'s; ``conditionings`` fit them (the same text and subject encoders). Built on first use,
+    dropped after the module."""
+    import comfy.sd
 
-    files = ensure_model_files(full_size=True)
-    unets = [comfy.loader.load_unet(load_checkpoint(files.tdm, expect=ModelKind.TDM), torch.float16)]
-    unets.append(comfy.loader.load_unet(load_checkpoint(files.sdm, expect=ModelKind.SDM), torch.float16))
+    import factories
+
+    unets = []
+    for seed in (10, 0):  # models.ensure_model_files: TDM seed 10, SDM seed 0
+        state_dict = {key: value.to(torch.float16) for key, value in factories.unet("sd15", seed).state_dict().items()}
+        unets.append(comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float16}))
+        del state_dict
     assert all(unet.model.diffusion_model.middle_block is not None for unet in unets)  # what the patches need
     yield unets
     unets.clear()
