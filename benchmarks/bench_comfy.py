@@ -94,7 +94,7 @@ def child(mode: str, size: int, steps: int, device: str, controlnet: bool = Fals
     from paths import FACES
     from PIL import Image
 
-    files = ensure_model_files()
+    files = ensure_model_files(full_size=True)
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     face = torch.from_numpy(np.asarray(Image.open(FACES / "man1.jpeg").convert("RGB"), dtype=np.float32) / 255)[None]
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}

@@ -147,7 +147,7 @@ def main() -> None:
     from models import ensure_model_files
     from paths import FACES
 
-    files = ensure_model_files()
+    files = ensure_model_files(full_size=True)
     stock = files.root / "stock-loaders"
     models = write_stock_files(files, stock)
     rows = {}

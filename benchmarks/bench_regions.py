@@ -56,7 +56,7 @@ def main() -> None:
     import comfy.model_management as mm
     from facediffuser_pack.nodes import encode, loader, sampler
 
-    files = ensure_model_files()
+    files = ensure_model_files(full_size=True)
     tdm, sdm, clip, _, subject_encoder = loader.load_models(str(files.sdm), str(files.tdm))
     faces = torch.cat([torch.from_numpy(np.asarray(Image.open(FACES / name).convert("RGB").resize((224, 224)), dtype=np.float32) / 255)[None] for name in ("man1.jpeg", "man2.jpeg")])
     masks = torch.zeros(2, args.size, args.size)

@@ -18,9 +18,10 @@ BlockKey = tuple[str, int, int]  # (block name, block id, transformer index), as
 def cross_attention_blocks(model_patcher) -> list[BlockKey]:
     """Every transformer block with a cross-attention of the patcher's UNet, walked from the model:
     ("input", id, i), ("middle", 0, i), ("output", id, i), as openaimodel names the blocks
-    (16 for SD1.5)."""
+    (16 for SD1.5; 6 for a UNet without a middle block that ComfyUI loads as SD1.5, e.g. SD_XS's layout)."""
     unet = model_patcher.model.diffusion_model
-    groups = [("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)]
+    middle = [] if unet.middle_block is None else [unet.middle_block]  # openaimodel leaves it None when there is none
+    groups = [("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)]
     keys = []
     for name, blocks in groups:
         for number, block in enumerate(blocks):

@@ -45,7 +45,8 @@ def comfyui_path() -> Path:
 
 @pytest.fixture(scope="session")
 def model_files():
-    """SD1.5-sized random-weight SDM/TDM files (generated once, minutes; cached outside the repo)."""
+    """Random-weight SDM/TDM files loaded as SD1.5, with the smallest such UNet (models.py; generated
+    once, about a minute; cached outside the repo)."""
     from models import ensure_model_files
 
     return ensure_model_files()

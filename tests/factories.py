@@ -1,7 +1,9 @@
 """Random-weight models in the official Face-diffuser layout, built by the tests themselves.
 
 ``tiny`` models have the real architectures at small widths (fast on a CPU);
-``sd15`` models have SD1.5's real shapes (for running inside a real ComfyUI).
+``sd15`` models have SD1.5's real shapes (for running inside a real ComfyUI);
+``sd15_xs`` models are ``sd15`` ones with the smallest UNet ComfyUI still loads as SD1.5
+(:func:`unet`; the real-ComfyUI suite's models, tests/integration/models.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,38 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from facediffuser_core.method.subject_encoder import SubjectEncoder, vision_config
 
-Size = Literal["tiny", "sd15"]
+Size = Literal["tiny", "sd15_xs", "sd15"]
 
 TINY_WIDTH = 64  # text width == cross-attention width == image projection width
 
 
 def unet(size: Size = "tiny", seed: int = 0) -> UNet2DConditionModel:
+    """``sd15``: SD1.5's UNet (860 M parameters). ``sd15_xs``: the smallest UNet ComfyUI still loads as
+    SD1.5 (316 M parameters, 2.2 times faster per evaluation on a CPU): ComfyUI's diffusers-layout
+    detection (``model_detection.unet_config_from_diffusers_unet``) compares only the width (320), the
+    context width (768), the input channels and the number of transformers per down-block resnet, and
+    lists this layout as ``SD_XS`` (three levels of one resnet each, transformers in the lower two,
+    no middle block), which ``model_config_from_unet_config`` then loads as the SD15 model (SD1.5's
+    text encoder, VAE, latent format and schedule). 8 heads in every transformer, as SD1.5 has
+    (diffusers' ``attention_head_dim`` is the number of heads here): the SD15 model's config
+    (``num_heads`` 8, ``num_head_channels`` -1) replaces SD_XS's 64-channel heads, so ComfyUI runs
+    every transformer with 8 heads and computes what diffusers computes (within 1.5e-6); with 5/10/20
+    heads the outputs would differ by 0.04. No middle block: ComfyUI's guidance nodes
+    that patch the middle block (PerturbedAttentionGuidance, SelfAttentionGuidance) need ``sd15``."""
     torch.manual_seed(seed)
     if size == "sd15":
         return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    if size == "sd15_xs":
+        return UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            mid_block_type=None,
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=8,
+        )
     return UNet2DConditionModel(
         sample_size=8,
         layers_per_block=1,
@@ -38,7 +63,7 @@ def unet(size: Size = "tiny", seed: int = 0) -> UNet2DConditionModel:
 
 
 def text_config(size: Size = "tiny") -> CLIPTextConfig:
-    if size == "sd15":
+    if size != "tiny":  # sd15 and sd15_xs
         return CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
     return CLIPTextConfig(hidden_size=TINY_WIDTH, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2, projection_dim=TINY_WIDTH)
 
@@ -60,7 +85,7 @@ def text_encoder(size: Size = "tiny", seed: int = 0) -> TextEncoder:
 
 def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    if size == "sd15":
+    if size != "tiny":  # sd15 and sd15_xs
         return AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -81,7 +106,7 @@ def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
 
 def subject_encoder(size: Size = "tiny", seed: int = 0) -> SubjectEncoder:
     torch.manual_seed(seed)
-    if size == "sd15":
+    if size != "tiny":  # sd15 and sd15_xs
         return SubjectEncoder(vision_config())
     config = vision_config(
         hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2, patch_size=32, projection_dim=TINY_WIDTH
@@ -91,7 +116,8 @@ def subject_encoder(size: Size = "tiny", seed: int = 0) -> SubjectEncoder:
 
 def official_state_dict(kind: Literal["SDM", "TDM"], size: Size = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict with the official keys and dtype mix: float32 UNet and VAE, bfloat16 encoders,
-    int64 ``position_ids`` buffers as old transformers saved them."""
+    int64 ``position_ids`` buffers as old transformers saved them. Each part is seeded on its own, so
+    ``sd15`` and ``sd15_xs`` files of one seed have the same text encoder, VAE and subject encoder."""
     sd: dict[str, torch.Tensor] = {}
     sd.update({"unet." + k: v for k, v in unet(size, seed).state_dict().items()})
     text = text_encoder(size, seed + 1)

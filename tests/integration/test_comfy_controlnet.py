@@ -1,5 +1,5 @@
 """Face-diffuser Apply ControlNet inside an imported ComfyUI, with a random SD1.5 ControlNet in the
-openpose file's layout (controlnet_file.py) on the shipped pose image: with every step in one stage
+openpose file's layout fitting the suite's UNets (controlnet_file.py) on the shipped pose image: with every step in one stage
 the Sampler equals a stock KSampler with ComfyUI's own Apply ControlNet on that stage's pair (chains
 and the scene model's own prompts too); strength 0 and a control that ends at 0 % change nothing,
 bit for bit; the control acts in every stage, once per model evaluation for both conditionings
@@ -8,6 +8,7 @@ together, and only between its start and end percent."""
 from __future__ import annotations
 
 import importlib
+import logging
 
 import pytest
 import torch
@@ -129,11 +130,16 @@ def control_calls(comfy, monkeypatch):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_the_control_acts_in_every_stage_once_per_model_evaluation(comfy, loaded, conditionings, node, control_net, pose, control_calls, stage):
+def test_the_control_acts_in_every_stage_once_per_model_evaluation(comfy, loaded, conditionings, node, control_net, pose, control_calls, stage, caplog):
+    """The control changes the result in every stage, runs once per model evaluation (both
+    conditionings in one batch), and every residual fits the UNet (ComfyUI's UNet skips, with a
+    warning, a control residual whose shape does not fit its block)."""
     tdm, sdm = loaded[:2]
     start_merge, final = STAGES[stage]
     ours = controlled(node, conditionings, control_net, pose)
-    with_control, _ = face_diffuser(comfy, tdm, sdm, ours, start_merge, final)
+    with caplog.at_level(logging.WARNING):
+        with_control, _ = face_diffuser(comfy, tdm, sdm, ours, start_merge, final)
+    assert not [record.getMessage() for record in caplog.records if "control could not be applied" in record.getMessage()]
     calls = list(control_calls)
     without, _ = face_diffuser(comfy, tdm, sdm, conditionings, start_merge, final)
     assert relative_difference(with_control, without) > 1e-3

@@ -38,12 +38,15 @@ PATCHES = {
     "ModelSamplingDiscrete": ("comfy_extras.nodes_model_advanced", {"sampling": "v_prediction", "zsnr": False}),
     "LoraLoaderModelOnly": ("nodes", {"lora_name": LORA, "strength_model": 1.0}),
 }
-# SD1.5 attention projections the test LoRA changes (diffusers names) -> (in, out) features
+# ComfyUI's nodes that patch the middle block's self-attention: the suite's sd15_xs UNets have no
+# middle block (factories.unet), so these run on SD1.5's full-size UNets (``full_size_unets``)
+MIDDLE_BLOCK_PATCHES = {"PerturbedAttentionGuidance", "SelfAttentionGuidance"}
+# attention projections of the suite's sd15_xs UNets the test LoRA changes (diffusers names) -> (in, out) features
 LORA_MODULES = {
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320),
-    "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k": (768, 640),
-    "mid_block.attentions.0.transformer_blocks.0.attn1.to_v": (1280, 1280),
-    "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0": (320, 320),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (768, 640),
+    "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_v": (1280, 1280),
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0": (640, 640),
 }
 
 
@@ -113,44 +116,89 @@ def one_stage(stage: str, tdm, sdm, conditionings):
 
 
 @pytest.fixture(scope="module")
-def unpatched_stock(loaded, conditionings) -> dict[str, torch.Tensor]:
-    """stage -> the stock KSampler's latent on that stage's unpatched model and conditionings, sampled
-    once for the module."""
-    return {stage: ksampler(*one_stage(stage, *loaded[:2], conditionings)[1:]) for stage in ("scene", "subject")}
+def full_size_unets(comfy, loaded):
+    """(tdm, sdm) MODELs with SD1.5's full-size UNets, for MIDDLE_BLOCK_PATCHES and the fusion test
+    (HOOK_SETTINGS): the random UNets of the suite's files of before (factories.unet("sd15") with the
+    TDM's and SDM's seeds, models.py), built in memory (no files to cache) and stored in fp16 as
+    ``loaded``'s; ``conditionings`` fit them (the same text and subject encoders). Built on first use,
+    dropped after the module."""
+    import comfy.sd
+
+    import factories
+
+    unets = []
+    for seed in (10, 0):  # models.ensure_model_files: TDM seed 10, SDM seed 0
+        state_dict = {key: value.to(torch.float16) for key, value in factories.unet("sd15", seed).state_dict().items()}
+        unets.append(comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float16}))
+        del state_dict
+    assert all(unet.model.diffusion_model.middle_block is not None for unet in unets)  # what the patches need
+    yield unets
+    unets.clear()
+    comfy.model_management.unload_all_models()
+
+
+def unets_for(patch, loaded, full_size_unets_of) -> tuple:
+    """(tdm, sdm): the suite's, or SD1.5's full-size ones for a patch of the middle block."""
+    return tuple(full_size_unets_of()) if patch in MIDDLE_BLOCK_PATCHES else tuple(loaded[:2])
+
+
+@pytest.fixture
+def full_size_unets_of(request):
+    """A function giving ``full_size_unets`` (loaded only by the tests that call it)."""
+    return lambda: request.getfixturevalue("full_size_unets")
+
+
+@pytest.fixture(scope="module")
+def unpatched_stock(loaded, conditionings) -> dict:
+    """(tdm, sdm, stage) -> the stock KSampler's latent on that stage's unpatched model and
+    conditionings, sampled once for the module (on first use)."""
+    cache = {}
+
+    def stock(tdm, sdm, stage):
+        key = (id(tdm), id(sdm), stage)
+        if key not in cache:
+            cache[key] = ksampler(*one_stage(stage, tdm, sdm, conditionings)[1:])
+        return cache[key]
+
+    return stock
 
 
 @pytest.mark.parametrize("patch", [pytest.param(None, marks=pytest.mark.oldest_host), *PATCHES])
 @pytest.mark.parametrize("stage", ["scene", "subject"])
-def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, conditionings, lora_file, unpatched_stock, stage, patch):
+def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, full_size_unets_of, conditionings, lora_file, unpatched_stock, stage, patch):
     """start_merge = final = 1: KSampler(tdm, positive=text, negative=empty); start_merge = final = 0:
     KSampler(sdm, positive=subject, negative=text); the same patch on both models. With a guidance
-    hook each step is ComfyUI's own computation, so the results are equal bit for bit."""
-    tdm, sdm = loaded[:2]
+    hook each step is ComfyUI's own computation, so the results are equal bit for bit. (PAG and SAG
+    on SD1.5's full-size UNets: MIDDLE_BLOCK_PATCHES.)"""
+    unpatched = tdm, sdm = unets_for(patch, loaded, full_size_unets_of)
     if patch:
         tdm, sdm = patched(tdm, patch), patched(sdm, patch)
     fraction, model, positive, negative = one_stage(stage, tdm, sdm, conditionings)
     ours, _ = face_diffuser(comfy, tdm, sdm, conditionings, fraction, fraction)
-    stock = ksampler(model, positive, negative) if patch else unpatched_stock[stage]
+    stock = ksampler(model, positive, negative) if patch else unpatched_stock(*unpatched, stage)
     tolerance = 0.0 if patch in GUIDANCE_HOOKS else V_PREDICTION_TOLERANCE if patch == "ModelSamplingDiscrete" else TOLERANCE
     assert relative_difference(ours, stock) <= tolerance
     if patch:  # the patch changes what the model computes at this size, so the comparison means something
-        assert relative_difference(stock, unpatched_stock[stage]) > 10 * tolerance
+        assert relative_difference(stock, unpatched_stock(*unpatched, stage)) > 10 * tolerance
 
 
 # hook -> the settings tried in turn, until one moves SNF's choice of at least one latent pixel (a
 # hook that changes the responses too little for that leaves the test unable to tell "after the hooks"
 # from "before"): PAG's effect on the random test weights is small and, at scale 3, moved no pixel with
-# the conditionings of transformers 5 (issue 29), while it did with those of transformers 4
+# the conditionings of transformers 5 (issue 29), while it did with those of transformers 4. On the
+# suite's sd15_xs UNets RescaleCFG moved none even at its full 1.0, so the test runs on SD1.5's full-size
+# UNets (full_size_unets), where both do
 HOOK_SETTINGS = {"RescaleCFG": [{}], "PerturbedAttentionGuidance": [{}, {"scale": 10.0}, {"scale": 30.0}]}
 
 
 @pytest.mark.parametrize("hook", list(HOOK_SETTINGS))
-def test_fusion_compares_the_responses_after_the_hooks(comfy, loaded, conditionings, hook):
+def test_fusion_compares_the_responses_after_the_hooks(comfy, full_size_unets_of, conditionings, hook):
     """One Euler step to sigma 0 returns the step's prediction, so stock KSamplers give each model's
     hooked guided prediction D (cfg 5) and its negative's prediction N (cfg 1, the negative as the only
     conditioning: one unguided prediction). A model's response in eps space is
-    ((x - D) - (x - N)) / sigma = (N - D) / sigma; SNF picks per pixel the D of the more salient one."""
-    tdm, sdm = loaded[:2]
+    ((x - D) - (x - N)) / sigma = (N - D) / sigma; SNF picks per pixel the D of the more salient one.
+    On SD1.5's full-size UNets (HOOK_SETTINGS)."""
+    tdm, sdm = full_size_unets_of()
     text, subject, negative = conditionings
     latent_format = sdm.get_model_object("latent_format")  # KSampler outputs are latent / 0.18215
 

@@ -1,4 +1,5 @@
-"""A region per person inside an imported ComfyUI, on the suite's SD1.5-sized random-weight UNets:
+"""A region per person inside an imported ComfyUI, on the suite's random-weight UNets (sd15_xs: 6
+cross-attention layers at three levels, no middle block; the layers are read from the model):
 the patch on every cross-attention block, only for the regioned conditionings, on each layer's own
 token grid; identity confined to its region; no effect without regions; the errors."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -84,6 +86,29 @@ def calls(comfy, loaded, monkeypatch):
     return records
 
 
+def cross_attention_layers(model_patcher) -> dict[tuple[str, int, int], tuple[str, int]]:
+    """(block name, block id, transformer index) -> (module name, down level) of every cross-attention
+    layer of the UNet, read from its module names and its Downsample / Upsample layers (not from the
+    code under test): SD1.5 has 16 at levels 0-3, the suite's sd15_xs UNet 6 at levels 1-2."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    unet = model_patcher.model.diffusion_model
+    middle = [] if unet.middle_block is None else [unet.middle_block]
+    layers, level = {}, 0
+    for group, blocks in (("input", unet.input_blocks), ("middle", middle), ("output", unet.output_blocks)):
+        for number, block in enumerate(blocks):
+            if group == "input" and any(isinstance(module, Downsample) for module in block.modules()):
+                level += 1  # a block of its own: the blocks after it are one level down
+            for name, _ in block.named_modules():
+                found = re.fullmatch(r"\d+\.transformer_blocks\.(\d+)\.attn2", name)
+                if found:
+                    prefix = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}[group]
+                    layers[group, number, int(found[1])] = (f"{prefix}.{number}.{name}" if group != "middle" else f"{prefix}.{name}", level)
+            if group == "output" and any(isinstance(module, Upsample) for module in block.modules()):
+                level -= 1  # at the block's end: the blocks after it are one level up
+    return layers
+
+
 def chunk_of(call: dict, conditioning: list[dict]) -> torch.Tensor:
     """The rows of ``call``'s output that belong to ``conditioning`` (a converted cond list of one entry)."""
     index = call["uuids"].index(conditioning[0]["uuid"])
@@ -97,8 +122,11 @@ def test_a_persons_photo_acts_only_inside_its_region(comfy, loaded, faces, calls
     tdm, sdm, clip, *_ = loaded
     negative = empty_conditioning(clip)
     left_is_a = columns(2, 64, 64)
-    outside = torch.ones(8, 8, dtype=torch.bool)
-    outside[:, :4] = False
+    first = min(key for key in cross_attention_layers(sdm) if key[0] == "input")  # the first cross-attention layer
+    name, level = cross_attention_layers(sdm)[first]
+    side = 8 // 2**level  # its token grid at an 8x8 latent
+    outside = torch.ones(side, side, dtype=torch.bool)
+    outside[:, : side // 2] = False
     outside = outside.flatten()
     results = {}
     for masks in (left_is_a, None):
@@ -108,7 +136,7 @@ def test_a_persons_photo_acts_only_inside_its_region(comfy, loaded, faces, calls
             calls.clear()
             with torch.no_grad():
                 if masks is None:  # no patch: record the layer's output with a hook instead
-                    layer = sdm.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2
+                    layer = sdm.model.diffusion_model.get_submodule(name)
                     seen = []
                     handle = layer.to_out.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
                     try:
@@ -119,9 +147,9 @@ def test_a_persons_photo_acts_only_inside_its_region(comfy, loaded, faces, calls
                     results[masks is None, a] = seen[0]  # both chunks; the text chunk does not depend on the photo
                 else:
                     sample(comfy, guider, 8, 8)
-                    first = calls[0]
-                    assert first["block"] == ("input", 1, 0) and first["grid"] == (8, 8)
-                    results[False, a] = chunk_of(first, guider.original_conds["subject"])[0]
+                    call = calls[0]
+                    assert call["block"] == first and call["grid"] == (side, side)
+                    results[False, a] = chunk_of(call, guider.original_conds["subject"])[0]
     regioned = results[False, 0] - results[False, 1]
     assert torch.equal(results[False, 0][outside], results[False, 1][outside])
     assert regioned[~outside].abs().amax(dim=-1).min() > 0
@@ -131,12 +159,14 @@ def test_a_persons_photo_acts_only_inside_its_region(comfy, loaded, faces, calls
 
 def test_patch_runs_once_per_block_per_regioned_evaluation(comfy, loaded, faces, calls, caplog):
     """Four steps over all three stages: every UNet forward (TDM and SDM) runs the patch exactly once
-    on each of the 16 cross-attention blocks; without masks nothing is installed and it never runs;
-    a scene model with its own prompt is unregioned, said once in the log."""
+    on each of the UNet's cross-attention blocks (16 in SD1.5, 6 in the suite's UNets); without masks
+    nothing is installed and it never runs; a scene model with its own prompt is unregioned, said
+    once in the log."""
     tdm, sdm, clip, *_ = loaded
     negative = empty_conditioning(clip)
     blocks = comfy.regional_attention.cross_attention_blocks(sdm)
-    assert len(blocks) == 16 and ("middle", 0, 0) in blocks and len(set(blocks)) == 16
+    layers = len(cross_attention_layers(sdm))
+    assert sorted(blocks) == sorted(cross_attention_layers(sdm)) and len(set(blocks)) == layers
 
     text, subject = encode(comfy, loaded, torch.cat(faces), masks=columns(2, 64, 64))
     guider = comfy.guider.build_guider(tdm, sdm, text, subject, negative, 5.0, 0.3, 0.6)
@@ -146,7 +176,7 @@ def test_patch_runs_once_per_block_per_regioned_evaluation(comfy, loaded, faces,
     with torch.no_grad():
         sample(comfy, guider, 8, 8, steps=4)
     assert {name for name, _ in calls.per_forward} == {"tdm", "sdm"}
-    assert all(count == 16 for _, count in calls.per_forward), calls.per_forward
+    assert all(count == layers for _, count in calls.per_forward), calls.per_forward
     assert sorted(call["block"] for call in calls) == sorted(blocks * len(calls.per_forward))
     regioned = {guider.original_conds[name][0]["uuid"] for name in ("text", "subject")}
     assert all(regioned & set(call["uuids"]) for call in calls)
@@ -168,7 +198,7 @@ def test_patch_runs_once_per_block_per_regioned_evaluation(comfy, loaded, faces,
             sample(comfy, scene, 8, 8, steps=4)
     assert sum("scene_positive) has no marked people" in record.getMessage() for record in caplog.records) == 1
     counts = {name: {count for model, count in calls.per_forward if model == name} for name in ("tdm", "sdm")}
-    assert counts == {"tdm": {0}, "sdm": {16}}
+    assert counts == {"tdm": {0}, "sdm": {layers}}
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (64, 96), (9, 13)])
@@ -185,13 +215,12 @@ def test_each_layer_masks_its_own_token_grid(comfy, loaded, faces, calls, height
     levels = [(height, width)]
     for _ in range(3):
         levels.append((math.ceil(levels[-1][0] / 2), math.ceil(levels[-1][1] / 2)))
-    level_of = {"input": {1: 0, 2: 0, 4: 1, 5: 1, 7: 2, 8: 2}, "middle": {0: 3}, "output": {3: 2, 4: 2, 5: 2, 6: 1, 7: 1, 8: 1, 9: 0, 10: 0, 11: 0}}
-    assert len(calls) == 16
+    layers = cross_attention_layers(sdm)
+    assert len(calls) == len(layers) and len({level for _, level in layers.values()}) > 1  # layers at more than one grid
     for call in calls:
-        name, number, _ = call["block"]
-        assert call["grid"] == levels[level_of[name][number]], call["block"]
+        assert call["grid"] == levels[layers[call["block"]][1]], call["block"]
         assert call["rows"] == call["grid"][0] * call["grid"][1]
-    assert {key[2] for key in calls[0]["patch"]._bias} == set(levels)
+    assert {key[2] for key in calls[0]["patch"]._bias} == {levels[level] for _, level in layers.values()}
 
 
 def test_no_masks_or_full_masks_change_nothing(comfy, loaded, faces):
@@ -321,10 +350,11 @@ def test_region_errors_name_the_node_marker_and_fix(comfy, loaded, faces):
     )
 
     taken = sdm.clone()
-    taken.set_model_attn2_replace(lambda q, k, v, extra_options: q, "input", 1)
+    _, first, _ = min(key for key in cross_attention_layers(sdm) if key[0] == "input")  # a block the regions patch
+    taken.set_model_attn2_replace(lambda q, k, v, extra_options: q, "input", first)
     regioned = encode(comfy, loaded, photos, masks=columns(2, 64, 64))
     conflict = (
-        "already has a cross-attention replacement on block ('input', 1) (from another node, e.g. IPAdapter or an attention-couple pack); "
+        f"already has a cross-attention replacement on block ('input', {first}) (from another node, e.g. IPAdapter or an attention-couple pack); "
         "per-person regions replace the same attention and cannot run with it: remove the masks (the people's regions) or that node"
     )
     raises_whole(f"Face-diffuser Guider: the sdm {conflict}", lambda: comfy.guider.FaceDiffuserGuider.execute(tdm, taken, *regioned, negative, 5.0, 0.3, 0.6))
@@ -353,4 +383,5 @@ def test_regions_compose_with_other_packs_attention_patches(comfy, loaded, faces
     guider = comfy.guider.build_guider(tdm, patched, text, subject, empty_conditioning(clip), 5.0, 0.0, 0.0)  # the subject stage: the SDM only
     with torch.no_grad():
         sample(comfy, guider, 8, 8)
-    assert len(calls) == 16 and seen == {"attn2_patch": 16, "attn2_output_patch": 16}  # one UNet evaluation (the pair batched), 16 blocks
+    layers = len(cross_attention_layers(sdm))
+    assert len(calls) == layers and seen == {"attn2_patch": layers, "attn2_output_patch": layers}  # one UNet evaluation (the pair batched), every block

@@ -292,7 +292,7 @@ def test_a_missing_model_is_downloaded_as_told_then_generate_starts_comfyui_on_i
         fetched = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     finally:
         hub.close()
-    request.addfinalizer(lambda: shutil.rmtree(base / "models"))  # 2.7 GB: not kept until the session ends
+    request.addfinalizer(lambda: shutil.rmtree(base / "models"))  # GBs: not kept until the session ends
     assert fetched.returncode == 0, fetched.stderr[-3000:]
     assert f"{folder / 'facediffuser_tdm.safetensors'} is already there: nothing to download" in fetched.stdout
     assert [request[1] for request in hub.byte_requests()] == ["/CodeGoat24/Face-diffuser/resolve/main/SDM/pytorch_model.bin"]
