@@ -95,8 +95,11 @@ def ui(browser, server):
     """A fresh browser context (empty storage) with ComfyUI's web UI, ready to use."""
     from comfy_page import ComfyPage
 
-    # A known user: no first-visit template dialog popping up over the canvas, no minimap in pictures.
-    assert server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}).ok
+    # A known user: no first-visit template dialog popping up over the canvas, no minimap in pictures,
+    # and the right side panel closed (web UI 1.49.6 keeps it open on the server once a test opened it,
+    # e.g. a node's help; open, it covers part of the canvas and repeats the selected node's widgets).
+    settings = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False}
+    assert server.post("/settings", settings).ok
     context = browser.new_context(viewport=VIEWPORT)
     page = ComfyPage(context, server.url)
     try:

@@ -253,6 +253,12 @@ EDITOR_CANVAS_JS = """(id) => {
   return editor ? editor.element.querySelector('canvas') : null;
 }"""
 
+HIT_JS = """([x, y]) => {
+  const element = document.elementFromPoint(x, y);
+  const editors = app.graph.findNodesByType('FaceDiffuserRegions').map(node => node.widgets?.find(w => w.name === 'regions_editor')?.element.querySelector('canvas'));
+  return editors.includes(element) ? 'editor' : element ? `${element.tagName} id=${element.id} class=${element.className}` : 'nothing';
+}"""
+
 NODE_RECT_JS = """(id) => {
   const node = app.graph.getNodeById(id), title = LiteGraph.NODE_TITLE_HEIGHT;
   const [left, top] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - title]);
@@ -287,7 +293,14 @@ def editor_frame(ui: ComfyPage, node_id: str, width: int, height: int) -> tuple[
     bounding box alone."""
     canvas = ui.page.evaluate_handle(EDITOR_CANVAS_JS, node_id).as_element()
     assert canvas is not None, "the Regions node has no editor canvas"
-    box = canvas.bounding_box()
+    box, settled = canvas.bounding_box(), None
+    for _ in range(20):  # the node's layout settles after the canvas redraws (longer on a busy machine)
+        ui.page.wait_for_timeout(250)
+        settled = canvas.bounding_box()
+        if settled == box:
+            break
+        box = settled
+    assert settled == box, f"the editor keeps moving on screen: {box} then {settled}"
     client_w, client_h = canvas.evaluate("c => [c.clientWidth, c.clientHeight]")
     zoom = box["width"] / client_w
     scale = min((client_w - 2 * EDITOR_PAD) / width, (client_h - 2 * EDITOR_PAD) / height)
@@ -356,8 +369,17 @@ def assert_boxes_text(text: str, expected: list, step: float = 0.001) -> None:
     assert all(len(value.strip().split(".")[-1]) <= 3 for value in text.replace(";", ",").split(",")), f"{text!r}: more than 3 decimals"
 
 
+def corner(x: float, y: float) -> tuple[float, float]:
+    """A press on a box's bottom-right corner at screen point (x, y): 2 pixels inside the box, well
+    within the editor's grab distance (6 pixels), so that a rounding of the frame's position to the
+    screen's pixels cannot put it outside."""
+    return x - 2, y - 2
+
+
 def drag(ui: ComfyPage, start: tuple[float, float], by: tuple[float, float]) -> None:
     """The real mouse: press at ``start``, move by ``by`` screen pixels in steps, release."""
+    hit = ui.page.evaluate(HIT_JS, list(start))
+    assert hit == "editor", f"the press at {start} would land on {hit}, not on a Regions editor"
     mouse = ui.page.mouse
     mouse.move(*start)
     mouse.down()
@@ -403,6 +425,7 @@ def assert_run_used_boxes(server, entry: dict, workflow: dict, text: str) -> Non
     assert entry["prompt"][2][encode]["inputs"]["masks"] == [node_id, 0]
 
 
+@pytest.mark.oldest_host
 def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, screenshots, tmp_path):
     """The editor on the Regions node of the two-regions workflow, layout boxes: the canvas shows the
     boxes where the text says; dragging the right person's box with the mouse and a corner of it writes
@@ -427,7 +450,8 @@ def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, s
     assert_boxes_text(text, moved)
     # then its bottom-right corner 30 pixels left and 50 up
     x0, y0, x1, y1 = parse_boxes(text)[1]
-    drag(ui, (left + x1 * width, top + y1 * height), (-30, -50))
+    left, top, width, height = editor_frame(ui, node_id, 512, 512)  # where the frame is now
+    drag(ui, corner(left + x1 * width, top + y1 * height), (-30, -50))
     resized = [moved[0], [x0, y0, x1 - 30 / width, y1 - 50 / height]]
     text = regions_widget(ui, node_id, "boxes")
     assert_boxes_text(text, resized)
@@ -462,6 +486,7 @@ def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, s
     assert ui.page_errors == []
 
 
+@pytest.mark.oldest_host
 def test_regions_editor_people_and_arrow_keys(ui, server):
     """Changing people adds a box at the next free column and removes the last; the arrow keys nudge
     the selected box by 0.01 (Shift: 0.1) once the canvas has the focus; a box stays inside the frame."""
@@ -492,7 +517,8 @@ def test_regions_editor_people_and_arrow_keys(ui, server):
     assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [0.42, 0.09, 0.82, 0.89]])
     # a corner dragged past the box's opposite corner stops one latent cell (8 of 512 pixels) from it
     x0, y0, x1, y1 = parse_boxes(regions_widget(ui, node_id, "boxes"))[1]
-    drag(ui, (left + x1 * width, top + y1 * height), (-width, -height))
+    left, top, width, height = editor_frame(ui, node_id, 512, 512)  # where the frame is now
+    drag(ui, corner(left + x1 * width, top + y1 * height), (-width, -height))
     assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [x0, y0, x0 + 8 / 512, y0 + 8 / 512]])
 
     # layout columns: the columns, read-only
@@ -507,6 +533,7 @@ def test_regions_editor_people_and_arrow_keys(ui, server):
     assert ui.page_errors == []
 
 
+@pytest.mark.oldest_host
 def test_regions_editor_shows_the_pose_boxes_after_a_run(ui, server):
     """Layout pose (the pose workflow): after a run the editor shows the node's preview, the pose's
     boxes over the pose, and dragging changes nothing."""
@@ -533,6 +560,7 @@ def test_regions_editor_shows_the_pose_boxes_after_a_run(ui, server):
     assert ui.page_errors == []
 
 
+@pytest.mark.oldest_host
 def test_regions_editor_refused_the_workflow_opens_and_runs_from_the_text(browser, server, tmp_path):
     """With the editor's script refused (a ComfyUI that lacks it, or an extension that fails), the
     regions workflow opens cleanly and runs with the boxes typed into the widget."""
@@ -557,6 +585,7 @@ def test_regions_editor_refused_the_workflow_opens_and_runs_from_the_text(browse
         context.close()
 
 
+@pytest.mark.oldest_host
 def test_regions_editor_shows_your_picture_behind_the_boxes(ui, server):
     """In the into-a-photo workflow the Regions node's size comes from your picture (Load Image >
     Upscale Image > VAE Encode > size_from): the editor's frame has the picture's aspect ratio and shows
