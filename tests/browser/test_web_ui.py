@@ -94,16 +94,7 @@ def test_workflow_opens_converts_to_its_api_file_and_runs_from_the_run_button(ui
     assert len(edited) == sum(len(SMALL.get(node["type"], {})) for node in workflow["nodes"])
     assert ui.prompt() == expected_prompt(name, SMALL)
 
-    before = set(server.get("/history"))
-    ui.click_run()
-
-    def finished():
-        assert not ui.page.locator(".p-dialog:visible").count(), f"the UI shows an error: {ui.alerts()}"
-        return next(iter(set(server.get("/history")) - before), None)
-
-    prompt_id = ui.wait_until(finished, RUN_TIMEOUT, "the run")
-    entry = server.get(f"/history/{prompt_id}")[prompt_id]
-    assert entry["status"]["status_str"] == "success", (status_message(entry, "execution_error"), ui.alerts())
+    entry = run_to_history(ui, server)
     # the UI sent what it showed, and the images appear in the output nodes
     sent = entry["prompt"][2]
     assert {key: (node["class_type"], node["inputs"]) for key, node in sent.items()} == {
@@ -396,6 +387,7 @@ def boxes_textbox(ui: ComfyPage, text: str):
 
 
 def run_to_history(ui: ComfyPage, server) -> dict:
+    """Press Run and wait for the prompt's history entry, which must be a success (an error dialog fails at once)."""
     before = set(server.get("/history"))
     ui.click_run()
 
