@@ -7,6 +7,7 @@ from here and starts its server with :func:`start_server`; the server helpers li
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import sys
@@ -134,22 +135,28 @@ def start_server(
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library of this process where it is glibc (Linux), else None (nothing to tune)."""
+    return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
 def map_large_blocks() -> None:
     """This process's LOW_MEMORY_ENV (harness.py), set at run time: blocks above 64 KiB are mapped on
     their own and go back to the system when freed, so the activations of one in-process test are not
     kept in the heap beside the next test's models (glibc; elsewhere nothing to do)."""
     from harness import LOW_MEMORY_ENV
 
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(LOW_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]))
+    if glibc():
+        glibc().mallopt(M_MMAP_THRESHOLD, int(LOW_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]))
 
 
 def release_memory() -> None:
     """Collect garbage and give the freed heap back to the system (glibc otherwise keeps it in this
     process: after the in-process modules, about 9 GB next to the servers of the later ones)."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if glibc():
+        glibc().malloc_trim(0)
 
 
 def release_in_process() -> None:
