@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..facediffuser_core.errors import RegionError
-from ..facediffuser_core.method.pose import DEFAULT_MARGIN, pose_backdrop
+from ..facediffuser_core.method.pose import DEFAULT_MARGIN, pose_array, pose_backdrop
 from ..facediffuser_core.method.prompt import MARKER, MAX_SUBJECTS
 from ..facediffuser_core.method.regions import LAYOUTS, layout_masks, marked_words, picture_size, region_preview, regions_union
 from .common import CATEGORY, errors_named
@@ -25,6 +25,8 @@ def regions(width: int, height: int, people: int, layout: str, boxes: str, promp
     words = marked_words(prompt) if prompt.strip() else ()
     if prompt.strip() and len(words) != people:
         raise RegionError(f"the prompt has {len(words)} {MARKER} marker(s) but people is {people}; set people to the number of markers")
+    if layout == "pose" and pose is not None:
+        pose = pose_array(pose)  # once, for the boxes and the preview's backdrop
     masks = layout_masks(width, height, people, layout, boxes, pose, margin)
     return masks, region_preview(masks, words, pose_backdrop(pose, width, height) if layout == "pose" else None)
 

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from ..errors import FaceDiffuserError
 
-__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseImage", "PoseError", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_backdrop"]
+__all__ = ["BACKGROUND", "DILATION", "MIN_FRACTION", "DEFAULT_MARGIN", "PoseImage", "PoseError", "pose_array", "SkeletonBox", "skeleton_boxes", "pose_boxes", "pose_backdrop"]
 
 BACKGROUND = 0.1  # a pixel is part of a skeleton where a channel exceeds this (0..1)
 DILATION = 0.01  # dilation radius, a fraction of the image's longer side (at least 1 pixel)
@@ -53,8 +53,9 @@ class SkeletonBox:
         return SkeletonBox(max(0, self.left - dx), max(0, self.top - dy), min(width, self.right + dx), min(height, self.bottom + dy))
 
 
-def _image(pose: PoseImage) -> np.ndarray:
-    """A ComfyUI IMAGE [H,W,C] or [1,H,W,C] (0..1) -> float array [H,W,C]."""
+def pose_array(pose: PoseImage) -> np.ndarray:
+    """A ComfyUI IMAGE [H,W,C] or [1,H,W,C] (0..1) -> float32 array [H,W,C] (its first 3 channels); such an array
+    comes back as it is, so a caller that needs the pose twice converts it once."""
     array = pose.detach().cpu().float().numpy() if isinstance(pose, torch.Tensor) else np.asarray(pose, dtype=np.float32)
     if array.ndim == 4:
         if array.shape[0] != 1:
@@ -71,7 +72,7 @@ def _image(pose: PoseImage) -> np.ndarray:
 def skeleton_boxes(pose: PoseImage, dilation: float = DILATION) -> list[SkeletonBox]:
     """The boxes of the skeletons in ``pose`` (an IMAGE [H,W,3] or [1,H,W,3], 0..1), left to right
     by their centres."""
-    image = _image(pose)
+    image = pose_array(pose)
     height, width = image.shape[:2]
     foreground = (image > BACKGROUND).any(axis=-1)
     radius = max(1, round(dilation * max(height, width)))
@@ -93,7 +94,7 @@ def pose_boxes(pose: PoseImage, people: int, margin: float = DEFAULT_MARGIN) -> 
     """One box per person in marker order (skeletons left to right), each the skeleton's box widened
     by ``margin``, as fractions of the pose image's width and height. A number of skeletons other
     than ``people`` is an error naming both."""
-    image = _image(pose)
+    image = pose_array(pose)
     height, width = image.shape[:2]
     boxes = skeleton_boxes(image)
     if len(boxes) != people:
@@ -108,5 +109,5 @@ def pose_boxes(pose: PoseImage, people: int, margin: float = DEFAULT_MARGIN) -> 
 def pose_backdrop(pose: PoseImage, width: int, height: int) -> np.ndarray:
     """The pose image resized to ``width`` x ``height`` (bilinear): float array [height, width, 3] in 0..1,
     to draw the regions over."""
-    image = Image.fromarray(np.round(np.clip(_image(pose), 0, 1) * 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.round(np.clip(pose_array(pose), 0, 1) * 255).astype(np.uint8), "RGB")
     return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from facediffuser_core.errors import RegionError
-from facediffuser_core.method.pose import DEFAULT_MARGIN, PoseError, SkeletonBox, pose_backdrop, skeleton_boxes
+from facediffuser_core.method.pose import DEFAULT_MARGIN, PoseError, SkeletonBox, pose_array, pose_backdrop, pose_boxes, skeleton_boxes
 from facediffuser_core.method.regions import layout_masks, region_preview
 from paths import ROOT
 
@@ -167,3 +167,12 @@ def test_the_preview_draws_the_regions_over_the_pose():
     inside = (masks[0].numpy() == 1) & (backdrop.max(-1) > 0.5)  # the skeleton's bright pixels in region 1
     assert inside.any() and (preview[inside].sum(-1) > plain[inside].sum(-1)).all()
 
+
+def test_a_pose_converted_once_gives_what_the_image_gives_without_a_second_copy():
+    """The Regions node converts the pose IMAGE once (pose_array) for its boxes and its backdrop: the
+    array comes back as it is (the same memory), and both give what the IMAGE tensor gives."""
+    image = torch.from_numpy(draw([(100, 120), (300, 120)], (400, 240)))[None]
+    array = pose_array(image)
+    assert array.shape == (240, 400, 3) and np.shares_memory(pose_array(array), array)
+    assert pose_boxes(array, 2) == pose_boxes(image, 2)
+    assert np.array_equal(pose_backdrop(array, 200, 120), pose_backdrop(image, 200, 120))
