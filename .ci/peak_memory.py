@@ -63,6 +63,17 @@ def descendants(root: int) -> list[int]:
     return tree
 
 
+def process_name(pid: int) -> str:
+    """What a process is, for the report: pytest (the suite itself), ComfyUI (a server: its main.py),
+    else its command name (chromium, ...)."""
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if b"pytest" in arguments:
+        return "pytest"
+    if any(Path(argument.decode(errors="replace")).name == "main.py" for argument in arguments[1:3]):
+        return "ComfyUI"
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def tree_memory(root: int) -> tuple[int, int, str]:
     """(summed anonymous bytes, summed RSS bytes, the three largest processes as
     'name pid N.N GB, ...') of ``root`` and its descendants."""
@@ -70,7 +81,7 @@ def tree_memory(root: int) -> tuple[int, int, str]:
     for pid in descendants(root):
         try:
             anon, rss = memory(pid)
-            sizes.append((anon, f"{Path(f'/proc/{pid}/comm').read_text().strip()} {pid} {anon / GIB:.1f} GB"))
+            sizes.append((anon, f"{process_name(pid)} {pid} {anon / GIB:.1f} GB"))
         except OSError:
             continue
         anonymous += anon

@@ -1,6 +1,7 @@
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def pytest_report_header(config):
 
 
 MODULE_SECONDS: dict[str, float] = {}  # test file -> seconds of its tests' setup, call and teardown
+MODULE_STARTED: dict[str, str] = {}  # test file -> wall-clock time its first test started (HH:MM:SS)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    MODULE_STARTED.setdefault(nodeid.split("::")[0], time.strftime("%H:%M:%S"))
 
 
 def pytest_runtest_logreport(report):
@@ -40,13 +46,14 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     """The time of each test module, slowest first, so that CI's log shows where the suite's time goes
-    (module-scoped fixtures count in their module's first test)."""
+    (module-scoped fixtures count in their module's first test), and when it started: the clock time of
+    a peak that .ci/peak_memory.py reports falls in the module that started last before it."""
     if not MODULE_SECONDS:
         return
     terminalreporter.section("time per module")
     width = max(map(len, MODULE_SECONDS))
     for module, seconds in sorted(MODULE_SECONDS.items(), key=lambda item: -item[1]):
-        terminalreporter.write_line(f"{module:<{width}}  {seconds / 60:6.1f} min  {seconds:7.1f} s")
+        terminalreporter.write_line(f"{module:<{width}}  {seconds / 60:6.1f} min  {seconds:7.1f} s  from {MODULE_STARTED.get(module, '-')}")
     total = sum(MODULE_SECONDS.values())
     terminalreporter.write_line(f"{'all':<{width}}  {total / 60:6.1f} min  {total:7.1f} s")
 
