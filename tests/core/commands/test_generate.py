@@ -480,7 +480,9 @@ def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: O
     """``python -m facediffuser_core generate`` run from inside ComfyUI/custom_nodes/<pack>, a symlink to
     this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH and no CUDA device
     visible (``CUDA_VISIBLE_DEVICES`` empty, as on a machine without the NVIDIA driver). ``{desk}`` in
-    ``comfyui_args``: a base directory with the models, as the desktop app's."""
+    ``comfyui_args``: a base directory with the models, as the desktop app's. ``--no-crop``: these tests
+    are about starting and stopping ComfyUI; the face crop (MTCNN, whose import alone takes the
+    subprocess about 5 s) is tested in-process above."""
     desk = fake_comfyui.parent / "desk"
     add_models(desk)
     installed = fake_comfyui / "custom_nodes" / PACK
@@ -488,7 +490,7 @@ def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: O
     env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
     env["PWD"], env["CUDA_VISIBLE_DEVICES"] = str(installed), ""
     command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", prompt, "-o", str(out),
-               "--size", "64", "--steps", "3", "--startup-timeout", "300"]  # fmt: skip
+               "--size", "64", "--steps", "3", "--no-crop", "--startup-timeout", "300"]  # fmt: skip
     if comfyui_args is not None:
         command.append(f"--comfyui-args={comfyui_args.format(desk=desk)}")
     return command, env, installed
