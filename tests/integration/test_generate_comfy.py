@@ -47,10 +47,13 @@ def base(model_files, tmp_path_factory) -> Path:
     return make_base_directory(tmp_path_factory.mktemp("generate-base"), models, [])
 
 
-def auto_start(comfyui_path: Path, base: Path) -> list[str]:
-    """generate's arguments to start ``comfyui_path`` on ``base``, once the suite's server is quiet. No
-    device option: generate adds --cpu itself where torch finds no GPU (the subprocess sees none)."""
-    quiet_servers()
+def auto_start(comfyui_path: Path, base: Path, starts: bool = True) -> list[str]:
+    """generate's arguments to start ``comfyui_path`` on ``base``, once the suite's server is quiet
+    (``starts``; a run that must stop before any ComfyUI starts leaves the server's models loaded for
+    the next test). No device option: generate adds --cpu itself where torch finds no GPU (the
+    subprocess sees none)."""
+    if starts:
+        quiet_servers()
     return ["--comfyui", str(comfyui_path), f"--comfyui-args=--base-directory {base} {' '.join(SERVER_ARGS)}"]
 
 
@@ -115,30 +118,6 @@ def check_outputs(out: Path, count: int) -> list[Path]:
         mask = pixels(image.with_name(f"{image.stem}_mask.png"))
         assert mask.shape == (64, 64, 3) and set(np.unique(mask)) <= {0, 255}
     return images
-
-
-def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
-    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
-               "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default, env=COMMAND_ENV)
-    stderr = bytearray()
-    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 900
-    while b"scene stage" not in stderr and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert b"scene stage" in stderr, stderr.decode(errors="replace")[-3000:]  # sampling has begun
-    process.send_signal(signal.SIGINT)
-    process.wait(120)
-    reader.join(10)
-    text = stderr.decode(errors="replace")
-    assert process.returncode == 130, text[-3000:]
-    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in text
-    pid, port = started_pid(text), int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
-    assert gone(pid) and port_closed(port)
-    with pytest.raises(ProcessLookupError):  # nothing is left in its process group either
-        os.killpg(pid, 0)
-    assert not (tmp_path / "out").exists()
 
 
 def test_two_faces_batch_two_on_a_running_server(server, tmp_path):
@@ -219,9 +198,10 @@ def test_four_faces_chain_four_subject_nodes(server, tmp_path):
 def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
     """--region and --layout on the real server: regions that cover the whole picture are no regions
     (bit-identical picture), columns change it; a mask image with a named region (each person's mask on
-    their own Subject node) gives the columns' picture, and columns with several photos of a person
-    run through ComfyUI's own nodes."""
-    common = ["--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--start-merge", "0", "--final", "0", "--seed", "8", "--server", f"127.0.0.1:{server.port}"]
+    their own Subject node) gives the columns' picture. The second person has two photos in every run,
+    so the columns run is also the one that shows columns with several photos of a person running
+    through ComfyUI's own nodes (four runs; that case had a fifth run of its own)."""
+    common = ["--face", str(MAN1), "--face", f"{MAN2},{MAN2}", "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--start-merge", "0", "--final", "0", "--seed", "8", "--server", f"127.0.0.1:{server.port}"]
 
     def picture(name: str, *args: str) -> np.ndarray:
         result = generate(*common, *args, "-o", str(tmp_path / name))
@@ -231,6 +211,11 @@ def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
 
     plain, whole, columns = picture("plain"), picture("whole", "--region", "1/1", "--region", "1/1"), picture("columns", "--layout", "columns")
     assert np.array_equal(whole, plain) and not np.array_equal(columns, plain)
+    graph = embedded_graph(next((tmp_path / "columns").glob("*[0-9].png")))
+    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
+    assert graph[encode["inputs"]["masks"][0]]["inputs"]["layout"] == "columns" and len(nodes_of(graph, "FaceDiffuserRegions")) == 1
+    assert [photos(graph, subject) for subject in people(graph, encode["inputs"]["subjects"])] == [["facediffuser/man1"], ["facediffuser/man2", "facediffuser/man2"]]
+    check_no_deprecated_node(graph, server)
     mask = tmp_path / "left.png"
     left = Image.new("L", (64, 64), 0)
     left.paste(255, (0, 0, 32, 64))
@@ -243,83 +228,6 @@ def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
     assert graph[graph[first["inputs"]["mask"][0]]["inputs"]["image"][0]]["inputs"]["image"].startswith("facediffuser/region1")  # the mask image: marker 1's
     assert graph[second["inputs"]["mask"][0]]["inputs"]["boxes"] == "0.5,0,1,1"  # right: marker 2's
     check_no_deprecated_node(graph, server)
-    several = generate(*common[:2], "--face", f"{MAN2},{MAN2}", *common[4:], "--layout", "columns", "-o", str(tmp_path / "subjects"))
-    assert several.returncode == 0, several.stderr[-3000:]
-    graph = embedded_graph(next((tmp_path / "subjects").glob("*[0-9].png")))
-    (encode,) = nodes_of(graph, "FaceDiffuserSubjectEncode")
-    assert graph[encode["inputs"]["masks"][0]]["inputs"]["layout"] == "columns" and len(nodes_of(graph, "FaceDiffuserRegions")) == 1
-    assert [photos(graph, subject) for subject in people(graph, encode["inputs"]["subjects"])] == [["facediffuser/man1"], ["facediffuser/man2", "facediffuser/man2"]]
-    check_no_deprecated_node(graph, server)
-
-
-def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):
-    wall = tmp_path / "wall.png"
-    Image.new("RGB", (300, 240), (128, 128, 128)).save(wall)
-    common = ["--face", str(wall), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), *SMALL]
-    result = generate(*common, *auto_start(comfyui_path, base))
-    assert result.returncode == 2 and f"error: --face #1: no face was found in {wall}" in result.stderr
-    assert "use another photo, or --no-crop to use it whole" in result.stderr and "starting ComfyUI" not in result.stderr
-    result = generate(*common, "--no-crop", "--server", f"127.0.0.1:{server.port}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    check_outputs(tmp_path / "out", 1)
-
-
-def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base, tmp_path):
-    result = generate("--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base), timeout=300)
-    assert result.returncode == 2
-    assert "error: the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)" in result.stderr
-    assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
-
-
-def test_a_missing_model_is_downloaded_as_told_then_generate_starts_comfyui_on_it_and_its_png_requeues_elsewhere(comfyui_path, model_files, server, tmp_path, request):
-    """The SDM is missing from the ComfyUI's --base-directory: generate names the download command;
-    run as printed (the fake hub serves the suite's SD1.5-sized official SDM file), it downloads and
-    converts only the SDM (the TDM is there) into that folder. generate then starts that ComfyUI, runs
-    on it and stops it; the PNG's embedded workflow, queued on another ComfyUI that never ran it,
-    gives the same picture."""
-    base = make_base_directory(tmp_path / "base", {"facediffuser_tdm.safetensors": model_files.tdm}, [])
-    out = tmp_path / "out"
-    args = ["--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5", *auto_start(comfyui_path, base)]
-    missing = generate(*args, timeout=300)
-    folder = base / "models" / "facediffuser"
-    assert missing.returncode == 2 and "error: no model file facediffuser_sdm.safetensors in the folders ComfyUI searches" in missing.stderr
-    assert f"({folder}); download it with: {CLI} download --to {folder}\n" in missing.stderr
-    assert "starting ComfyUI" not in missing.stderr
-    command = shlex.split(missing.stderr.split("download it with: ")[1].strip())
-    hub = FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": model_files.sdm_official})
-    try:
-        env = {**COMMAND_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        fetched = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    finally:
-        hub.close()
-    request.addfinalizer(lambda: shutil.rmtree(base / "models"))  # GBs: not kept until the session ends
-    assert fetched.returncode == 0, fetched.stderr[-3000:]
-    assert f"{folder / 'facediffuser_tdm.safetensors'} is already there: nothing to download" in fetched.stdout
-    assert [request[1] for request in hub.byte_requests()] == ["/CodeGoat24/Face-diffuser/resolve/main/SDM/pytorch_model.bin"]
-    assert sorted(path.name for path in folder.iterdir()) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
-    assert filecmp.cmp(folder / "facediffuser_sdm.safetensors", model_files.sdm, shallow=False)  # the converter's file, byte for byte
-    assert not (base / "models" / ".facediffuser-download").exists()
-    result = generate(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
-    assert result.stderr.count("no CUDA, MPS or XPU device found: starting ComfyUI with --cpu") == 1
-    pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
-    assert gone(pid) and port_closed(port)
-    (image,) = check_outputs(out, 1)
-    assert result.stdout.split() == [str(image)]
-
-    graph = embedded_graph(image)  # the API workflow ComfyUI wrote into the PNG, as the canvas reads it
-    (load,) = nodes_of(graph, "LoadImage")
-    uploaded = base / "input" / load["inputs"]["image"]
-    assert uploaded.parent.name == "facediffuser" and Image.open(uploaded).size == (512, 512)  # the face crop
-    assert nodes_of(graph, "FaceDiffuserSampler")[0]["inputs"]["seed"] == 5
-    (server.base / "input" / "facediffuser").mkdir(exist_ok=True)
-    shutil.copy(uploaded, server.base / "input" / "facediffuser" / uploaded.name)
-    entry = server.run(graph)  # another ComfyUI process, which never ran it: no cache
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
-    (again,) = entry["outputs"][save_id]["images"]
-    assert np.array_equal(pixels(server.view(again)), pixels(image))
 
 
 def test_into_puts_each_person_into_their_box_of_the_photo_and_keeps_the_rest(server, tmp_path):
@@ -350,3 +258,97 @@ def test_into_puts_each_person_into_their_box_of_the_photo_and_keeps_the_rest(se
     graph = embedded_graph(next((tmp_path / "ours").glob("*[0-9].png")))
     assert len(nodes_of(graph, "ImageCompositeMasked")) == 1 and not nodes_of(graph, "EmptyLatentImage")
     check_no_deprecated_node(graph, server)
+
+
+def test_a_photo_without_a_face(comfyui_path, base, server, tmp_path):
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (300, 240), (128, 128, 128)).save(wall)
+    common = ["--face", str(wall), "--prompt", "a man <|image|> in a park", "-o", str(tmp_path / "out"), *SMALL]
+    result = generate(*common, *auto_start(comfyui_path, base, starts=False))
+    assert result.returncode == 2 and f"error: --face #1: no face was found in {wall}" in result.stderr
+    assert "use another photo, or --no-crop to use it whole" in result.stderr and "starting ComfyUI" not in result.stderr
+    result = generate(*common, "--no-crop", "--server", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_outputs(tmp_path / "out", 1)
+
+
+def test_marker_photo_mismatch_stops_before_any_server_starts(comfyui_path, base, tmp_path):
+    result = generate("--face", str(MAN1), "--prompt", "a man <|image|> and a man <|image|>", "-o", str(tmp_path / "out"), *SMALL, *auto_start(comfyui_path, base, starts=False), timeout=300)
+    assert result.returncode == 2
+    assert "error: the prompt has 2 <|image|> marker(s) but --face was given 1 time(s)" in result.stderr
+    assert "starting ComfyUI" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_sampling_stops_the_comfyui_it_started(comfyui_path, base, tmp_path):
+    command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", "a man <|image|> in a park",
+               "-o", str(tmp_path / "out"), "--size", "64", "--steps", "40", *auto_start(comfyui_path, base)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default, env=COMMAND_ENV)
+    stderr = bytearray()
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: process.stderr.read1(4096), b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 900
+    while b"scene stage" not in stderr and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"scene stage" in stderr, stderr.decode(errors="replace")[-3000:]  # sampling has begun
+    process.send_signal(signal.SIGINT)
+    process.wait(120)
+    reader.join(10)
+    text = stderr.decode(errors="replace")
+    assert process.returncode == 130, text[-3000:]
+    assert "interrupted: nothing was saved; the ComfyUI started for it was stopped" in text
+    pid, port = started_pid(text), int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
+    assert gone(pid) and port_closed(port)
+    with pytest.raises(ProcessLookupError):  # nothing is left in its process group either
+        os.killpg(pid, 0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_is_downloaded_as_told_then_generate_starts_comfyui_on_it_and_its_png_requeues_elsewhere(comfyui_path, model_files, server, tmp_path, request):
+    """The SDM is missing from the ComfyUI's --base-directory: generate names the download command;
+    run as printed (the fake hub serves the suite's SD1.5-sized official SDM file), it downloads and
+    converts only the SDM (the TDM is there) into that folder. generate then starts that ComfyUI, runs
+    on it and stops it; the PNG's embedded workflow, queued on another ComfyUI that never ran it,
+    gives the same picture."""
+    base = make_base_directory(tmp_path / "base", {"facediffuser_tdm.safetensors": model_files.tdm}, [])
+    out = tmp_path / "out"
+    args = ["--face", str(MAN1), "--prompt", "a photo of a man <|image|> in a park", "-o", str(out), *SMALL, "--seed", "5"]
+    missing = generate(*args, *auto_start(comfyui_path, base, starts=False), timeout=300)
+    folder = base / "models" / "facediffuser"
+    assert missing.returncode == 2 and "error: no model file facediffuser_sdm.safetensors in the folders ComfyUI searches" in missing.stderr
+    assert f"({folder}); download it with: {CLI} download --to {folder}\n" in missing.stderr
+    assert "starting ComfyUI" not in missing.stderr
+    command = shlex.split(missing.stderr.split("download it with: ")[1].strip())
+    hub = FakeHub({"CodeGoat24/Face-diffuser/SDM/pytorch_model.bin": model_files.sdm_official})
+    try:
+        env = {**COMMAND_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        fetched = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        hub.close()
+    request.addfinalizer(lambda: shutil.rmtree(base / "models"))  # GBs: not kept until the session ends
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    assert f"{folder / 'facediffuser_tdm.safetensors'} is already there: nothing to download" in fetched.stdout
+    assert [request[1] for request in hub.byte_requests()] == ["/CodeGoat24/Face-diffuser/resolve/main/SDM/pytorch_model.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == ["facediffuser_sdm.safetensors", "facediffuser_tdm.safetensors"]
+    assert filecmp.cmp(folder / "facediffuser_sdm.safetensors", model_files.sdm, shallow=False)  # the converter's file, byte for byte
+    assert not (base / "models" / ".facediffuser-download").exists()
+    result = generate(*args, *auto_start(comfyui_path, base))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seed 5" in result.stderr and "fusion stage" in result.stderr and "ComfyUI stopped" in result.stderr
+    assert result.stderr.count("no CUDA, MPS or XPU device found: starting ComfyUI with --cpu") == 1
+    pid, port = started_pid(result.stderr), int(re.search(r"on 127\.0\.0\.1:(\d+)", result.stderr).group(1))
+    assert gone(pid) and port_closed(port)
+    (image,) = check_outputs(out, 1)
+    assert result.stdout.split() == [str(image)]
+
+    graph = embedded_graph(image)  # the API workflow ComfyUI wrote into the PNG, as the canvas reads it
+    (load,) = nodes_of(graph, "LoadImage")
+    uploaded = base / "input" / load["inputs"]["image"]
+    assert uploaded.parent.name == "facediffuser" and Image.open(uploaded).size == (512, 512)  # the face crop
+    assert nodes_of(graph, "FaceDiffuserSampler")[0]["inputs"]["seed"] == 5
+    (server.base / "input" / "facediffuser").mkdir(exist_ok=True)
+    shutil.copy(uploaded, server.base / "input" / "facediffuser" / uploaded.name)
+    entry = server.run(graph)  # another ComfyUI process, which never ran it: no cache
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (save_id,) = [key for key, node in graph.items() if node["class_type"] == "SaveImage"]
+    (again,) = entry["outputs"][save_id]["images"]
+    assert np.array_equal(pixels(server.view(again)), pixels(image))
