@@ -10,6 +10,7 @@ one loaded SD1.5-sized set at a time. The ComfyUI they start runs as the suite's
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import io
 import json
@@ -60,6 +61,19 @@ def auto_start(comfyui_path: Path, base: Path, starts: bool = True) -> list[str]
 def generate(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "facediffuser_core", "generate", *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=COMMAND_ENV)
+
+
+def generate_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command as :func:`generate` (``python -m facediffuser_core``'s ``main``), run in this
+    process, for the tests that compare the pictures of several --server runs: a new interpreter spends
+    about 5 s of each run importing torch and facenet-pytorch (whose torchvision imports torch._dynamo)
+    before it crops a face. The other tests run it as a subprocess, as users do."""
+    from facediffuser_core.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", *args])
+    return subprocess.CompletedProcess(["generate", *args], code, out.getvalue(), err.getvalue())
 
 
 def started_pid(stderr: str) -> int:
@@ -143,10 +157,10 @@ def test_detail_runs_the_face_detailer_on_the_sampled_picture(server, tmp_path):
     re-rendering is tested in-process, test_comfy_detailer.py): the same picture as without --detail,
     from a graph that holds the detailer with the job's people and settings."""
     common = ["--face", str(MAN1), "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--seed", "5", "--server", f"127.0.0.1:{server.port}"]
-    result = generate(*common, "-o", str(tmp_path / "detailed"), "--detail", "--detail-denoise", "0.35")
+    result = generate_here(*common, "-o", str(tmp_path / "detailed"), "--detail", "--detail-denoise", "0.35")
     assert result.returncode == 0, result.stderr[-3000:]
     (detailed,) = check_outputs(tmp_path / "detailed", 1)
-    assert generate(*common, "-o", str(tmp_path / "plain")).returncode == 0
+    assert generate_here(*common, "-o", str(tmp_path / "plain")).returncode == 0
     (plain,) = check_outputs(tmp_path / "plain", 1)
     assert np.array_equal(pixels(detailed), pixels(plain))
     graph = embedded_graph(detailed)
@@ -161,7 +175,7 @@ def test_detail_runs_the_face_detailer_on_the_sampled_picture(server, tmp_path):
 def test_several_photos_of_one_person(server, tmp_path):
     def picture(face: str, name: str) -> np.ndarray:
         subject_stage_only = ["--start-merge", "0", "--final", "0"]  # every step on the SDM: the faces count most
-        result = generate("--face", face, "--prompt", "a man <|image|> on a bench", "-o", str(tmp_path / name), *SMALL, *subject_stage_only, "--seed", "4", "--server", f"127.0.0.1:{server.port}")
+        result = generate_here("--face", face, "--prompt", "a man <|image|> on a bench", "-o", str(tmp_path / name), *SMALL, *subject_stage_only, "--seed", "4", "--server", f"127.0.0.1:{server.port}")
         assert result.returncode == 0, result.stderr[-3000:]
         (image,) = check_outputs(tmp_path / name, 1)
         return pixels(image)
@@ -204,7 +218,7 @@ def test_regions_from_names_columns_and_a_mask_image(server, tmp_path):
     common = ["--face", str(MAN1), "--face", f"{MAN2},{MAN2}", "--prompt", "a man <|image|> and a man <|image|> playing chess", *SMALL, "--start-merge", "0", "--final", "0", "--seed", "8", "--server", f"127.0.0.1:{server.port}"]
 
     def picture(name: str, *args: str) -> np.ndarray:
-        result = generate(*common, *args, "-o", str(tmp_path / name))
+        result = generate_here(*common, *args, "-o", str(tmp_path / name))
         assert result.returncode == 0, result.stderr[-3000:]
         (image,) = check_outputs(tmp_path / name, 1)
         return pixels(image)
@@ -241,7 +255,7 @@ def test_into_puts_each_person_into_their_box_of_the_photo_and_keeps_the_rest(se
     common += ["--into", str(park), "--region", "1/3", "--region", "3/3"]
 
     def picture(name: str, first: Path) -> np.ndarray:
-        result = generate("--face", str(first), "--face", str(MAN2), *common, "-o", str(tmp_path / name))
+        result = generate_here("--face", str(first), "--face", str(MAN2), *common, "-o", str(tmp_path / name))
         assert result.returncode == 0, result.stderr[-3000:]
         (image,) = check_outputs(tmp_path / name, 1)
         return pixels(image).astype(np.int16)
