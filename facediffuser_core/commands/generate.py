@@ -358,10 +358,13 @@ def generate(args: argparse.Namespace) -> int:
             check_controlnet(args.controlnet, comfyui, explicit, comfyui_args)
     margin = None if args.no_crop else DEFAULT_MARGIN
     detector = None if args.no_crop else load_detector("cpu")
-    references = []  # each subject's photos as (file stem, PNG crop)
+    references, crops = [], {}  # each subject's photos as (file stem, PNG crop); a photo given more than once is cropped once
     for number, photos in enumerate(faces, start=1):
         try:
-            references.append([(photo.stem, reference_png(photo, detector, margin)) for photo in photos])
+            for photo in photos:
+                if photo not in crops:
+                    crops[photo] = reference_png(photo, detector, margin)
+            references.append([(photo.stem, crops[photo]) for photo in photos])
         except FaceNotFoundError as error:
             raise UsageError(f"--face #{number}: {error}; use another photo, or --no-crop to use it whole") from None
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed

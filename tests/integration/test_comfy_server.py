@@ -1,4 +1,10 @@
-"""The pack inside a real ComfyUI server (--cpu, 127.0.0.1): registration, workflows, errors, interrupt."""
+"""The pack inside a real ComfyUI server (--cpu, 127.0.0.1): registration, workflows, errors, interrupt.
+
+The tests run in file order, and the suite's server (``--cache-classic``) keeps a Loader's models only
+while consecutive prompts use the same Loader settings: the tests of the shipped workflows' own
+Loader settings come first (memory, errors after the Loader, progress, interrupt), then those that
+start servers of their own (which unload the suite server's models) or load other files (the
+official .bin files, the scene checkpoint, no TDM), so that the suite server loads each set once."""
 
 from __future__ import annotations
 
@@ -143,6 +149,117 @@ def test_memory_stays_flat_over_20_runs(server):
     assert growth <= 0.03, f"RSS grew {growth:.1%} from run 5 to run 20: {[round(v / 2**20) for v in rss.values()]} MiB"
 
 
+def expect_error(server, graph: dict, node_type: str, *fragments: str) -> str:
+    entry = server.run(graph)
+    error = status_message(entry, "execution_error")
+    assert entry["status"]["status_str"] == "error" and error is not None
+    assert error["node_type"] == node_type
+    message = error["exception_message"]
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_marker_image_count_mismatch(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "marks 2 subject(s)", "1 reference image(s)")
+
+
+def test_a_marker_without_a_subject(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
+    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "1 subject(s) were given")
+
+
+def test_more_subjects_than_markers(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
+    encode = node_of(graph, "FaceDiffuserSubjectEncode")
+    graph["99"] = {"class_type": "FaceDiffuserSubject", "inputs": {"images": ["3", 0], "combine": "average", "previous_subjects": encode["inputs"]["subjects"]}}
+    encode["inputs"]["subjects"] = ["99", 0]
+    expect_error(
+        server, graph, "FaceDiffuserSubjectEncode",
+        "Face-diffuser Subject Encode: 2 subject(s) were given but the prompt marks only 1 subject(s) with <|image|> (marker 1 ('man')): subject 2 has no marker",
+    )  # fmt: skip
+
+
+def test_stage_boundaries_out_of_order(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_guider_custom_sampler.json"))
+    node_of(graph, "FaceDiffuserGuider")["inputs"].update(start_merge=0.7, final=0.5)
+    expect_error(server, graph, "FaceDiffuserGuider", "Face-diffuser Guider:", "start (0.7) <= final (0.5)")
+
+
+def test_widget_values_out_of_range_are_rejected_at_queue_time(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserSampler")["inputs"]["final"] = 1.5
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue(graph)
+    errors = rejected.value.body["node_errors"]
+    assert any(e["type"] == "value_bigger_than_max" for node in errors.values() for e in node["errors"])
+
+
+def test_a_model_file_not_in_the_folder_is_refused_at_queue_time_with_the_download_command(server):
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
+    node_of(graph, "FaceDiffuserLoader")["inputs"]["sdm_name"] = "renamed_sdm.safetensors"
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue(graph)
+    (errors,) = [node["errors"] for node in rejected.value.body["node_errors"].values() if node["class_type"] == "FaceDiffuserLoader"]
+    assert {error["type"] for error in errors} == {"custom_validation_failed"}  # the pack's check, instead of ComfyUI's "not in list"
+    (error,) = [error for error in errors if error["extra_info"]["input_name"] == "sdm_name"]
+    assert error["details"].startswith("sdm_name - Face-diffuser Loader: there is no file 'renamed_sdm.safetensors' in models/facediffuser (")
+    assert f"{sys.executable} " in error["details"] and "cli.py download --to " in error["details"]  # ComfyUI's own python runs the pack's cli.py
+
+
+def listen(server: ComfyServer, graph: dict, on_progress=None, timeout: float = 900) -> dict:
+    """Queue ``graph`` and collect its websocket events until it ends: progress values of the
+    sampler node, binary preview frames, and the final event."""
+    client_id = uuid.uuid4().hex
+    ws = server.connect(client_id)
+    try:
+        prompt_id = server.queue(graph, client_id=client_id)
+        progress, previews, deadline = [], 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                previews += int.from_bytes(message[:4], "big") in (1, 4)
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if event["type"] == "progress" and data.get("node") == "6":
+                progress.append((data["value"], data["max"]))
+                if on_progress:
+                    on_progress(progress)
+            if event["type"] in ("execution_error", "execution_interrupted", "execution_success"):
+                return {"end": event["type"], "progress": progress, "previews": previews}
+        raise TimeoutError(f"prompt did not end:\n{server.log_tail()}")
+    finally:
+        ws.close()
+
+
+def test_progress_bar_and_live_previews(server):
+    result = listen(server, small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=7, steps=4))
+    assert result["end"] == "execution_success"
+    assert result["progress"] == [(i, 4) for i in range(1, 5)]
+    assert result["previews"] >= 4
+
+
+def test_interrupt_stops_within_one_step(server):
+    interrupted_at = []
+
+    def interrupt_after_two_steps(progress):
+        if len(progress) == 2 and not interrupted_at:
+            interrupted_at.append(progress[-1][0])
+            assert server.post("/interrupt", {}).ok
+
+    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=11, steps=200)
+    result = listen(server, graph, on_progress=interrupt_after_two_steps)
+    assert result["end"] == "execution_interrupted"
+    assert interrupted_at == [2]
+    assert result["progress"][-1][0] <= 3  # at most the step in flight finishes
+
+
 @pytest.fixture
 def default_cache_server(comfyui_path, model_files, face_pngs, server, tmp_path_factory):
     """A server like the suite's, with ComfyUI's default cache, stopped as soon as its test ends (its
@@ -226,50 +343,10 @@ def test_official_bin_files_load(server):
     assert entry["status"]["status_str"] == "success", status_message(entry, "execution_error")
 
 
-def expect_error(server, graph: dict, node_type: str, *fragments: str) -> str:
-    entry = server.run(graph)
-    error = status_message(entry, "execution_error")
-    assert entry["status"]["status_str"] == "error" and error is not None
-    assert error["node_type"] == node_type
-    message = error["exception_message"]
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def test_marker_image_count_mismatch(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
-    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
-    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "marks 2 subject(s)", "1 reference image(s)")
-
-
-def test_a_marker_without_a_subject(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
-    node_of(graph, "FaceDiffuserSubjectEncode")["inputs"]["prompt"] = "a man <|image|> and a woman <|image|> in a park"
-    expect_error(server, graph, "FaceDiffuserSubjectEncode", "Face-diffuser Subject Encode: marker 2 ('woman') has no photo", "1 subject(s) were given")
-
-
-def test_more_subjects_than_markers(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_two_photos.json"))
-    encode = node_of(graph, "FaceDiffuserSubjectEncode")
-    graph["99"] = {"class_type": "FaceDiffuserSubject", "inputs": {"images": ["3", 0], "combine": "average", "previous_subjects": encode["inputs"]["subjects"]}}
-    encode["inputs"]["subjects"] = ["99", 0]
-    expect_error(
-        server, graph, "FaceDiffuserSubjectEncode",
-        "Face-diffuser Subject Encode: 2 subject(s) were given but the prompt marks only 1 subject(s) with <|image|> (marker 1 ('man')): subject 2 has no marker",
-    )  # fmt: skip
-
-
 def test_swapped_models(server):
     graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
     node_of(graph, "FaceDiffuserLoader")["inputs"].update(sdm_name="facediffuser_tdm.safetensors", tdm_name="facediffuser_sdm.safetensors")
     expect_error(server, graph, "FaceDiffuserLoader", "Face-diffuser Loader:", "facediffuser_tdm.safetensors", "text-driven model (TDM)", "swapped")
-
-
-def test_stage_boundaries_out_of_order(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_guider_custom_sampler.json"))
-    node_of(graph, "FaceDiffuserGuider")["inputs"].update(start_merge=0.7, final=0.5)
-    expect_error(server, graph, "FaceDiffuserGuider", "Face-diffuser Guider:", "start (0.7) <= final (0.5)")
 
 
 def test_sdxl_shaped_model(server):
@@ -305,74 +382,3 @@ def test_no_tdm_loaded_and_none_connected(server, object_info):
     graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
     node_of(graph, "FaceDiffuserLoader")["inputs"]["tdm_name"] = "none (another scene model)"
     expect_error(server, graph, "FaceDiffuserSampler", "Face-diffuser Sampler: tdm has no model", "tdm_name is 'none (another scene model)'", "connect the scene model")
-
-
-def test_widget_values_out_of_range_are_rejected_at_queue_time(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
-    node_of(graph, "FaceDiffuserSampler")["inputs"]["final"] = 1.5
-    with pytest.raises(PromptRejected) as rejected:
-        server.queue(graph)
-    errors = rejected.value.body["node_errors"]
-    assert any(e["type"] == "value_bigger_than_max" for node in errors.values() for e in node["errors"])
-
-
-def test_a_model_file_not_in_the_folder_is_refused_at_queue_time_with_the_download_command(server):
-    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"))
-    node_of(graph, "FaceDiffuserLoader")["inputs"]["sdm_name"] = "renamed_sdm.safetensors"
-    with pytest.raises(PromptRejected) as rejected:
-        server.queue(graph)
-    (errors,) = [node["errors"] for node in rejected.value.body["node_errors"].values() if node["class_type"] == "FaceDiffuserLoader"]
-    assert {error["type"] for error in errors} == {"custom_validation_failed"}  # the pack's check, instead of ComfyUI's "not in list"
-    (error,) = [error for error in errors if error["extra_info"]["input_name"] == "sdm_name"]
-    assert error["details"].startswith("sdm_name - Face-diffuser Loader: there is no file 'renamed_sdm.safetensors' in models/facediffuser (")
-    assert f"{sys.executable} " in error["details"] and "cli.py download --to " in error["details"]  # ComfyUI's own python runs the pack's cli.py
-
-
-def listen(server: ComfyServer, graph: dict, on_progress=None, timeout: float = 900) -> dict:
-    """Queue ``graph`` and collect its websocket events until it ends: progress values of the
-    sampler node, binary preview frames, and the final event."""
-    client_id = uuid.uuid4().hex
-    ws = server.connect(client_id)
-    try:
-        prompt_id = server.queue(graph, client_id=client_id)
-        progress, previews, deadline = [], 0, time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = ws.recv()
-            if isinstance(message, bytes):
-                previews += int.from_bytes(message[:4], "big") in (1, 4)
-                continue
-            event = json.loads(message)
-            data = event.get("data", {})
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            if event["type"] == "progress" and data.get("node") == "6":
-                progress.append((data["value"], data["max"]))
-                if on_progress:
-                    on_progress(progress)
-            if event["type"] in ("execution_error", "execution_interrupted", "execution_success"):
-                return {"end": event["type"], "progress": progress, "previews": previews}
-        raise TimeoutError(f"prompt did not end:\n{server.log_tail()}")
-    finally:
-        ws.close()
-
-
-def test_progress_bar_and_live_previews(server):
-    result = listen(server, small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=7, steps=4))
-    assert result["end"] == "execution_success"
-    assert result["progress"] == [(i, 4) for i in range(1, 5)]
-    assert result["previews"] >= 4
-
-
-def test_interrupt_stops_within_one_step(server):
-    interrupted_at = []
-
-    def interrupt_after_two_steps(progress):
-        if len(progress) == 2 and not interrupted_at:
-            interrupted_at.append(progress[-1][0])
-            assert server.post("/interrupt", {}).ok
-
-    graph = small(load(API_WORKFLOWS / "facediffuser_one_subject.json"), seed=11, steps=200)
-    result = listen(server, graph, on_progress=interrupt_after_two_steps)
-    assert result["end"] == "execution_interrupted"
-    assert interrupted_at == [2]
-    assert result["progress"][-1][0] <= 3  # at most the step in flight finishes

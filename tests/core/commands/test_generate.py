@@ -332,7 +332,12 @@ def test_detail_adds_the_face_detailer_between_decoding_and_saving(fake, tmp_pat
     assert not [n for n in fake.queued[1].values() if n["class_type"] == "FaceDiffuserFaceDetailer"]
 
 
-def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake, tmp_path, capsys):
+def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake, tmp_path, capsys, monkeypatch):
+    import facediffuser_core.commands.generate as command
+
+    cropped = []
+    crop = command.reference_png
+    monkeypatch.setattr(command, "reference_png", lambda photo, *args: cropped.append(photo) or crop(photo, *args))
     out = tmp_path / "out"
     args = ["--face", f"{MAN1},{MAN2}", "--face", str(MAN2), "--prompt", "a man <|image|> and a man <|image|> playing chess",
             "-o", str(out), "--server", fake.address, "--steps", "2", "--size", "64", "--seed", "3", "--combine", "norm average"]  # fmt: skip
@@ -351,6 +356,7 @@ def test_several_photos_of_a_person_are_each_cropped_uploaded_and_combined(fake,
     assert chain == [["facediffuser/man1", "facediffuser/man2"], ["facediffuser/man2"]]
     names = [name for _, name in fake.uploads]  # every photo's crop uploaded; man2's both times under one name
     assert len(names) == 3 and len(set(names)) == 2
+    assert cropped == [MAN1, MAN2]  # man2, given twice, is detected and cropped once
 
 
 def test_errors_and_exit_codes(fake, tmp_path, capsys):
@@ -474,7 +480,9 @@ def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: O
     """``python -m facediffuser_core generate`` run from inside ComfyUI/custom_nodes/<pack>, a symlink to
     this repository, as a user's shell would (``PWD`` set), with no COMFYUI_PATH and no CUDA device
     visible (``CUDA_VISIBLE_DEVICES`` empty, as on a machine without the NVIDIA driver). ``{desk}`` in
-    ``comfyui_args``: a base directory with the models, as the desktop app's."""
+    ``comfyui_args``: a base directory with the models, as the desktop app's. ``--no-crop``: these tests
+    are about starting and stopping ComfyUI; the face crop (MTCNN, whose import alone takes the
+    subprocess about 5 s) is tested in-process above."""
     desk = fake_comfyui.parent / "desk"
     add_models(desk)
     installed = fake_comfyui / "custom_nodes" / PACK
@@ -482,7 +490,7 @@ def generate_command(fake_comfyui: Path, out: Path, prompt: str, comfyui_args: O
     env = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
     env["PWD"], env["CUDA_VISIBLE_DEVICES"] = str(installed), ""
     command = [sys.executable, "-m", "facediffuser_core", "generate", "--face", str(MAN1), "--prompt", prompt, "-o", str(out),
-               "--size", "64", "--steps", "3", "--startup-timeout", "300"]  # fmt: skip
+               "--size", "64", "--steps", "3", "--no-crop", "--startup-timeout", "300"]  # fmt: skip
     if comfyui_args is not None:
         command.append(f"--comfyui-args={comfyui_args.format(desk=desk)}")
     return command, env, installed
