@@ -3,7 +3,8 @@
 ``tiny`` models have the real architectures at small widths (fast on a CPU);
 ``sd15`` models have SD1.5's real shapes (for running inside a real ComfyUI);
 ``sd15_xs`` models are ``sd15`` ones with the smallest UNet ComfyUI still loads as SD1.5
-(:func:`unet`; the real-ComfyUI suite's models, tests/integration/models.py).
+(:func:`unet`; the real-ComfyUI suite's models, tests/integration/models.py); ``sd15_xs_mid`` adds a
+middle block to that UNet (for ComfyUI's nodes that patch it, tests/integration/test_comfy_guidance_hooks.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from facediffuser_core.method.subject_encoder import SubjectEncoder, vision_config
 
-Size = Literal["tiny", "sd15_xs", "sd15"]
+Size = Literal["tiny", "sd15_xs", "sd15_xs_mid", "sd15"]
 
 TINY_WIDTH = 64  # text width == cross-attention width == image projection width
 
@@ -34,19 +35,26 @@ def unet(size: Size = "tiny", seed: int = 0) -> UNet2DConditionModel:
     (diffusers' ``attention_head_dim`` is the number of heads here): the SD15 model's config
     (``num_heads`` 8, ``num_head_channels`` -1) replaces SD_XS's 64-channel heads, so ComfyUI runs
     every transformer with 8 heads and computes what diffusers computes (within 1.5e-6); with 5/10/20
-    heads the outputs would differ by 0.04. No middle block: ComfyUI's guidance nodes
-    that patch the middle block (PerturbedAttentionGuidance, SelfAttentionGuidance) need ``sd15``."""
+    heads the outputs would differ by 0.04. No middle block.
+
+    ``sd15_xs_mid``: ``sd15_xs`` with SD1.5's middle block (resnet, one transformer, resnet at 1280
+    channels; 413 M parameters), for ComfyUI's guidance nodes that patch the middle block
+    (PerturbedAttentionGuidance, SelfAttentionGuidance). ComfyUI's diffusers-layout detection matches
+    a fixed list of layouts and would drop this middle block (its SD_XS entry has none), so ComfyUI
+    loads it in its own (LDM) layout, whose detection reads the blocks as they are: an SD15 model with
+    a middle block (tests/integration/test_comfy_guidance_hooks.py converts the keys with
+    ``comfy.utils.unet_to_diffusers``)."""
     torch.manual_seed(seed)
     if size == "sd15":
         return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    if size == "sd15_xs":
+    if size in ("sd15_xs", "sd15_xs_mid"):
         return UNet2DConditionModel(
             sample_size=64,
             cross_attention_dim=768,
             block_out_channels=(320, 640, 1280),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            mid_block_type=None,
+            mid_block_type="UNetMidBlock2DCrossAttn" if size == "sd15_xs_mid" else None,
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=8,
         )
@@ -63,7 +71,7 @@ def unet(size: Size = "tiny", seed: int = 0) -> UNet2DConditionModel:
 
 
 def text_config(size: Size = "tiny") -> CLIPTextConfig:
-    if size != "tiny":  # sd15 and sd15_xs
+    if size != "tiny":  # the SD1.5 sizes
         return CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
     return CLIPTextConfig(hidden_size=TINY_WIDTH, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2, projection_dim=TINY_WIDTH)
 
@@ -85,7 +93,7 @@ def text_encoder(size: Size = "tiny", seed: int = 0) -> TextEncoder:
 
 def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    if size != "tiny":  # sd15 and sd15_xs
+    if size != "tiny":  # the SD1.5 sizes
         return AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -106,7 +114,7 @@ def vae(size: Size = "tiny", seed: int = 0) -> AutoencoderKL:
 
 def subject_encoder(size: Size = "tiny", seed: int = 0) -> SubjectEncoder:
     torch.manual_seed(seed)
-    if size != "tiny":  # sd15 and sd15_xs
+    if size != "tiny":  # the SD1.5 sizes
         return SubjectEncoder(vision_config())
     config = vision_config(
         hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2, patch_size=32, projection_dim=TINY_WIDTH

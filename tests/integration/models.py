@@ -2,8 +2,8 @@
 (``$FACEDIFFUSER_TEST_CACHE`` or ``~/.cache/facediffuser-tests``): SD1.5's text encoder, VAE and
 subject encoder with the smallest UNet ComfyUI still loads as SD1.5 (``factories.unet("sd15_xs")``,
 2.2 times faster per evaluation than SD1.5's), or, with ``full_size=True``, SD1.5's own UNet (the
-benchmarks' figures are SD1.5's; the suite builds the few full-size UNets it needs in memory,
-test_comfy_guidance_hooks.py)."""
+benchmarks' figures are SD1.5's; the suite itself uses no full-size UNet: the few UNets with a middle
+block it needs, test_comfy_guidance_hooks.py builds in memory)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from facediffuser_core.method.guidance import combine
 from facediffuser_core.method.schedule import stage_at, step_index
 from facediffuser_core.method.snf import saliency_map
 
-SIZE = 16  # latent side (128 px): PerturbedAttentionGuidance is a no-op at 8x8 latents
+SIZE = 16  # latent side (128 px); PerturbedAttentionGuidance is a no-op where the middle block sees 1x1 (SD1.5 at 8x8)
 STEPS = 2
 CFG = 5.0
 SEED = 3
@@ -39,7 +39,7 @@ PATCHES = {
     "LoraLoaderModelOnly": ("nodes", {"lora_name": LORA, "strength_model": 1.0}),
 }
 # ComfyUI's nodes that patch the middle block's self-attention: the suite's sd15_xs UNets have no
-# middle block (factories.unet), so these run on SD1.5's full-size UNets (``full_size_unets``)
+# middle block (factories.unet), so these run on sd15_xs UNets with one (``middle_block_unets``)
 MIDDLE_BLOCK_PATCHES = {"PerturbedAttentionGuidance", "SelfAttentionGuidance"}
 # attention projections of the suite's sd15_xs UNets the test LoRA changes (diffusers names) -> (in, out) features
 LORA_MODULES = {
@@ -115,37 +115,57 @@ def one_stage(stage: str, tdm, sdm, conditionings):
     return {"scene": (1.0, tdm, text, negative), "subject": (0.0, sdm, subject, text)}[stage]
 
 
+# the layout of factories.unet("sd15_xs_mid") in ComfyUI's terms (its SD_XS entry plus SD1.5's middle
+# block): comfy.utils.unet_to_diffusers maps its diffusers keys to ComfyUI's own (LDM) ones
+MIDDLE_BLOCK_LAYOUT = {
+    "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 1, 1],
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+}
+
+
 @pytest.fixture(scope="module")
-def full_size_unets(comfy, loaded):
-    """(tdm, sdm) MODELs with SD1.5's full-size UNets, for MIDDLE_BLOCK_PATCHES and the fusion test
-    (HOOK_SETTINGS): the random UNets of the suite's files of before (factories.unet("sd15") with the
-    TDM's and SDM's seeds, models.py), built in memory (no files to cache) and stored in fp16 as
-    ``loaded``'s; ``conditionings`` fit them (the same text and subject encoders). Built on first use,
-    dropped after the module."""
+def middle_block_unets(comfy, loaded):
+    """(tdm, sdm) MODELs with factories.unet("sd15_xs_mid") UNets (the suite's sd15_xs layout plus
+    SD1.5's middle block), for MIDDLE_BLOCK_PATCHES and the fusion test (HOOK_SETTINGS), with the
+    TDM's and SDM's seeds (models.py), built in memory (no files to cache) and stored in fp16 as
+    ``loaded``'s; ``conditionings`` fit them (the same text and subject encoders). ComfyUI's
+    diffusers-layout detection knows this layout only without the middle block (SD_XS) and would drop
+    it, so the state dict is given in ComfyUI's own layout, whose detection reads the blocks as they
+    are. Built on first use, dropped after the module."""
     import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
 
     import factories
 
-    unets = []
+    to_comfy, unets = comfy.utils.unet_to_diffusers(MIDDLE_BLOCK_LAYOUT), []
     for seed in (10, 0):  # models.ensure_model_files: TDM seed 10, SDM seed 0
-        state_dict = {key: value.to(torch.float16) for key, value in factories.unet("sd15", seed).state_dict().items()}
-        unets.append(comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float16}))
+        state_dict = {to_comfy[key]: value.to(torch.float16) for key, value in factories.unet("sd15_xs_mid", seed).state_dict().items()}
+        keys = set(state_dict)  # loading takes the weights out of state_dict
+        unet = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float16})
+        # an SD1.5 model to ComfyUI, made of exactly the weights given, with a middle block (what the patches need)
+        assert type(unet.model.model_config) is comfy.supported_models.SD15
+        assert set(unet.model.diffusion_model.state_dict()) == keys
+        assert unet.model.diffusion_model.middle_block is not None and unet.model.model_config.unet_config["transformer_depth_middle"] == 1
+        unets.append(unet)
         del state_dict
-    assert all(unet.model.diffusion_model.middle_block is not None for unet in unets)  # what the patches need
     yield unets
     unets.clear()
     comfy.model_management.unload_all_models()
 
 
-def unets_for(patch, loaded, full_size_unets_of) -> tuple:
-    """(tdm, sdm): the suite's, or SD1.5's full-size ones for a patch of the middle block."""
-    return tuple(full_size_unets_of()) if patch in MIDDLE_BLOCK_PATCHES else tuple(loaded[:2])
+def unets_for(patch, loaded, middle_block_unets_of) -> tuple:
+    """(tdm, sdm): the suite's, or ``middle_block_unets`` for a patch of the middle block."""
+    return tuple(middle_block_unets_of()) if patch in MIDDLE_BLOCK_PATCHES else tuple(loaded[:2])
 
 
 @pytest.fixture
-def full_size_unets_of(request):
-    """A function giving ``full_size_unets`` (loaded only by the tests that call it)."""
-    return lambda: request.getfixturevalue("full_size_unets")
+def middle_block_unets_of(request):
+    """A function giving ``middle_block_unets`` (loaded only by the tests that call it)."""
+    return lambda: request.getfixturevalue("middle_block_unets")
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +185,12 @@ def unpatched_stock(loaded, conditionings) -> dict:
 
 @pytest.mark.parametrize("patch", [pytest.param(None, marks=pytest.mark.oldest_host), *PATCHES])
 @pytest.mark.parametrize("stage", ["scene", "subject"])
-def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, full_size_unets_of, conditionings, lora_file, unpatched_stock, stage, patch):
+def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, middle_block_unets_of, conditionings, lora_file, unpatched_stock, stage, patch):
     """start_merge = final = 1: KSampler(tdm, positive=text, negative=empty); start_merge = final = 0:
     KSampler(sdm, positive=subject, negative=text); the same patch on both models. With a guidance
     hook each step is ComfyUI's own computation, so the results are equal bit for bit. (PAG and SAG
-    on SD1.5's full-size UNets: MIDDLE_BLOCK_PATCHES.)"""
-    unpatched = tdm, sdm = unets_for(patch, loaded, full_size_unets_of)
+    on UNets with a middle block: MIDDLE_BLOCK_PATCHES.)"""
+    unpatched = tdm, sdm = unets_for(patch, loaded, middle_block_unets_of)
     if patch:
         tdm, sdm = patched(tdm, patch), patched(sdm, patch)
     fraction, model, positive, negative = one_stage(stage, tdm, sdm, conditionings)
@@ -186,19 +206,19 @@ def test_one_stage_is_a_stock_ksampler_on_that_model(comfy, loaded, full_size_un
 # hook that changes the responses too little for that leaves the test unable to tell "after the hooks"
 # from "before"): PAG's effect on the random test weights is small and, at scale 3, moved no pixel with
 # the conditionings of transformers 5 (issue 29), while it did with those of transformers 4. On the
-# suite's sd15_xs UNets RescaleCFG moved none even at its full 1.0, so the test runs on SD1.5's full-size
-# UNets (full_size_unets), where both do
+# suite's sd15_xs UNets RescaleCFG moved none even at its full 1.0, so the test runs on the UNets with a
+# middle block (middle_block_unets; SD1.5's full-size UNets before), where both do
 HOOK_SETTINGS = {"RescaleCFG": [{}], "PerturbedAttentionGuidance": [{}, {"scale": 10.0}, {"scale": 30.0}]}
 
 
 @pytest.mark.parametrize("hook", list(HOOK_SETTINGS))
-def test_fusion_compares_the_responses_after_the_hooks(comfy, full_size_unets_of, conditionings, hook):
+def test_fusion_compares_the_responses_after_the_hooks(comfy, middle_block_unets_of, conditionings, hook):
     """One Euler step to sigma 0 returns the step's prediction, so stock KSamplers give each model's
     hooked guided prediction D (cfg 5) and its negative's prediction N (cfg 1, the negative as the only
     conditioning: one unguided prediction). A model's response in eps space is
     ((x - D) - (x - N)) / sigma = (N - D) / sigma; SNF picks per pixel the D of the more salient one.
-    On SD1.5's full-size UNets (HOOK_SETTINGS)."""
-    tdm, sdm = full_size_unets_of()
+    On the UNets with a middle block (HOOK_SETTINGS)."""
+    tdm, sdm = middle_block_unets_of()
     text, subject, negative = conditionings
     latent_format = sdm.get_model_object("latent_format")  # KSampler outputs are latent / 0.18215
 
