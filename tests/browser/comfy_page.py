@@ -205,6 +205,10 @@ class ComfyPage:
         )
         self.page.wait_for_timeout(500)
 
+    def node_images(self, node_ids: list[int]) -> list[str]:
+        """The nodes of ``node_ids`` that show an image."""
+        return self.page.evaluate("(ids) => ids.filter(id => app.graph.getNodeById(id)?.imgs?.length).map(String)", node_ids)
+
     def node_image_sizes(self, node_ids: list[int]) -> dict[str, list[int]]:
         return self.page.evaluate(
             "(ids) => Object.fromEntries(ids.map(id => { const img = app.graph.getNodeById(id).imgs[0]; return [id, [img.naturalWidth, img.naturalHeight]] }))",

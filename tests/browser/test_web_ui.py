@@ -98,11 +98,15 @@ def test_workflow_opens_converts_to_its_api_file_and_runs_from_the_run_button(sh
     """Each template, opened from the template browser in a ComfyUI with only the pack's files and the
     models (the server fixture: its example portraits and pose reach input/ through the pack), runs to
     an image without any missing input or model. The one edit is SMALL (size and steps, for a CPU's
-    speed): it changes no file the run needs."""
+    speed): it changes no file the run needs. The templates share one page (``shared_ui``), in
+    RUN_ORDER."""
+    ui = shared_ui
     path = WORKFLOWS / f"{name}.json"
     workflow = load(path)
     ui.open_template(PACK_NAME, name, workflow)
     report = assert_clean_graph(ui, workflow)
+    outputs = [node["id"] for node in workflow["nodes"] if node["type"] in ("SaveImage", "PreviewImage")]
+    assert ui.node_images(outputs) == [], "an output node shows an image before the run (the template before's?)"
     titles = {node["id"]: node["title"] for node in report}
     assert all(titles.values())
     # the frontend's own UI -> API conversion gives exactly the shipped API file: same nodes, links,
@@ -122,7 +126,6 @@ def test_workflow_opens_converts_to_its_api_file_and_runs_from_the_run_button(sh
     assert {key: (node["class_type"], node["inputs"]) for key, node in sent.items()} == {
         key: (node["class_type"], node["inputs"]) for key, node in expected_prompt(name, SMALL).items()
     }
-    outputs = [node["id"] for node in workflow["nodes"] if node["type"] in ("SaveImage", "PreviewImage")]
     ui.wait_for_images(outputs, timeout=60)
     assert all(size == [SIZE, SIZE] for size in ui.node_image_sizes(outputs).values())
     assert ui.alerts() == [] and ui.page_errors == []
@@ -440,11 +443,12 @@ def assert_run_used_boxes(server, entry: dict, workflow: dict, text: str) -> Non
 
 
 @pytest.mark.oldest_host
-def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, screenshots, tmp_path):
+def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(shared_ui, server, screenshots, tmp_path):
     """The editor on the Regions node of the two-regions workflow, layout boxes: the canvas shows the
     boxes where the text says; dragging the right person's box with the mouse and a corner of it writes
     the expected fractions; typed boxes are redrawn; a saved and reopened workflow shows the same boxes;
     the run's regions are the boxes drawn."""
+    ui = shared_ui
     workflow = load(WORKFLOWS / f"{REGIONS}.json")
     node_id = regions_node_id(workflow)
     ui.open_workflow_file(WORKFLOWS / f"{REGIONS}.json")
@@ -501,9 +505,10 @@ def test_regions_editor_draws_drags_types_saves_and_runs_the_boxes(ui, server, s
 
 
 @pytest.mark.oldest_host
-def test_regions_editor_people_and_arrow_keys(ui, server):
+def test_regions_editor_people_and_arrow_keys(shared_ui, server):
     """Changing people adds a box at the next free column and removes the last; the arrow keys nudge
     the selected box by 0.01 (Shift: 0.1) once the canvas has the focus; a box stays inside the frame."""
+    ui = shared_ui
     workflow = load(WORKFLOWS / f"{REGIONS}.json")
     node_id = regions_node_id(workflow)
     ui.open_workflow_file(WORKFLOWS / f"{REGIONS}.json")
@@ -548,14 +553,17 @@ def test_regions_editor_people_and_arrow_keys(ui, server):
 
 
 @pytest.mark.oldest_host
-def test_regions_editor_shows_the_pose_boxes_after_a_run(ui, server):
+def test_regions_editor_shows_the_pose_boxes_after_a_run(shared_ui, server):
     """Layout pose (the pose workflow): after a run the editor shows the node's preview, the pose's
     boxes over the pose, and dragging changes nothing."""
+    ui = shared_ui
     name = "facediffuser_two_people_pose"
     workflow = load(WORKFLOWS / f"{name}.json")
     node_id = regions_node_id(workflow)
     ui.open_workflow_file(WORKFLOWS / f"{name}.json")
     assert regions_widget(ui, node_id, "layout") == "pose"
+    # the editor has no preview before this run (an earlier run's in the shared page would pass for it)
+    assert ui.page.evaluate("(id) => app.graph.getNodeById(id).facediffuserRegionsEditor.preview", node_id) is None
     ui.set_widgets(SMALL)
     entry = run_to_history(ui, server)
     (shown,) = entry["outputs"][node_id]["images"]
@@ -600,10 +608,11 @@ def test_regions_editor_refused_the_workflow_opens_and_runs_from_the_text(browse
 
 
 @pytest.mark.oldest_host
-def test_regions_editor_shows_your_picture_behind_the_boxes(ui, server):
+def test_regions_editor_shows_your_picture_behind_the_boxes(shared_ui, server):
     """In the into-a-photo workflow the Regions node's size comes from your picture (Load Image >
     Upscale Image > VAE Encode > size_from): the editor's frame has the picture's aspect ratio and shows
     the picture, each box tinted over it."""
+    ui = shared_ui
     name = "facediffuser_into_a_photo"
     workflow = load(WORKFLOWS / f"{name}.json")
     node_id = regions_node_id(workflow)
