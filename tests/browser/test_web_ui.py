@@ -300,6 +300,12 @@ def show_node(ui: ComfyPage, node_id: str) -> None:
     ui.page.wait_for_timeout(800)  # the DOM widget follows the canvas, the editor redraws (it polls)
 
 
+def boxes_text_changes(ui: ComfyPage, node_id: str, text: str) -> None:
+    """Until the boxes widget no longer says ``text`` (the editor picks up a change of people when it
+    next polls the node, every 200 ms, and writes the text and draws at once)."""
+    ui.page.wait_for_function("([id, text]) => app.graph.getNodeById(id).widgets.find(w => w.name === 'boxes')?.value !== text", arg=[node_id, text], timeout=10_000)
+
+
 def regions_widget(ui: ComfyPage, node_id: str, name: str):
     return ui.page.evaluate("([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name)?.value", [node_id, name])
 
@@ -515,11 +521,12 @@ def test_regions_editor_people_and_arrow_keys(shared_ui, server):
     ui.set_widgets({"FaceDiffuserRegions": {"layout": "boxes", "boxes": "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9"}})
     show_node(ui, node_id)
     ui.set_widgets({"FaceDiffuserRegions": {"people": 3}})
-    ui.page.wait_for_timeout(800)
+    boxes_text_changes(ui, node_id, "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9")
     assert_boxes_text(regions_widget(ui, node_id, "boxes"), [[0, 0, 0.4, 1], [0.5, 0.1, 0.9, 0.9], [2 / 3, 0, 1, 1]])
     assert_boxes_drawn(ui, node_id, parse_boxes(regions_widget(ui, node_id, "boxes")))
+    before = regions_widget(ui, node_id, "boxes")
     ui.set_widgets({"FaceDiffuserRegions": {"people": 2}})
-    ui.page.wait_for_timeout(800)
+    boxes_text_changes(ui, node_id, before)
     assert regions_widget(ui, node_id, "boxes") == "0, 0, 0.4, 1; 0.5, 0.1, 0.9, 0.9"
 
     left, top, width, height = editor_frame(ui, node_id, 512, 512)
