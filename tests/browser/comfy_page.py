@@ -146,8 +146,7 @@ class ComfyPage:
         self.page.evaluate(
             "(ds) => { app.canvas.ds.scale = ds.scale; app.canvas.ds.offset[0] = ds.offset[0]; app.canvas.ds.offset[1] = ds.offset[1]; app.canvas.setDirty(true, true) }",
             workflow["extra"]["ds"],
-        )
-        self.page.wait_for_timeout(300)
+        )  # graph_rect, which a picture needs next, waits for the canvas to redraw
 
     def wait_for_graph(self, workflow: dict) -> None:
         ids = sorted(str(node["id"]) for node in workflow["nodes"])
@@ -201,9 +200,12 @@ class ComfyPage:
             "(ids) => ids.every(id => { const img = app.graph.getNodeById(id)?.imgs?.[0]; return img && img.complete && img.naturalWidth > 0 })",
             arg=node_ids,
             timeout=timeout * 1000,
-            polling=500,
-        )
-        self.page.wait_for_timeout(500)
+            polling=100,
+        )  # a picture of them needs graph_rect first, which waits for the canvas to redraw
+
+    def node_images(self, node_ids: list[int]) -> list[str]:
+        """The nodes of ``node_ids`` that show an image."""
+        return self.page.evaluate("(ids) => ids.filter(id => app.graph.getNodeById(id)?.imgs?.length).map(String)", node_ids)
 
     def node_image_sizes(self, node_ids: list[int]) -> dict[str, list[int]]:
         return self.page.evaluate(

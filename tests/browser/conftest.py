@@ -90,9 +90,8 @@ def server(comfyui_path, model_files, tmp_path_factory):
     comfy.stop()
 
 
-@pytest.fixture
-def ui(browser, server):
-    """A fresh browser context (empty storage) with ComfyUI's web UI, ready to use."""
+def open_ui(browser, server):
+    """A fresh browser context (empty storage) and its page with ComfyUI's web UI, ready to use."""
     from comfy_page import ComfyPage
 
     # A known user: no first-visit template dialog popping up over the canvas, no minimap in pictures,
@@ -101,9 +100,54 @@ def ui(browser, server):
     settings = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False}
     assert server.post("/settings", settings).ok
     context = browser.new_context(viewport=VIEWPORT)
-    page = ComfyPage(context, server.url)
     try:
+        page = ComfyPage(context, server.url)
         page.open()
+    except BaseException:
+        context.close()
+        raise
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def kept_ui():
+    """Where ``shared_ui`` keeps its page between tests (closed by the next ``ui`` or at the module's end)."""
+    kept: dict = {}
+    yield kept
+    close_kept(kept)
+
+
+def close_kept(kept: dict) -> None:
+    context = kept.pop("context", None)
+    kept.pop("page", None)
+    if context is not None:
+        context.close()
+
+
+@pytest.fixture
+def ui(browser, server, kept_ui):
+    """A fresh browser context (empty storage) with ComfyUI's web UI, ready to use."""
+    close_kept(kept_ui)  # one browser page at a time
+    context, page = open_ui(browser, server)
+    try:
         yield page
     finally:
         context.close()
+
+
+@pytest.fixture
+def shared_ui(browser, server, kept_ui, request):
+    """One web UI page for the tests that need no fresh storage, in turn: the Run button test of each
+    template (it opens its template from the template browser) and the editor tests (each opens its
+    workflow file), over whatever the test before left (a workflow, run without error; nothing on
+    screen). A page load per test cost 3 to 5 s of the suite's time. The page's uncaught exceptions are
+    counted per test; a failed test leaves a fresh page to the next."""
+    if "page" not in kept_ui:
+        kept_ui["context"], kept_ui["page"] = open_ui(browser, server)
+    page = kept_ui["page"]
+    page.page_errors.clear()
+    page.page.mouse.move(0, 0)  # where a fresh page has it: hovering nothing
+    failed = request.session.testsfailed
+    yield page
+    if request.session.testsfailed != failed:
+        close_kept(kept_ui)
