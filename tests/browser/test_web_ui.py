@@ -26,7 +26,7 @@ NAMES = [path.stem for path in sorted(WORKFLOWS.glob("*.json"))]
 MODEL_LOADERS = {"FaceDiffuserLoader", "CheckpointLoaderSimple", "ControlNetLoader", "LoraLoader"}
 
 
-def model_files(name: str) -> frozenset:
+def template_model_files(name: str) -> frozenset:
     """The model files the API file ``name`` loads (its loaders' ``*_name`` inputs)."""
     api = load(API_WORKFLOWS / f"{name}.json")
     return frozenset(value for node in api.values() if node["class_type"] in MODEL_LOADERS for key, value in node["inputs"].items() if key.endswith("_name"))
@@ -38,7 +38,7 @@ def run_order(names: list[str]) -> list[str]:
     keeps the outputs of the last prompt's nodes) loads each set once, and the editor tests that follow
     run on the pair already loaded. Those with extra models beside the pair (the pose's ControlNet) come
     just before it."""
-    files = {name: model_files(name) for name in names}
+    files = {name: template_model_files(name) for name in names}
     counts = {models: sum(found == models for found in files.values()) for models in files.values()}
     common = max(counts, key=lambda models: (counts[models], sorted(models)))
     return sorted(names, key=lambda name: (files[name] == common, files[name] >= common, sorted(files[name]), name))
